@@ -1,0 +1,165 @@
+"""The ``longctx`` command line: ``generate`` and ``score``.
+
+Human-readable output on stdout; ``--json PATH`` writes the machine-readable record. Bad input
+(unknown method, empty or too-long prompt, bad model file, ...) exits with status 2 and a one-line
+message, before any model computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+from longctx_jax.policies import available, make_policy
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as e:  # our validation errors, ModelLoadError included
+        print(f"longctx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (raw, unless --chat)")
+    src.add_argument("--prompt-file", type=pathlib.Path, help="read the prompt from a file")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless "
+                     "--temperature is set)")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-len", type=int, default=None,
+                     help="cache length (default: prompt + new tokens)")
+    _add_common(gen)
+    gen.set_defaults(run=_generate)
+
+    score = sub.add_parser("score", help="teacher-forced NLL / perplexity of a text")
+    score.add_argument("--text-file", type=pathlib.Path, required=True)
+    score.add_argument("--max-tokens", type=int, required=True,
+                       help="score the first N tokens of the text")
+    _add_common(score)
+    score.set_defaults(run=_score)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (bundled), a .gguf file, or an HF checkpoint directory")
+    p.add_argument("--method", default="full", choices=available(), help="attention policy")
+    p.add_argument("--sink", type=int, default=None, help="streaming: attention-sink tokens")
+    p.add_argument("--window", type=int, default=None, help="streaming: recent-window tokens")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--dtype", default="float32", choices=_DTYPES)
+    p.add_argument("--json", type=pathlib.Path, default=None, help="write results as JSON here")
+
+
+def _policy(args):
+    options = {k: getattr(args, k) for k in ("sink", "window") if getattr(args, k) is not None}
+    if options and args.method != "streaming":
+        raise ValueError(f"--sink/--window apply to --method streaming, not {args.method!r}")
+    return make_policy(args.method, **options)
+
+
+def _load(args):
+    import jax.numpy as jnp
+
+    from longctx_jax.weights import load_model
+
+    return load_model(args.model, jnp.dtype(args.dtype))
+
+
+def _generate(args) -> int:
+    import numpy as np
+
+    from longctx_jax.generate import Sampling, generate
+
+    text = args.prompt if args.prompt is not None else _read(args.prompt_file)
+    if not text.strip():
+        raise ValueError("empty prompt")
+    policy = _policy(args)
+    sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_p)
+    model = _load(args)
+    tok = model.tokenizer
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}])
+    prompt = tok.encode(text)
+
+    streamed: list[int] = []
+    printed = [""]
+
+    def stream(ids: np.ndarray) -> None:
+        if streamed and streamed[-1] in tok.stop_ids:
+            return
+        streamed.append(int(ids[0]))
+        shown = tok.decode(streamed, skip_special=True)
+        if not shown.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(shown[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = shown
+
+    t0 = time.perf_counter()
+    result = generate(model.config, model.params, policy, [prompt],
+                      max_new_tokens=args.max_new_tokens, max_len=args.max_len,
+                      chunk_size=args.chunk_size, sampling=sampling, stop_ids=tok.stop_ids,
+                      seed=args.seed, stream=stream)
+    seconds = time.perf_counter() - t0
+    ids = result.ids(0)
+    out_text = tok.decode(ids, skip_special=True)
+    sys.stdout.write(out_text[len(printed[0]):] + "\n")
+    print(f"[{args.method}] {len(prompt)} prompt tokens, {len(ids)} new tokens in {seconds:.1f}s "
+          "(including compilation)", file=sys.stderr)
+    _write_json(args.json, {"token_ids": ids, "text": out_text, "prompt_tokens": len(prompt),
+                            "method": args.method, "dtype": args.dtype, "seconds": seconds})
+    return 0
+
+
+def _score(args) -> int:
+    from longctx_jax.generate import score
+
+    text = _read(args.text_file)
+    if args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    policy = _policy(args)
+    model = _load(args)
+    ids = model.tokenizer.encode(text)[: args.max_tokens]
+    if len(ids) < args.max_tokens:
+        raise ValueError(f"{args.text_file} has only {len(ids)} tokens, fewer than "
+                         f"--max-tokens {args.max_tokens}")
+    result = score(model.config, model.params, policy, ids, chunk_size=args.chunk_size)
+    print(f"{'method':<10} {'tokens':>7} {'mean_nll':>9} {'ppl':>9}")
+    print(f"{args.method:<10} {result.n_tokens:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f}")
+    _write_json(args.json, {"n_tokens": result.n_tokens, "mean_nll": result.mean_nll,
+                            "ppl": result.ppl, "method": args.method, "dtype": args.dtype})
+    return 0
+
+
+def _read(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _write_json(path: pathlib.Path | None, record: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

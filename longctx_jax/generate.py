@@ -1,0 +1,244 @@
+"""Chunked prefill and a ``lax.while_loop`` decode, so a whole generation is one jitted call.
+
+``generate`` validates the request on the host (before any device work), pads a ragged batch of
+prompts on the right, and calls ``generate_tokens``: jitted once per (config, policy
+hyperparameters, shapes, sampling). ``score`` computes teacher-forced NLL chunk by chunk, with a
+progress bar, through the same prefill path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Sequence
+
+import jax
+from jax.experimental import io_callback
+import jax.numpy as jnp
+import numpy as np
+
+from longctx_jax.config import ModelConfig
+from longctx_jax.model import Decoder
+from longctx_jax.policies.base import AttentionPolicy
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """``temperature=0`` is greedy; otherwise softmax sampling at ``temperature`` with nucleus ``top_p``."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Generated ids ``tokens [B, max_new_tokens]`` (pad after a stop) and ``lengths [B]``.
+
+    A sequence's length counts its tokens up to and including the stop token.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    def ids(self, row: int = 0) -> list[int]:
+        return self.tokens[row, : self.lengths[row]].tolist()
+
+
+def check_request(cfg: ModelConfig, policy: AttentionPolicy, prompt_lengths: Sequence[int],
+                  max_new_tokens: int, max_len: int, chunk_size: int) -> None:
+    """Raise ``ValueError`` for a request that cannot run, before anything touches the device."""
+    if not len(prompt_lengths):
+        raise ValueError("no prompts given")
+    if min(prompt_lengths) < 1:
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    longest = max(prompt_lengths)
+    if longest + max_new_tokens > max_len:
+        raise ValueError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit "
+                         f"the cache of max_len={max_len} tokens")
+    policy.validate(cfg, max_len)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int, pad_id: int = 0):
+    """Right-pad ragged prompts to a multiple of ``multiple``: ``(tokens [B, P], lengths [B])``."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = multiple * math.ceil(max(lengths) / multiple)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    return tokens, lengths
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next token ids ``[B]`` from float32 ``logits [B, V]``."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        outside = jnp.cumsum(probs, axis=-1) - probs >= sampling.top_p
+        threshold = jnp.min(jnp.where(outside, jnp.inf, ordered), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def prefill(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: jax.Array,
+            lengths: jax.Array, caches, chunk_size: int):
+    """Run the prompt through the model chunk by chunk (a ``lax.scan``).
+
+    ``tokens [B, P]`` with ``P`` a multiple of ``chunk_size``. Returns the final hidden state of
+    each sequence's last prompt token ``[B, d]`` and the filled caches.
+    """
+    b, p = tokens.shape
+    model = Decoder(cfg)
+    offsets = jnp.arange(chunk_size, dtype=jnp.int32)
+
+    def step(carry, chunk):
+        caches, last = carry
+        start, toks = chunk
+        pos = start + offsets
+        positions = jnp.where(pos[None, :] < lengths[:, None], pos[None, :], -1)
+        hidden, caches = model.apply({"params": params}, toks, positions, caches, policy)
+        idx = lengths - 1 - start
+        here = (idx >= 0) & (idx < chunk_size)
+        picked = jnp.take_along_axis(hidden, jnp.clip(idx, 0, chunk_size - 1)[:, None, None],
+                                     axis=1)[:, 0]
+        return (caches, jnp.where(here[:, None], picked, last)), None
+
+    starts = jnp.arange(0, p, chunk_size, dtype=jnp.int32)
+    chunks = tokens.reshape(b, p // chunk_size, chunk_size).swapaxes(0, 1)
+    last = jnp.zeros((b, cfg.hidden_size), _activation_dtype(params))
+    (caches, last), _ = jax.lax.scan(step, (caches, last), (starts, chunks))
+    return last, caches
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "max_len", "chunk_size",
+                                             "sampling", "stop_ids", "pad_id", "stream"))
+def generate_tokens(params, policy: AttentionPolicy, tokens: jax.Array, lengths: jax.Array,
+                    key: jax.Array, *, cfg: ModelConfig, max_new_tokens: int, max_len: int,
+                    chunk_size: int, sampling: Sampling = Sampling(),
+                    stop_ids: tuple[int, ...] = (), pad_id: int = 0,
+                    stream: Callable[[np.ndarray], None] | None = None):
+    """Jitted generation: chunked prefill, then decode until ``max_new_tokens`` or all stopped.
+
+    ``tokens [B, P]`` right-padded (``P`` a multiple of ``chunk_size``), ``lengths [B]``.
+    ``stream``, if given, is called on the host with each step's ids ``[B]`` in order.
+    Returns ``(ids [B, max_new_tokens], n_generated [B])``.
+    """
+    b = tokens.shape[0]
+    model = Decoder(cfg)
+    caches = policy.init_cache(cfg, b, max_len, _activation_dtype(params))
+    last, caches = prefill(cfg, params, policy, tokens, lengths, caches, chunk_size)
+    logits = model.apply({"params": params}, last, method=Decoder.logits)
+    stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+
+    def cond(state):
+        i, _, _, _, done, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, logits, caches, out, done, count, key = state
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad_id, sample(logits, sub, sampling))
+        if stream is not None:
+            io_callback(stream, None, tok, ordered=True)
+        out = out.at[:, i].set(tok)
+        count = count + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, stops)
+        hidden, caches = model.apply({"params": params}, tok[:, None], (lengths + i)[:, None],
+                                     caches, policy, decode=True, step=i)
+        logits = model.apply({"params": params}, hidden[:, 0], method=Decoder.logits)
+        return i + 1, logits, caches, out, done, count, key
+
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    state = (jnp.int32(0), logits, caches, out, jnp.zeros(b, bool), jnp.zeros(b, jnp.int32), key)
+    _, _, _, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+    return out, count
+
+
+def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
+             prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             max_len: int | None = None, chunk_size: int = 512, sampling: Sampling = Sampling(),
+             stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
+             stream: Callable[[np.ndarray], None] | None = None) -> Generation:
+    """Generate for a batch of prompts (lists of ids, possibly of different lengths).
+
+    ``max_len`` (cache size) defaults to the longest prompt plus ``max_new_tokens``.
+    """
+    lengths = [len(p) for p in prompts]
+    if max_len is None:
+        max_len = max(lengths, default=0) + max_new_tokens
+    check_request(cfg, policy, lengths, max_new_tokens, max_len, chunk_size)
+    chunk_size = min(chunk_size, max(lengths))
+    tokens, lengths = pad_prompts(prompts, chunk_size, pad_id)
+    out, count = generate_tokens(
+        params, policy, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+        cfg=cfg, max_new_tokens=max_new_tokens, max_len=max_len, chunk_size=chunk_size,
+        sampling=sampling, stop_ids=tuple(sorted(set(stop_ids))), pad_id=pad_id, stream=stream)
+    return Generation(np.asarray(out), np.asarray(count))
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """Teacher-forced NLL over a text of ``n_tokens`` tokens (``n_tokens - 1`` predictions)."""
+
+    n_tokens: int
+    mean_nll: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches",))
+def _score_chunk(params, policy, caches, tokens, positions, targets, *, cfg):
+    """Sum of NLL of ``targets`` (``-1`` = no target) after one prefill chunk, and updated caches."""
+    model = Decoder(cfg)
+    hidden, caches = model.apply({"params": params}, tokens, positions, caches, policy)
+    logits = model.apply({"params": params}, hidden, method=Decoder.logits)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(targets >= 0, nll, 0.0)), caches
+
+
+def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence[int], *,
+          chunk_size: int = 512, progress: bool = True) -> Score:
+    """Mean NLL of tokens ``1..N-1`` of ``token_ids`` given their prefixes, under ``policy``."""
+    from tqdm.auto import tqdm
+
+    ids = np.asarray(token_ids, np.int32)
+    n = len(ids)
+    if n < 2:
+        raise ValueError(f"scoring needs at least 2 tokens, got {n}")
+    chunk_size = min(chunk_size, n)
+    policy.validate(cfg, n)
+    caches = policy.init_cache(cfg, 1, n, _activation_dtype(params))
+    padded = np.zeros(chunk_size * math.ceil(n / chunk_size), np.int32)
+    padded[:n] = ids
+    targets = np.full_like(padded, -1)
+    targets[: n - 1] = ids[1:]
+    total = 0.0
+    for start in tqdm(range(0, len(padded), chunk_size), desc=f"score[{policy.name}]",
+                      disable=not progress, unit="chunk"):
+        pos = np.arange(start, start + chunk_size, dtype=np.int32)
+        positions = np.where(pos < n, pos, -1)[None]
+        nll, caches = _score_chunk(params, policy, caches, padded[None, start:start + chunk_size],
+                                   positions, targets[None, start:start + chunk_size], cfg=cfg)
+        total += float(nll)
+    return Score(n, total / (n - 1))
+
+
+def _activation_dtype(params):
+    return params["embed"]["embedding"].dtype

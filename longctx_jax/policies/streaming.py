@@ -1,0 +1,74 @@
+"""StreamingLLM: attention sink + recent window, in a fixed-size ring buffer per layer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from longctx_jax.cache import KV, ring_slot_positions, ring_slots
+from longctx_jax.policies.base import (AttentionPolicy, chunk_start, heads_first, register,
+                                       static)
+
+
+@register("streaming")
+class Streaming(AttentionPolicy):
+    """Each token sees the first ``sink`` tokens and the last ``window`` tokens (itself included).
+
+    Memory is ``sink + window`` slots per layer whatever the context length; keys keep the RoPE
+    rotation of their original position.
+    """
+
+    sink: int = static(64)
+    window: int = static(256)
+
+    def __post_init__(self):
+        if self.sink < 0:
+            raise ValueError(f"streaming sink must be >= 0, got {self.sink}")
+        if self.window < 1:
+            raise ValueError(f"streaming window must be >= 1, got {self.window}")
+
+    def validate(self, cfg, max_len):
+        if self.sink + self.window > max_len:
+            raise ValueError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
+                             f"length {max_len}")
+
+    def init_cache(self, cfg, batch, max_len, dtype):
+        return tuple(KV.zeros(batch, cfg.num_kv_heads, self.sink + self.window, cfg.head_dim,
+                              dtype) for _ in range(cfg.num_layers))
+
+    def prefill(self, layer, q, k, v, cache, positions):
+        start = chunk_start(positions)
+        qh = heads_first(q)
+        past = _attend_ring(qh, cache, start + jnp.arange(q.shape[1]),
+                            ring_slot_positions(start, self.sink, self.window),
+                            self.sink, self.window)
+        new = pk.band_prefill_attention(qh, heads_first(k), heads_first(v), q_start=start,
+                                        k_start=start, sink=self.sink, window=self.window)
+        out, _ = pk.merge_attention([past, new])
+        cache = cache.write(k, v, ring_slots(positions, self.sink, self.window))
+        return heads_first(out), cache
+
+    def decode(self, layer, q, k, v, cache, position, step):
+        cache = cache.write(k, v, ring_slots(position[:, None], self.sink, self.window))
+        out, _ = pk.window_decode_attention(q[:, 0], cache.k, cache.v,
+                                            (position + 1).astype(jnp.int32))
+        return out[:, None], cache
+
+
+def _attend_ring(q, cache: KV, q_pos, k_pos, sink: int, window: int):
+    """Chunk queries ``[B, Hq, T, D]`` against the ring entries written before the chunk.
+
+    Small (``T x (sink + window)``), so plain jnp. Returns ``(out, lse)`` for an lse merge.
+    """
+    b, hq, t, d = q.shape
+    hkv = cache.k.shape[1]
+    visible = (k_pos[None, :] >= 0) & ((k_pos[None, :] < sink) |
+                                       (q_pos[:, None] - k_pos[None, :] < window))
+    qg = q.reshape(b, hkv, hq // hkv, t, d).astype(jnp.float32)
+    s = jnp.einsum("bhgtd,bhsd->bhgts", qg, cache.k.astype(jnp.float32)) / jnp.sqrt(d)
+    s = jnp.where(visible, s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    out = jnp.einsum("bhgts,bhsd->bhgtd", p, cache.v.astype(jnp.float32))
+    return out.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)
