@@ -1,0 +1,104 @@
+"""Generation: ragged batches, sampling, stop tokens, bounded streaming memory, request checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longctx_jax.generate import Sampling, generate, sample
+from longctx_jax.policies import make_policy
+
+from conftest import forward_hidden, logits_of
+
+
+@pytest.mark.parametrize("method, opts", [("full", {}), ("streaming", dict(sink=2, window=6))])
+def test_ragged_batch_equals_each_prompt_alone(tiny, method, opts):
+    cfg, params = tiny
+    policy = make_policy(method, **opts)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 17, 9)]
+    batch = generate(cfg, params, policy, prompts, max_new_tokens=8, chunk_size=4, max_len=40)
+    for row, prompt in enumerate(prompts):
+        alone = generate(cfg, params, policy, [prompt], max_new_tokens=8, chunk_size=4,
+                         max_len=40)
+        assert batch.ids(row) == alone.ids(0)
+
+
+@pytest.mark.parametrize("method, opts", [("full", {}), ("streaming", dict(sink=2, window=5))])
+def test_greedy_generation_is_argmax_of_teacher_forcing(tiny, method, opts):
+    cfg, params = tiny
+    policy = make_policy(method, **opts)
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, 13).tolist()
+    out = generate(cfg, params, policy, [prompt], max_new_tokens=10, chunk_size=4)
+    seq = np.array([prompt + out.ids(0)])
+    hidden, _ = forward_hidden(cfg, params, policy, seq)
+    predicted = np.asarray(jnp.argmax(logits_of(cfg, params, hidden)[0], -1))
+    assert out.ids(0) == predicted[len(prompt) - 1:-1].tolist()
+
+
+def test_stop_tokens_end_each_row(tiny):
+    cfg, params = tiny
+    prompt = [5, 6, 7]
+    free = generate(cfg, params, make_policy("full"), [prompt], max_new_tokens=12).ids(0)
+    stop = free[4]
+    first = free.index(stop)
+    out = generate(cfg, params, make_policy("full"), [prompt, [9, 9]], max_new_tokens=12,
+                   stop_ids=[stop], pad_id=0)
+    assert out.ids(0) == free[:first + 1]
+    assert out.lengths[0] == first + 1
+    assert np.all(out.tokens[0, first + 1:] == 0)
+
+
+def test_streaming_cache_is_constant_in_context_length(tiny):
+    cfg, _ = tiny
+    stream = make_policy("streaming", sink=4, window=16)
+    full = make_policy("full")
+    sizes = {n: stream.cache_bytes(cfg, 1, n, jnp.float32) for n in (64, 512, 4096)}
+    assert len(set(sizes.values())) == 1
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    assert sizes[64] == per_slot * 20
+    assert full.cache_bytes(cfg, 1, 4096, jnp.float32) == per_slot * 4096
+    shapes = jax.eval_shape(lambda: stream.init_cache(cfg, 2, 100_000, jnp.float32))
+    assert all(layer.k.shape == (2, cfg.num_kv_heads, 20, cfg.head_dim) for layer in shapes)
+
+
+def test_streaming_generates_past_its_window(tiny):
+    cfg, params = tiny
+    prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, 70).tolist()
+    out = generate(cfg, params, make_policy("streaming", sink=2, window=8), [prompt],
+                   max_new_tokens=20, chunk_size=16)
+    assert out.lengths[0] == 20 and len(out.ids(0)) == 20
+
+
+def test_sampling():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = jax.random.key(0)
+    assert np.all(sample(logits, keys, Sampling()) == 0)
+    # top_p=0.7 keeps {0, 1}; temperature 1 keeps their ratio 5:3.
+    draws = np.asarray(sample(logits, keys, Sampling(temperature=1.0, top_p=0.7)))
+    assert set(np.unique(draws)) == {0, 1}
+    assert abs(np.mean(draws == 0) - 0.625) < 0.03
+    draws = np.asarray(sample(logits, keys, Sampling(temperature=1.0)))
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws),
+                               [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    with pytest.raises(ValueError):
+        Sampling(top_p=0.0)
+    with pytest.raises(ValueError):
+        Sampling(temperature=-1.0)
+
+
+def test_request_errors(tiny):
+    cfg, params = tiny
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(cfg, params, make_policy("full"), [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="does not fit"):
+        generate(cfg, params, make_policy("full"), [[1] * 30], max_new_tokens=4, max_len=32)
+    with pytest.raises(ValueError, match="exceeds the maximum"):
+        generate(cfg, params, make_policy("streaming", sink=8, window=32), [[1] * 5],
+                 max_new_tokens=4, max_len=32)
+    with pytest.raises(ValueError, match="unknown attention method"):
+        make_policy("nope")
+    with pytest.raises(ValueError, match="no option"):
+        make_policy("full", window=3)
+    with pytest.raises(ValueError, match="window"):
+        make_policy("streaming", window=0)

@@ -1,0 +1,120 @@
+"""The decoder and its policies against an independent float64 numpy Llama, on random weights."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from longctx_jax.model import Decoder
+from longctx_jax.policies import make_policy
+from longctx_jax.weights import ModelLoadError, load_hf, load_model
+
+import reference_llama as ref
+from conftest import forward_hidden, logits_of
+
+
+def _hf_config(hq=4, hkv=2, tie=False, layers=2):
+    return {"model_type": "llama", "vocab_size": 89, "hidden_size": 16 * hq,
+            "intermediate_size": 48, "num_hidden_layers": layers, "num_attention_heads": hq,
+            "num_key_value_heads": hkv, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 256, "tie_word_embeddings": tie}
+
+
+def _write_checkpoint(tmp_path, hf, seed, shards=1):
+    weights = ref.random_checkpoint(np.random.default_rng(seed), hf)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    names = sorted(weights)
+    for s in range(shards):
+        part = {n: weights[n] for n in names[s::shards]}
+        save_file(part, str(tmp_path / f"model-{s:05d}-of-{shards:05d}.safetensors"))
+    return weights
+
+
+@pytest.mark.parametrize("hq, hkv, tie, shards", [(4, 4, False, 1), (6, 2, True, 2), (8, 1, False, 1)])
+def test_hf_checkpoint_matches_numpy_reference(tmp_path, hq, hkv, tie, shards):
+    hf = _hf_config(hq, hkv, tie)
+    weights = _write_checkpoint(tmp_path, hf, seed=hq * 10 + hkv, shards=shards)
+    cfg, params = load_hf(tmp_path)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.tie_embeddings) == (hq, hkv, tie)
+    tokens = np.random.default_rng(1).integers(0, hf["vocab_size"], 37)
+    hidden, _ = forward_hidden(cfg, params, make_policy("full"), tokens[None], chunk_size=8)
+    want = ref.forward(weights, hf, tokens)
+    np.testing.assert_allclose(logits_of(cfg, params, hidden)[0], want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("sink, window, chunk", [(4, 8, 5), (0, 7, 16), (3, 1, 4), (2, 50, 7)])
+def test_streaming_matches_numpy_band_attention(tmp_path, sink, window, chunk):
+    hf = _hf_config(6, 2)
+    weights = _write_checkpoint(tmp_path, hf, seed=7)
+    cfg, params = load_hf(tmp_path)
+    tokens = np.random.default_rng(2).integers(0, hf["vocab_size"], 41)
+    policy = make_policy("streaming", sink=sink, window=window)
+    hidden, caches = forward_hidden(cfg, params, policy, tokens[None], chunk_size=chunk)
+    want = ref.forward(weights, hf, tokens, ref.sink_window(sink, window))
+    np.testing.assert_allclose(logits_of(cfg, params, hidden)[0], want, rtol=2e-4, atol=2e-4)
+    assert caches[0].k.shape == (1, 2, sink + window, 16)
+
+
+@pytest.mark.parametrize("method, opts", [("full", {}), ("streaming", dict(sink=3, window=6))])
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_prefill_equals_one_shot(tiny, method, opts, chunk):
+    cfg, params = tiny
+    policy = make_policy(method, **opts)
+    tokens = np.random.default_rng(chunk).integers(0, cfg.vocab_size, (2, 23))
+    one_shot, _ = forward_hidden(cfg, params, policy, tokens)
+    chunked, _ = forward_hidden(cfg, params, policy, tokens, chunk_size=chunk)
+    chex.assert_trees_all_close(chunked, one_shot, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, opts", [("full", {}), ("streaming", dict(sink=2, window=5))])
+def test_decode_steps_match_teacher_forced_prefill(tiny, method, opts):
+    """Logits of decode steps equal those of a prefill over the same tokens."""
+    cfg, params = tiny
+    policy = make_policy(method, **opts)
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 19))
+    prompt = 11
+    full_hidden, _ = forward_hidden(cfg, params, policy, tokens)
+    want = logits_of(cfg, params, full_hidden)
+    _, caches = forward_hidden(cfg, params, policy, tokens[:, :prompt], chunk_size=4, max_len=32)
+    model = Decoder(cfg)
+    step_fn = jax.jit(lambda p, t, pos, c, s: model.apply({"params": p}, t, pos, c, policy,
+                                                           decode=True, step=s))
+    for i, pos in enumerate(range(prompt, tokens.shape[1])):
+        hidden, caches = step_fn(params, tokens[:, pos:pos + 1], np.full((2, 1), pos, np.int32),
+                                 caches, i)
+        chex.assert_trees_all_close(logits_of(cfg, params, hidden)[:, 0], want[:, pos],
+                                    rtol=1e-4, atol=1e-4)
+
+
+def test_hf_loader_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(tmp_path))
+    hf = _hf_config()
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_hf(tmp_path)
+    weights = ref.random_checkpoint(np.random.default_rng(0), hf)
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="up_proj"):
+        load_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_hf(tmp_path)
+
+
+def test_bfloat16_close_to_float32(tiny):
+    cfg, params = tiny
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 17))
+    h32, _ = forward_hidden(cfg, params, make_policy("full"), tokens)
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    h16, caches = forward_hidden(cfg, p16, make_policy("full"), tokens)
+    assert h16.dtype == jnp.bfloat16 and caches[0].k.dtype == jnp.bfloat16
+    l32, l16 = logits_of(cfg, params, h32), logits_of(cfg, p16, h16)
+    assert float(jnp.max(jnp.abs(l32 - l16))) < 0.1 * float(jnp.max(jnp.abs(l32)))
