@@ -75,29 +75,36 @@ def _policy(args):
     return make_policy(args.method, **options)
 
 
-def _load(args):
+def _open(args):
+    from longctx_jax.weights import open_model
+
+    return open_model(args.model)
+
+
+def _load(source, args):
     import jax.numpy as jnp
 
-    from longctx_jax.weights import load_model
-
-    return load_model(args.model, jnp.dtype(args.dtype))
+    return source.load(jnp.dtype(args.dtype))
 
 
 def _generate(args) -> int:
     import numpy as np
 
-    from longctx_jax.generate import Sampling, generate
+    from longctx_jax.generate import Sampling, check_request, generate
 
     text = args.prompt if args.prompt is not None else _read(args.prompt_file)
     if not text.strip():
         raise ValueError("empty prompt")
     policy = _policy(args)
     sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_p)
-    model = _load(args)
-    tok = model.tokenizer
+    source = _open(args)
+    tok = source.tokenizer
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": text}])
     prompt = tok.encode(text)
+    check_request(source.config, policy, [len(prompt)], args.max_new_tokens,
+                  args.max_len or len(prompt) + args.max_new_tokens, args.chunk_size)
+    model = _load(source, args)
 
     streamed: list[int] = []
     printed = [""]
@@ -135,11 +142,13 @@ def _score(args) -> int:
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     policy = _policy(args)
-    model = _load(args)
-    ids = model.tokenizer.encode(text)[: args.max_tokens]
+    source = _open(args)
+    ids = source.tokenizer.encode(text)[: args.max_tokens]
     if len(ids) < args.max_tokens:
         raise ValueError(f"{args.text_file} has only {len(ids)} tokens, fewer than "
                          f"--max-tokens {args.max_tokens}")
+    policy.validate(source.config, len(ids))
+    model = _load(source, args)
     result = score(model.config, model.params, policy, ids, chunk_size=args.chunk_size)
     print(f"{'method':<10} {'tokens':>7} {'mean_nll':>9} {'ppl':>9}")
     print(f"{args.method:<10} {result.n_tokens:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f}")

@@ -38,18 +38,36 @@ class LoadedModel:
     source: str
 
 
-def load_model(spec: str | None = None, dtype: Any = jnp.float32) -> LoadedModel:
-    """Load ``spec``: ``None``/``"smollm2"`` (bundled GGUF), a ``.gguf`` path, or an HF checkpoint dir."""
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A model whose metadata is read but whose weights are not: requests can be checked first."""
+
+    config: ModelConfig
+    tokenizer: Any
+    path: str
+    _read_params: Callable[[Any], Any] = dataclasses.field(repr=False)
+
+    def load(self, dtype: Any = jnp.float32) -> LoadedModel:
+        """Dequantize / read the weights and put them on the default device as ``dtype``."""
+        return LoadedModel(self.config, self._read_params(dtype), self.tokenizer, self.path)
+
+
+def open_model(spec: str | None = None) -> ModelSource:
+    """Read config and tokenizer of ``spec``: ``None``/``"smollm2"`` (bundled GGUF), a ``.gguf``
+    path, or an HF checkpoint directory. Unreadable or corrupt files raise ``ModelLoadError``."""
     from longctx_jax.tokenizer import Tokenizer
 
     path = resolve_model_path(spec)
     if path.is_dir():
-        cfg, params = load_hf(path, dtype)
-        tokenizer = Tokenizer.from_hf_dir(path)
-    else:
-        cfg, params, fields = load_gguf(path, dtype)
-        tokenizer = Tokenizer.from_gguf_fields(fields)
-    return LoadedModel(cfg, params, tokenizer, str(path))
+        cfg, read = open_hf(path)
+        return ModelSource(cfg, Tokenizer.from_hf_dir(path), str(path), read)
+    cfg, fields, read = open_gguf(path)
+    return ModelSource(cfg, Tokenizer.from_gguf_fields(fields), str(path), read)
+
+
+def load_model(spec: str | None = None, dtype: Any = jnp.float32) -> LoadedModel:
+    """``open_model(spec).load(dtype)``."""
+    return open_model(spec).load(dtype)
 
 
 def resolve_model_path(spec: str | None) -> pathlib.Path:
@@ -88,8 +106,8 @@ def find_smollm2_gguf() -> pathlib.Path:
 
 # ----------------------------------------------------------------------------------- GGUF
 
-def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32):
-    """Read a llama GGUF file. Returns ``(config, params, metadata fields)``."""
+def open_gguf(path: str | os.PathLike):
+    """Parse a GGUF header: ``(config, metadata fields, read_params(dtype))``."""
     import gguf
 
     try:
@@ -110,14 +128,8 @@ def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32):
             raise ModelLoadError(f"cannot dequantize {name} ({t.tensor_type.name}) in {path}: {e}") from e
         return np.asarray(array, np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
 
-    def linear(name: str, heads: int | None = None) -> np.ndarray:
-        w = get(name)  # [out, in], like torch
-        if heads is not None:  # llama.cpp stores q/k rows permuted for its rotary layout
-            w = _unpermute_rotary_rows(w, heads)
-        return w
-
-    params = _assemble(cfg, dtype, get, linear, names=_GGUF_NAMES)
-    return cfg, params, fields
+    # llama.cpp stores q/k rows permuted for its rotary layout: undo it.
+    return cfg, fields, lambda dtype: _assemble(cfg, dtype, get, _GGUF_NAMES, unpermute_qk=True)
 
 
 def _unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -146,6 +158,12 @@ _HF_NAMES = dict(
 
 def load_hf(directory: str | os.PathLike, dtype: Any = jnp.float32):
     """Read an HF Llama-family checkpoint directory. Returns ``(config, params)``."""
+    cfg, read = open_hf(directory)
+    return cfg, read(dtype)
+
+
+def open_hf(directory: str | os.PathLike):
+    """Parse ``config.json`` and safetensors headers: ``(config, read_params(dtype))``."""
     from safetensors import safe_open
 
     directory = pathlib.Path(directory)
@@ -171,26 +189,23 @@ def load_hf(directory: str | os.PathLike, dtype: Any = jnp.float32):
             raise ModelLoadError(f"checkpoint {directory} lacks tensor {name!r}")
         return np.asarray(handles[name].get_tensor(name).astype(jnp.float32))
 
-    def linear(name: str, heads: int | None = None) -> np.ndarray:
-        return get(name)
-
-    params = _assemble(cfg, dtype, get, linear, names=_HF_NAMES, has=handles.__contains__)
-    return cfg, params
+    return cfg, lambda dtype: _assemble(cfg, dtype, get, _HF_NAMES, has=handles.__contains__)
 
 
 # ---------------------------------------------------------------------------------- shared
 
-def _assemble(cfg: ModelConfig, dtype, get: Callable[[str], np.ndarray],
-              linear: Callable[..., np.ndarray], names: dict, has: Callable[[str], bool] = None):
-    """Build the Flax parameter tree from a tensor getter using a source's naming scheme."""
+def _assemble(cfg: ModelConfig, dtype, get: Callable[[str], np.ndarray], names: dict,
+              unpermute_qk: bool = False, has: Callable[[str], bool] | None = None):
+    """Build the Flax parameter tree from ``get(name) -> [out, in] array`` and a naming scheme."""
 
     def dense(prefix: str, heads: int | None = None, bias: bool = False) -> dict:
-        p = {"kernel": linear(prefix + ".weight", heads).T}
+        def fetch(name):
+            w = get(name)
+            return _unpermute_rotary_rows(w, heads) if heads and unpermute_qk else w
+
+        p = {"kernel": fetch(prefix + ".weight").T}
         if bias:
-            b = get(prefix + ".bias")
-            if heads is not None and names is _GGUF_NAMES:
-                b = _unpermute_rotary_rows(b, heads)
-            p["bias"] = b
+            p["bias"] = fetch(prefix + ".bias")
         return p
 
     def norm(name: str) -> dict:

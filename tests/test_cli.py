@@ -1,0 +1,84 @@
+"""The longctx CLI: clear errors before any model work, and real runs on SmolLM2."""
+
+import json
+
+import pytest
+
+from longctx_jax.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "   "], "empty prompt"),
+    (["generate", "--prompt", "hi", "--method", "full", "--window", "8"], "apply to --method streaming"),
+    (["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"], "not found"),
+    (["generate", "--prompt", "hi", "--method", "streaming", "--window", "0"], "window must be"),
+    (["score", "--text-file", "/nonexistent.txt", "--max-tokens", "8"], "cannot read"),
+])
+def test_errors_exit_2_with_message(capsys, argv, message):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and message in err
+
+
+def test_unknown_method_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--method", "nope"])
+    assert e.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    code, _, err = _run(capsys, "generate", "--prompt", "hi", "--model", str(bad))
+    assert code == 2 and "cannot read GGUF file" in err
+
+
+def test_truncated_real_gguf_is_a_clear_error(tmp_path, capsys):
+    from longctx_jax.weights import find_smollm2_gguf
+
+    data = find_smollm2_gguf().read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    code, _, err = _run(capsys, "generate", "--prompt", "hi", "--model", str(cut))
+    assert code == 2 and "GGUF" in err
+
+
+def test_prompt_longer_than_cache(capsys):
+    code, _, err = _run(capsys, "generate", "--prompt", "one two three four five six",
+                        "--max-len", "8", "--max-new-tokens", "4")
+    assert code == 2 and "does not fit the cache" in err
+
+
+def test_sink_plus_window_larger_than_cache(capsys):
+    code, _, err = _run(capsys, "generate", "--prompt", "hello", "--method", "streaming",
+                        "--sink", "16", "--window", "64", "--max-len", "40",
+                        "--max-new-tokens", "4")
+    assert code == 2 and "exceeds the maximum length" in err
+
+
+def test_generate_streams_and_writes_json(tmp_path, capsys):
+    out_json = tmp_path / "gen.json"
+    code, out, _ = _run(capsys, "generate", "--prompt", "The capital of France is",
+                        "--max-new-tokens", "6", "--greedy", "--json", str(out_json))
+    record = json.loads(out_json.read_text())
+    assert code == 0
+    assert len(record["token_ids"]) == 6 and "Paris" in record["text"]
+    assert out.strip() == record["text"].strip()
+
+
+def test_score_json(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times, " * 20)
+    out_json = tmp_path / "s.json"
+    code, out, _ = _run(capsys, "score", "--text-file", str(text), "--max-tokens", "64",
+                        "--method", "streaming", "--sink", "4", "--window", "16",
+                        "--chunk-size", "16", "--json", str(out_json))
+    record = json.loads(out_json.read_text())
+    assert code == 0 and record["n_tokens"] == 64
+    assert 1.0 < record["ppl"] < 50.0 and "streaming" in out
