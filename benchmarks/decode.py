@@ -1,0 +1,113 @@
+"""End-to-end generation speed and cache memory per attention policy.
+
+Decode time per token is measured as ``(t(N new tokens) - t(1 new token)) / (N - 1)`` of the same
+jitted ``generate_tokens`` call, so prefill and compilation cancel out; prefill time is the
+1-token call. Every number is the median of ``--repeats`` warm runs. Prints a table, writes JSON.
+
+    python benchmarks/decode.py --model smollm2 --contexts 512 --dtypes float32,bfloat16
+    python benchmarks/decode.py --model llama3-8b-random --contexts 8192,32768 --dtypes bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longctx_jax.config import ModelConfig
+from longctx_jax.generate import generate_tokens, pad_prompts
+from longctx_jax.model import random_params
+from longctx_jax.policies import make_policy
+
+# Llama-3-8B's attention and MLP shapes (random weights: speed only).
+LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                        rope_theta=500000.0, rms_eps=1e-5, max_position=131072)
+
+
+def _policies(spec: str):
+    for item in spec.split(","):
+        name, *opts = item.split(":")
+        kwargs = dict(kv.split("=") for kv in opts)
+        yield item, make_policy(name, **{k: int(v) for k, v in kwargs.items()})
+
+
+def _timed(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2 | llama3-8b-random | a path")
+    ap.add_argument("--methods", default="full,streaming:sink=64:window=256",
+                    help="comma list of name[:opt=value...]")
+    ap.add_argument("--contexts", default="512", help="prompt lengths, comma separated")
+    ap.add_argument("--new-tokens", type=int, default=33)
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--chunk-size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = jnp.dtype(dtype_name)
+        if args.model == "llama3-8b-random":
+            cfg, params = LLAMA3_8B, random_params(LLAMA3_8B, jax.random.key(0), dtype)
+        else:
+            from longctx_jax.weights import load_model
+
+            model = load_model(args.model, dtype)
+            cfg, params = model.config, model.params
+        for context in map(int, args.contexts.split(",")):
+            rng = np.random.default_rng(context)
+            prompts = [rng.integers(0, cfg.vocab_size, context).tolist()] * args.batch
+            chunk = min(args.chunk_size, context)
+            tokens, lengths = pad_prompts(prompts, chunk)
+            for label, policy in _policies(args.methods):
+                max_len = context + args.new_tokens
+
+                def run(n, policy=policy, max_len=max_len):
+                    return generate_tokens(params, policy, tokens, lengths, jax.random.key(0),
+                                           cfg=cfg, max_new_tokens=n, max_len=max_len,
+                                           chunk_size=chunk)
+
+                t1 = _timed(lambda: run(1), args.repeats)
+                tn = _timed(lambda: run(args.new_tokens), args.repeats)
+                per_token = (tn - t1) / (args.new_tokens - 1)
+                row = dict(method=label, dtype=dtype_name, context=context, batch=args.batch,
+                           prefill_s=t1, decode_ms_per_token=1e3 * per_token,
+                           decode_tokens_per_s=args.batch / per_token,
+                           prefill_tokens_per_s=args.batch * context / t1,
+                           cache_bytes=policy.cache_bytes(cfg, args.batch, max_len, dtype))
+                rows.append(row)
+                print(f"{label:<32} {dtype_name:<9} ctx={context:<7} prefill {t1:7.3f}s  "
+                      f"decode {row['decode_ms_per_token']:8.2f} ms/tok "
+                      f"({row['decode_tokens_per_s']:7.1f} tok/s)  cache "
+                      f"{row['cache_bytes'] / 2**20:9.1f} MiB", flush=True)
+    record = dict(model=args.model, device=str(jax.devices()[0].device_kind),
+                  backend=jax.default_backend(), jax=jax.__version__,
+                  machine=platform.machine(), new_tokens=args.new_tokens, rows=rows,
+                  command=" ".join(["python", "benchmarks/decode.py", *sys.argv[1:]]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
