@@ -1,4 +1,4 @@
-"""The ``longctx`` command line: ``generate`` and ``score``.
+"""The ``longctx`` command line: ``generate``, ``score`` and ``eval``.
 
 Human-readable output on stdout; ``--json PATH`` writes the machine-readable record. Bad input
 (unknown method, empty or too-long prompt, bad model file, ...) exits with status 2 and a one-line
@@ -52,8 +52,26 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--text-file", type=pathlib.Path, required=True)
     score.add_argument("--max-tokens", type=int, required=True,
                        help="score the first N tokens of the text")
+    score.add_argument("--compare", choices=available(), default=None,
+                       help="also report KL(compare || method) and top-1 agreement")
     _add_common(score)
     score.set_defaults(run=_score)
+
+    ev = sub.add_parser("eval", help="accuracy on a synthetic long-context task")
+    ev.add_argument("--task", required=True, choices=("passkey", "niah", "kv"))
+    ev.add_argument("--variant", default="single", choices=("single", "multikey", "multivalue"),
+                    help="niah variant")
+    ev.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens")
+    ev.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    ev.add_argument("--samples", type=int, default=20, help="samples per (length, depth) cell")
+    ev.add_argument("--mode", default="generate", choices=("generate", "teacher-forced"))
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--haystack-file", type=pathlib.Path, default=None,
+                    help="natural text for niah haystacks (filler sentences otherwise)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--plot", type=pathlib.Path, default=None, help="write a depth x length heatmap")
+    _add_common(ev)
+    ev.set_defaults(run=_eval)
     return parser
 
 
@@ -68,8 +86,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=pathlib.Path, default=None, help="write results as JSON here")
 
 
+def _options(args) -> dict:
+    return {k: getattr(args, k) for k in ("sink", "window") if getattr(args, k) is not None}
+
+
 def _policy(args):
-    options = {k: getattr(args, k) for k in ("sink", "window") if getattr(args, k) is not None}
+    options = _options(args)
     if options and args.method != "streaming":
         raise ValueError(f"--sink/--window apply to --method streaming, not {args.method!r}")
     return make_policy(args.method, **options)
@@ -149,12 +171,61 @@ def _score(args) -> int:
                          f"--max-tokens {args.max_tokens}")
     policy.validate(source.config, len(ids))
     model = _load(source, args)
-    result = score(model.config, model.params, policy, ids, chunk_size=args.chunk_size)
-    print(f"{'method':<10} {'tokens':>7} {'mean_nll':>9} {'ppl':>9}")
-    print(f"{args.method:<10} {result.n_tokens:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f}")
-    _write_json(args.json, {"n_tokens": result.n_tokens, "mean_nll": result.mean_nll,
-                            "ppl": result.ppl, "method": args.method, "dtype": args.dtype})
+    reference = make_policy(args.compare) if args.compare else None
+    result = score(model.config, model.params, policy, ids, chunk_size=args.chunk_size,
+                   reference=reference)
+    record = {"n_tokens": result.n_tokens, "mean_nll": result.mean_nll, "ppl": result.ppl,
+              "method": args.method, "method_options": _options(args), "dtype": args.dtype}
+    print(f"{'method':<10} {'tokens':>7} {'mean_nll':>9} {'ppl':>9} {'KL':>8} {'top1':>6}")
+    if reference is not None:
+        record.update(compare=args.compare, compare_mean_nll=result.reference_nll,
+                      compare_ppl=result.reference_ppl, kl=result.kl,
+                      top1_agreement=result.top1_agreement)
+        print(f"{args.compare:<10} {result.n_tokens:>7} {result.reference_nll:>9.4f} "
+              f"{result.reference_ppl:>9.3f} {'-':>8} {'-':>6}")
+        print(f"{args.method:<10} {result.n_tokens:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f} "
+              f"{result.kl:>8.4f} {result.top1_agreement:>6.3f}")
+    else:
+        print(f"{args.method:<10} {result.n_tokens:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f}")
+    _write_json(args.json, record)
     return 0
+
+
+def _eval(args) -> int:
+    from longctx_jax.evals import format_table, run_eval
+
+    lengths = _int_list(args.lengths, "--lengths")
+    depths = [float(d) for d in args.depths.split(",")]
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
+    haystack = _read(args.haystack_file) if args.haystack_file else None
+    policy = _policy(args)
+    source = _open(args)
+    policy.validate(source.config, max(lengths))
+    model = _load(source, args)
+    record = run_eval(model, policy, args.task, lengths, depths, args.samples, mode=args.mode,
+                      variant=args.variant, haystack=haystack, seed=args.seed,
+                      batch_size=args.batch_size, chunk_size=args.chunk_size)
+    record.update(model=args.model, dtype=args.dtype, method_options=_options(args),
+                  haystack=str(args.haystack_file) if args.haystack_file else None)
+    print(format_table(record))
+    _write_json(args.json, record)
+    if args.plot:
+        from longctx_jax.evals.plots import heatmap
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        heatmap(record, str(args.plot))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{flag} must be positive, got {text!r}")
+    return values
 
 
 def _read(path: pathlib.Path) -> str:

@@ -69,10 +69,12 @@ def check_request(cfg: ModelConfig, policy: AttentionPolicy, prompt_lengths: Seq
     policy.validate(cfg, max_len)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int, pad_id: int = 0):
-    """Right-pad ragged prompts to a multiple of ``multiple``: ``(tokens [B, P], lengths [B])``."""
+def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int, pad_id: int = 0,
+                min_width: int = 0):
+    """Right-pad ragged prompts to a multiple of ``multiple`` (at least ``min_width``, so calls
+    with slightly different prompt lengths share one compiled shape): ``(tokens [B, P], lengths [B])``."""
     lengths = np.array([len(p) for p in prompts], np.int32)
-    width = multiple * math.ceil(max(lengths) / multiple)
+    width = multiple * math.ceil(max(max(lengths), min_width) / multiple)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
@@ -95,33 +97,33 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def prefill(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: jax.Array,
-            lengths: jax.Array, caches, chunk_size: int):
+            lengths: jax.Array, caches, chunk_size: int, gather: jax.Array):
     """Run the prompt through the model chunk by chunk (a ``lax.scan``).
 
-    ``tokens [B, P]`` with ``P`` a multiple of ``chunk_size``. Returns the final hidden state of
-    each sequence's last prompt token ``[B, d]`` and the filled caches.
+    ``tokens [B, P]`` with ``P`` a multiple of ``chunk_size``; ``gather [B, K]`` prompt indices
+    whose final hidden states to return (e.g. each sequence's last token). Returns
+    ``(hidden [B, K, d], caches)``.
     """
     b, p = tokens.shape
     model = Decoder(cfg)
     offsets = jnp.arange(chunk_size, dtype=jnp.int32)
 
     def step(carry, chunk):
-        caches, last = carry
+        caches, picked = carry
         start, toks = chunk
         pos = start + offsets
         positions = jnp.where(pos[None, :] < lengths[:, None], pos[None, :], -1)
         hidden, caches = model.apply({"params": params}, toks, positions, caches, policy)
-        idx = lengths - 1 - start
+        idx = gather - start
         here = (idx >= 0) & (idx < chunk_size)
-        picked = jnp.take_along_axis(hidden, jnp.clip(idx, 0, chunk_size - 1)[:, None, None],
-                                     axis=1)[:, 0]
-        return (caches, jnp.where(here[:, None], picked, last)), None
+        rows = jnp.take_along_axis(hidden, jnp.clip(idx, 0, chunk_size - 1)[..., None], axis=1)
+        return (caches, jnp.where(here[..., None], rows, picked)), None
 
     starts = jnp.arange(0, p, chunk_size, dtype=jnp.int32)
     chunks = tokens.reshape(b, p // chunk_size, chunk_size).swapaxes(0, 1)
-    last = jnp.zeros((b, cfg.hidden_size), _activation_dtype(params))
-    (caches, last), _ = jax.lax.scan(step, (caches, last), (starts, chunks))
-    return last, caches
+    picked = jnp.zeros((*gather.shape, cfg.hidden_size), _activation_dtype(params))
+    (caches, picked), _ = jax.lax.scan(step, (caches, picked), (starts, chunks))
+    return picked, caches
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "max_len", "chunk_size",
@@ -140,8 +142,9 @@ def generate_tokens(params, policy: AttentionPolicy, tokens: jax.Array, lengths:
     b = tokens.shape[0]
     model = Decoder(cfg)
     caches = policy.init_cache(cfg, b, max_len, _activation_dtype(params))
-    last, caches = prefill(cfg, params, policy, tokens, lengths, caches, chunk_size)
-    logits = model.apply({"params": params}, last, method=Decoder.logits)
+    last, caches = prefill(cfg, params, policy, tokens, lengths, caches, chunk_size,
+                           gather=(lengths - 1)[:, None])
+    logits = model.apply({"params": params}, last[:, 0], method=Decoder.logits)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
 
     def cond(state):
@@ -192,30 +195,55 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
 
 @dataclasses.dataclass(frozen=True)
 class Score:
-    """Teacher-forced NLL over a text of ``n_tokens`` tokens (``n_tokens - 1`` predictions)."""
+    """Teacher-forced NLL over a text of ``n_tokens`` tokens (``n_tokens - 1`` predictions).
+
+    With a reference policy: its NLL, the mean KL(reference || policy) of the next-token
+    distributions, and how often both put the same token first.
+    """
 
     n_tokens: int
     mean_nll: float
+    reference_nll: float | None = None
+    kl: float | None = None
+    top1_agreement: float | None = None
 
     @property
     def ppl(self) -> float:
         return math.exp(self.mean_nll)
 
+    @property
+    def reference_ppl(self) -> float | None:
+        return None if self.reference_nll is None else math.exp(self.reference_nll)
+
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches",))
-def _score_chunk(params, policy, caches, tokens, positions, targets, *, cfg):
-    """Sum of NLL of ``targets`` (``-1`` = no target) after one prefill chunk, and updated caches."""
+def _score_chunk(params, policies, caches, tokens, positions, targets, *, cfg):
+    """Per-chunk sums for ``score``: NLL under each policy, and (for two) KL and top-1 agreement."""
     model = Decoder(cfg)
-    hidden, caches = model.apply({"params": params}, tokens, positions, caches, policy)
-    logits = model.apply({"params": params}, hidden, method=Decoder.logits)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(targets >= 0, nll, 0.0)), caches
+    valid = targets >= 0
+    logps, new_caches, sums = [], [], {}
+    for policy, cache in zip(policies, caches):
+        hidden, cache = model.apply({"params": params}, tokens, positions, cache, policy)
+        logits = model.apply({"params": params}, hidden, method=Decoder.logits)
+        logps.append(jax.nn.log_softmax(logits, axis=-1))
+        new_caches.append(cache)
+    nll = [-jnp.take_along_axis(lp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+           for lp in logps]
+    sums["nll"] = [jnp.sum(jnp.where(valid, x, 0.0)) for x in nll]
+    if len(logps) == 2:
+        method, ref = logps
+        kl = jnp.sum(jnp.exp(ref) * (ref - method), axis=-1)
+        same = jnp.argmax(ref, axis=-1) == jnp.argmax(method, axis=-1)
+        sums["kl"] = jnp.sum(jnp.where(valid, kl, 0.0))
+        sums["top1"] = jnp.sum(valid & same)
+    return sums, tuple(new_caches)
 
 
 def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence[int], *,
-          chunk_size: int = 512, progress: bool = True) -> Score:
-    """Mean NLL of tokens ``1..N-1`` of ``token_ids`` given their prefixes, under ``policy``."""
+          chunk_size: int = 512, reference: AttentionPolicy | None = None,
+          progress: bool = True) -> Score:
+    """Mean NLL of tokens ``1..N-1`` of ``token_ids`` given their prefixes, under ``policy``
+    (and, if given, ``reference``, compared token by token)."""
     from tqdm.auto import tqdm
 
     ids = np.asarray(token_ids, np.int32)
@@ -223,21 +251,27 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     if n < 2:
         raise ValueError(f"scoring needs at least 2 tokens, got {n}")
     chunk_size = min(chunk_size, n)
-    policy.validate(cfg, n)
-    caches = policy.init_cache(cfg, 1, n, _activation_dtype(params))
+    policies = (policy,) if reference is None else (policy, reference)
+    for p in policies:
+        p.validate(cfg, n)
+    caches = tuple(p.init_cache(cfg, 1, n, _activation_dtype(params)) for p in policies)
     padded = np.zeros(chunk_size * math.ceil(n / chunk_size), np.int32)
     padded[:n] = ids
     targets = np.full_like(padded, -1)
     targets[: n - 1] = ids[1:]
-    total = 0.0
+    totals: dict = {}
     for start in tqdm(range(0, len(padded), chunk_size), desc=f"score[{policy.name}]",
                       disable=not progress, unit="chunk"):
         pos = np.arange(start, start + chunk_size, dtype=np.int32)
         positions = np.where(pos < n, pos, -1)[None]
-        nll, caches = _score_chunk(params, policy, caches, padded[None, start:start + chunk_size],
-                                   positions, targets[None, start:start + chunk_size], cfg=cfg)
-        total += float(nll)
-    return Score(n, total / (n - 1))
+        sums, caches = _score_chunk(params, policies, caches, padded[None, start:start + chunk_size],
+                                    positions, targets[None, start:start + chunk_size], cfg=cfg)
+        totals = jax.tree.map(lambda a, b: a + float(b), totals, sums) if totals else \
+            jax.tree.map(float, sums)
+    m = n - 1
+    if reference is None:
+        return Score(n, totals["nll"][0] / m)
+    return Score(n, totals["nll"][0] / m, totals["nll"][1] / m, totals["kl"] / m, totals["top1"] / m)
 
 
 def _activation_dtype(params):

@@ -82,3 +82,34 @@ def test_score_json(tmp_path, capsys):
     record = json.loads(out_json.read_text())
     assert code == 0 and record["n_tokens"] == 64
     assert 1.0 < record["ppl"] < 50.0 and "streaming" in out
+
+
+def test_score_compare_full(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times, " * 20)
+    out_json = tmp_path / "s.json"
+    code, out, _ = _run(capsys, "score", "--text-file", str(text), "--max-tokens", "96",
+                        "--method", "streaming", "--sink", "4", "--window", "16",
+                        "--chunk-size", "32", "--compare", "full", "--json", str(out_json))
+    record = json.loads(out_json.read_text())
+    assert code == 0 and record["compare"] == "full"
+    assert record["kl"] > 0 and 0 < record["top1_agreement"] < 1
+    # Compared with itself, a policy has zero KL and full agreement.
+    code, _, _ = _run(capsys, "score", "--text-file", str(text), "--max-tokens", "96",
+                      "--chunk-size", "32", "--compare", "full", "--json", str(out_json))
+    record = json.loads(out_json.read_text())
+    assert abs(record["kl"]) < 1e-5 and record["top1_agreement"] == 1.0
+    assert abs(record["mean_nll"] - record["compare_mean_nll"]) < 1e-6
+
+
+def test_eval_command(tmp_path, capsys):
+    out_json, plot = tmp_path / "e.json", tmp_path / "e.png"
+    code, out, _ = _run(capsys, "eval", "--task", "kv", "--lengths", "160", "--depths", "0.5",
+                        "--samples", "1", "--batch-size", "1", "--chunk-size", "64",
+                        "--mode", "teacher-forced", "--json", str(out_json), "--plot", str(plot))
+    record = json.loads(out_json.read_text())
+    assert code == 0 and record["task"] == "kv" and record["results"][0]["n"] == 1
+    assert set(record["results"][0]) >= {"length", "depth", "accuracy", "n"}
+    assert "cache_bytes" in record and plot.exists() and "kv [full" in out
+    code, _, err = _run(capsys, "eval", "--task", "kv", "--depths", "2", "--lengths", "64")
+    assert code == 2 and "--depths" in err

@@ -1,0 +1,158 @@
+"""Run a task over a grid of lengths x depths under one policy; accuracy per cell.
+
+Two modes: ``generate`` (greedy decoding, exact match of the answer in the output, as RULER)
+and ``teacher-forced`` (the answer is appended to the prompt; a sample counts as right when every
+answer token is the model's top-1 choice, and its log-likelihood is recorded: far more sensitive
+for a small model). Samples of a cell run as one batch (padded to ``batch_size``), so each
+(length, batch) shape compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longctx_jax.evals.tasks import Sample, answer_text, exact_match, make_samples
+from longctx_jax.generate import (_activation_dtype, check_request, generate_tokens, pad_prompts,
+                                  prefill)
+from longctx_jax.model import Decoder
+from longctx_jax.policies.base import AttentionPolicy
+
+MODES = ("generate", "teacher-forced")
+_NEW_TOKENS = {"passkey": 8, "niah": 16, "kv": 48}
+
+
+@dataclasses.dataclass(frozen=True)
+class CellResult:
+    length: int
+    depth: float
+    accuracy: float
+    n: int
+    mean_answer_logprob: float | None = None  # teacher-forced mode only
+
+
+def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
+             depths: Sequence[float], samples: int, *, mode: str = "generate",
+             variant: str = "single", haystack: str | None = None, seed: int = 0,
+             batch_size: int = 8, chunk_size: int = 512, progress: bool = True) -> dict:
+    """Evaluate ``policy`` on ``task``; returns a JSON-ready record (see ``longctx eval``)."""
+    from tqdm.auto import tqdm
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; available: {', '.join(MODES)}")
+    if samples < 1 or batch_size < 1:
+        raise ValueError("samples and batch_size must be >= 1")
+    tok = model.tokenizer
+    new_tokens = _NEW_TOKENS[task] * (3 if variant == "multivalue" else 1)
+    # One cache size per length (prompts vary by a few tokens), so each length compiles once.
+    max_lens = {n: chunk_size * math.ceil((int(n * 1.02) + 8 + new_tokens) / chunk_size)
+                for n in lengths}
+    for n in lengths:
+        policy.validate(model.config, max_lens[n])
+    cells = [(n, d) for n in lengths for d in depths]
+    results, t0 = [], time.perf_counter()
+    bar = tqdm(total=len(cells) * samples, desc=f"{task}[{policy.name}]", unit="sample",
+               disable=not progress)
+    for n, d in cells:
+        data = make_samples(task, tok, n, d, samples, seed=seed, haystack=haystack,
+                            variant=variant)
+        scores, logps = [], []
+        for i in range(0, samples, batch_size):
+            batch = data[i:i + batch_size]
+            if mode == "generate":
+                scores += _generate_batch(model, policy, batch, batch_size, new_tokens,
+                                          max_lens[n], chunk_size)
+            else:
+                right, lp = _teacher_forced_batch(model, policy, batch, batch_size,
+                                                  max_lens[n], chunk_size)
+                scores += right
+                logps += lp
+            bar.update(len(batch))
+        results.append(CellResult(n, d, float(np.mean(scores)), len(scores),
+                                  float(np.mean(logps)) if logps else None))
+    bar.close()
+    return dict(task=task, variant=variant, method=policy.name, mode=mode,
+                results=[dataclasses.asdict(r) for r in results],
+                cache_bytes={str(n): policy.cache_bytes(model.config, 1, max_lens[n],
+                                                        _activation_dtype(model.params))
+                             for n in lengths},
+                seconds=time.perf_counter() - t0)
+
+
+def _fill(batch: list, size: int) -> list:
+    """Pad a short last batch by repeating its first element (results are cut back)."""
+    return batch + [batch[0]] * (size - len(batch))
+
+
+def _generate_batch(model, policy, batch: list[Sample], batch_size: int, new_tokens: int,
+                    max_len: int, chunk_size: int) -> list[float]:
+    tok, cfg = model.tokenizer, model.config
+    prompts = [tok.encode(s.prompt) for s in _fill(batch, batch_size)]
+    check_request(cfg, policy, [len(p) for p in prompts], new_tokens, max_len, chunk_size)
+    tokens, lengths = pad_prompts(prompts, chunk_size, min_width=max_len - new_tokens)
+    out, count = generate_tokens(model.params, policy, tokens, lengths, jax.random.key(0), cfg=cfg,
+                                 max_new_tokens=new_tokens, max_len=max_len,
+                                 chunk_size=chunk_size, stop_ids=tok.stop_ids)
+    out, count = np.asarray(out), np.asarray(count)
+    return [exact_match(s, tok.decode(out[i, :count[i]].tolist(), skip_special=True))
+            for i, s in enumerate(batch)]
+
+
+def _teacher_forced_batch(model, policy, batch: list[Sample], batch_size: int, max_len: int,
+                          chunk_size: int) -> tuple[list[float], list[float]]:
+    tok = model.tokenizer
+    prompts = [tok.encode(s.prompt) for s in _fill(batch, batch_size)]
+    answers = [tok.encode(s.prompt + answer_text(s))[len(p):] for s, p in
+               zip(_fill(batch, batch_size), prompts)]
+    width = max(map(len, answers))
+    answer_ids = np.zeros((len(prompts), width), np.int32)
+    answer_len = np.array([len(a) for a in answers], np.int32)
+    for row, a in enumerate(answers):
+        answer_ids[row, :len(a)] = a
+    tokens, lengths = pad_prompts([p + a for p, a in zip(prompts, answers)], chunk_size,
+                                  min_width=max_len)
+    right, logp = _answer_scores(model.params, policy, tokens, lengths,
+                                 np.array([len(p) for p in prompts], np.int32), answer_ids,
+                                 answer_len, cfg=model.config, max_len=max_len,
+                                 chunk_size=chunk_size)
+    k = len(batch)
+    return np.asarray(right, float)[:k].tolist(), np.asarray(logp)[:k].tolist()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "chunk_size"))
+def _answer_scores(params, policy, tokens, lengths, prompt_len, answer_ids, answer_len, *, cfg,
+                   max_len, chunk_size):
+    """Per sample: all answer tokens top-1 (bool) and their summed log-probability."""
+    caches = policy.init_cache(cfg, tokens.shape[0], max_len, _activation_dtype(params))
+    k = answer_ids.shape[1]
+    gather = prompt_len[:, None] - 1 + jnp.arange(k)[None, :]  # positions predicting the answer
+    hidden, _ = prefill(cfg, params, policy, tokens, lengths, caches, chunk_size, gather)
+    logp = jax.nn.log_softmax(Decoder(cfg).apply({"params": params}, hidden,
+                                                 method=Decoder.logits), axis=-1)
+    valid = jnp.arange(k)[None, :] < answer_len[:, None]
+    token_lp = jnp.take_along_axis(logp, answer_ids[..., None], axis=-1)[..., 0]
+    top1 = jnp.argmax(logp, axis=-1) == answer_ids
+    return (jnp.all(top1 | ~valid, axis=-1),
+            jnp.sum(jnp.where(valid, token_lp, 0.0), axis=-1))
+
+
+def format_table(record: dict) -> str:
+    """Accuracy by depth (rows) and length (columns), plus the mean per length."""
+    results = record["results"]
+    lengths = sorted({r["length"] for r in results})
+    depths = sorted({r["depth"] for r in results})
+    acc = {(r["length"], r["depth"]): r["accuracy"] for r in results}
+    head = f"{record['task']} [{record['method']}, {record['mode']}]"
+    lines = [head, f"{'depth':>6} " + " ".join(f"{n:>7}" for n in lengths)]
+    for d in depths:
+        lines.append(f"{d:>6.2f} " + " ".join(f"{acc[(n, d)]:>7.2f}" for n in lengths))
+    lines.append(f"{'mean':>6} " + " ".join(
+        f"{np.mean([acc[(n, d)] for d in depths]):>7.2f}" for n in lengths))
+    return "\n".join(lines)
