@@ -24,19 +24,12 @@ import numpy as np
 from longctx_jax.config import ModelConfig
 from longctx_jax.generate import generate_tokens, pad_prompts
 from longctx_jax.model import random_params
-from longctx_jax.policies import make_policy
+from longctx_jax.policies import policy_from_spec
 
 # Llama-3-8B's attention and MLP shapes (random weights: speed only).
 LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                         rope_theta=500000.0, rms_eps=1e-5, max_position=131072)
-
-
-def _policies(spec: str):
-    for item in spec.split(","):
-        name, *opts = item.split(":")
-        kwargs = dict(kv.split("=") for kv in opts)
-        yield item, make_policy(name, **{k: int(v) for k, v in kwargs.items()})
 
 
 def _timed(fn, repeats: int) -> float:
@@ -78,7 +71,8 @@ def main(argv=None) -> int:
             prompts = [rng.integers(0, cfg.vocab_size, context).tolist()] * args.batch
             chunk = min(args.chunk_size, context)
             tokens, lengths = pad_prompts(prompts, chunk)
-            for label, policy in _policies(args.methods):
+            for label in args.methods.split(","):
+                policy = policy_from_spec(label)
                 max_len = context + args.new_tokens
 
                 def run(n, policy=policy, max_len=max_len):

@@ -1,7 +1,7 @@
 """Attention policies: one module per method, all behind the interface in :mod:`.base`."""
 
-from longctx_jax.policies.base import AttentionPolicy, available, make_policy
+from longctx_jax.policies.base import AttentionPolicy, available, make_policy, policy_from_spec
 from longctx_jax.policies.full import Full
 from longctx_jax.policies.streaming import Streaming
 
-__all__ = ["AttentionPolicy", "Full", "Streaming", "available", "make_policy"]
+__all__ = ["AttentionPolicy", "Full", "Streaming", "available", "make_policy", "policy_from_spec"]

@@ -65,6 +65,30 @@ def make_policy(name: str, **options) -> "AttentionPolicy":
     return cls(**options)
 
 
+def policy_from_spec(spec: str) -> "AttentionPolicy":
+    """Parse ``"name[:option=value...]"`` (e.g. ``"streaming:sink=64:window=256"``).
+
+    Values are read as int, then float, else kept as strings.
+    """
+    name, *items = spec.split(":")
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"bad option {item!r} in {spec!r}: expected option=value")
+        options[key] = _parse_value(value)
+    return make_policy(name, **options)
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 class AttentionPolicy:
     """Base class of all policies; see the module docstring for the contract."""
 

@@ -1,0 +1,78 @@
+"""Accuracy of attention policies on synthetic long-context tasks, on the real model.
+
+Runs every (task, method) pair in one process, so compiled functions are shared between tasks
+of the same shapes; writes ``<out>/<task>_<method>.json`` and ``.png`` heatmaps and a summary
+``<out>/summary.json``; prints one table per pair and a summary of mean accuracy per length.
+
+    python benchmarks/quality.py --tasks passkey,niah --methods full,streaming:sink=64:window=256 \\
+        --lengths 1024,2048,4096,8192 --samples 20 --haystack-file data.txt --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax.numpy as jnp
+
+from longctx_jax.evals import format_table, run_eval
+from longctx_jax.evals.plots import heatmap
+from longctx_jax.policies import policy_from_spec
+from longctx_jax.weights import load_model
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tasks", default="passkey,niah")
+    ap.add_argument("--methods", default="full,streaming:sink=64:window=256")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--mode", default="generate", choices=("generate", "teacher-forced"))
+    ap.add_argument("--haystack-file", default=None)
+    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", type=pathlib.Path, required=True)
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model, jnp.dtype(args.dtype))
+    haystack = pathlib.Path(args.haystack_file).read_text() if args.haystack_file else None
+    lengths = [int(n) for n in args.lengths.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for task in args.tasks.split(","):
+        for spec in args.methods.split(","):
+            policy = policy_from_spec(spec)
+            record = run_eval(model, policy, task, lengths, depths, args.samples, mode=args.mode,
+                              haystack=haystack if task == "niah" else None,
+                              batch_size=args.batch_size, chunk_size=args.chunk_size)
+            record.update(model=args.model, dtype=args.dtype, method_spec=spec)
+            name = f"{task}_{spec.replace(':', '_').replace('=', '')}"
+            (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
+            heatmap(record, str(args.out / f"{name}.png"), title=f"{task}: {spec}")
+            print(format_table(record), flush=True)
+            for n in lengths:
+                cells = [r for r in record["results"] if r["length"] == n]
+                summary.append(dict(task=task, method=spec, length=n,
+                                    accuracy=sum(r["accuracy"] for r in cells) / len(cells),
+                                    cache_bytes=record["cache_bytes"][str(n)]))
+    (args.out / "summary.json").write_text(json.dumps(dict(
+        mode=args.mode, samples_per_cell=args.samples, depths=depths, dtype=args.dtype,
+        command=" ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]), rows=summary),
+        indent=2))
+    print(f"\n{'task':<8} {'method':<32} " + " ".join(f"{n:>7}" for n in lengths))
+    for task in args.tasks.split(","):
+        for spec in args.methods.split(","):
+            accs = {r["length"]: r["accuracy"] for r in summary
+                    if r["task"] == task and r["method"] == spec}
+            print(f"{task:<8} {spec:<32} " + " ".join(f"{accs[n]:>7.2f}" for n in lengths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
