@@ -88,7 +88,7 @@ class Tokenizer:
                              "('gpt2') is supported")
         tokens = list(fields["tokenizer.ggml.tokens"])
         types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
         vocab = {t: i for i, t in enumerate(tokens)}
         backend = _HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
         backend.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"),
