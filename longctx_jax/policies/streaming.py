@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
@@ -59,16 +58,8 @@ class Streaming(AttentionPolicy):
 def _attend_ring(q, cache: KV, q_pos, k_pos, sink: int, window: int):
     """Chunk queries ``[B, Hq, T, D]`` against the ring entries written before the chunk.
 
-    Small (``T x (sink + window)``), so plain jnp. Returns ``(out, lse)`` for an lse merge.
+    Small (``T x (sink + window)``), so a plain masked attention. Returns ``(out, lse)``.
     """
-    b, hq, t, d = q.shape
-    hkv = cache.k.shape[1]
     visible = (k_pos[None, :] >= 0) & ((k_pos[None, :] < sink) |
                                        (q_pos[:, None] - k_pos[None, :] < window))
-    qg = q.reshape(b, hkv, hq // hkv, t, d).astype(jnp.float32)
-    s = jnp.einsum("bhgtd,bhsd->bhgts", qg, cache.k.astype(jnp.float32)) / jnp.sqrt(d)
-    s = jnp.where(visible, s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-    out = jnp.einsum("bhgts,bhsd->bhgtd", p, cache.v.astype(jnp.float32))
-    return out.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)
+    return pk.masked_attention(q, cache.k, cache.v, visible)
