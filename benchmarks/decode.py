@@ -93,6 +93,12 @@ def main(argv=None) -> int:
                       f"decode {row['decode_ms_per_token']:8.2f} ms/tok "
                       f"({row['decode_tokens_per_s']:7.1f} tok/s)  cache "
                       f"{row['cache_bytes'] / 2**20:9.1f} MiB", flush=True)
+                _write(args, rows)
+    return 0
+
+
+def _write(args, rows) -> None:
+    """Write the JSON after every row, so a run cut short keeps what it measured."""
     record = dict(model=args.model, device=str(jax.devices()[0].device_kind),
                   backend=jax.default_backend(), jax=jax.__version__,
                   machine=platform.machine(), new_tokens=args.new_tokens, rows=rows,
@@ -100,7 +106,6 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

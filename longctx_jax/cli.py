@@ -176,7 +176,8 @@ def _score(args) -> int:
                    reference=reference)
     record = {"n_tokens": result.n_tokens, "mean_nll": result.mean_nll, "ppl": result.ppl,
               "method": args.method, "method_options": _options(args), "dtype": args.dtype}
-    print(f"{'method':<10} {'tokens':>7} {'mean_nll':>9} {'ppl':>9} {'KL':>8} {'top1':>6}")
+    header = f"{'method':<10} {'tokens':>7} {'mean_nll':>9} {'ppl':>9}"
+    print(header + (f" {'KL':>8} {'top1':>6}" if reference is not None else ""))
     if reference is not None:
         record.update(compare=args.compare, compare_mean_nll=result.reference_nll,
                       compare_ppl=result.reference_ppl, kl=result.kl,
