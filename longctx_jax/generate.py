@@ -121,7 +121,7 @@ def prefill(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: jax.Array
 
     starts = jnp.arange(0, p, chunk_size, dtype=jnp.int32)
     chunks = tokens.reshape(b, p // chunk_size, chunk_size).swapaxes(0, 1)
-    picked = jnp.zeros((*gather.shape, cfg.hidden_size), _activation_dtype(params))
+    picked = jnp.zeros((*gather.shape, cfg.hidden_size), activation_dtype(params))
     (caches, picked), _ = jax.lax.scan(step, (caches, picked), (starts, chunks))
     return picked, caches
 
@@ -141,7 +141,7 @@ def generate_tokens(params, policy: AttentionPolicy, tokens: jax.Array, lengths:
     """
     b = tokens.shape[0]
     model = Decoder(cfg)
-    caches = policy.init_cache(cfg, b, max_len, _activation_dtype(params))
+    caches = policy.init_cache(cfg, b, max_len, activation_dtype(params))
     last, caches = prefill(cfg, params, policy, tokens, lengths, caches, chunk_size,
                            gather=(lengths - 1)[:, None])
     logits = model.apply({"params": params}, last[:, 0], method=Decoder.logits)
@@ -254,7 +254,7 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     policies = (policy,) if reference is None else (policy, reference)
     for p in policies:
         p.validate(cfg, n)
-    caches = tuple(p.init_cache(cfg, 1, n, _activation_dtype(params)) for p in policies)
+    caches = tuple(p.init_cache(cfg, 1, n, activation_dtype(params)) for p in policies)
     padded = np.zeros(chunk_size * math.ceil(n / chunk_size), np.int32)
     padded[:n] = ids
     targets = np.full_like(padded, -1)
@@ -274,5 +274,6 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     return Score(n, totals["nll"][0] / m, totals["nll"][1] / m, totals["kl"] / m, totals["top1"] / m)
 
 
-def _activation_dtype(params):
+def activation_dtype(params):
+    """Activations and caches take the parameters' dtype (float32 or bfloat16)."""
     return params["embed"]["embedding"].dtype

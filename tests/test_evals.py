@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from longctx_jax.evals import exact_match, format_table, make_samples, run_eval

@@ -4,7 +4,6 @@ import hashlib
 import json
 import pathlib
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

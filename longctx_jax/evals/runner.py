@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longctx_jax.evals.tasks import Sample, answer_text, exact_match, make_samples
-from longctx_jax.generate import (_activation_dtype, check_request, generate_tokens, pad_prompts,
+from longctx_jax.generate import (activation_dtype, check_request, generate_tokens, pad_prompts,
                                   prefill)
 from longctx_jax.model import Decoder
 from longctx_jax.policies.base import AttentionPolicy
@@ -81,7 +81,7 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
     return dict(task=task, variant=variant, method=policy.name, mode=mode,
                 results=[dataclasses.asdict(r) for r in results],
                 cache_bytes={str(n): policy.cache_bytes(model.config, 1, max_lens[n],
-                                                        _activation_dtype(model.params))
+                                                        activation_dtype(model.params))
                              for n in lengths},
                 seconds=time.perf_counter() - t0)
 
@@ -130,7 +130,7 @@ def _teacher_forced_batch(model, policy, batch: list[Sample], batch_size: int, m
 def _answer_scores(params, policy, tokens, lengths, prompt_len, answer_ids, answer_len, *, cfg,
                    max_len, chunk_size):
     """Per sample: all answer tokens top-1 (bool) and their summed log-probability."""
-    caches = policy.init_cache(cfg, tokens.shape[0], max_len, _activation_dtype(params))
+    caches = policy.init_cache(cfg, tokens.shape[0], max_len, activation_dtype(params))
     k = answer_ids.shape[1]
     gather = prompt_len[:, None] - 1 + jnp.arange(k)[None, :]  # positions predicting the answer
     hidden, _ = prefill(cfg, params, policy, tokens, lengths, caches, chunk_size, gather)
