@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	@echo "== full attention =="
 	$(BIN)/longctx generate --prompt "$(PROMPT)" --max-new-tokens 48 --greedy --method full
-	@echo "== streaming attention (sink 4, window 16: the prompt overflows the window) =="
+	@echo "== streaming attention (sink 4, window 16: the generation runs far past the window) =="
 	$(BIN)/longctx generate --prompt "$(PROMPT)" --max-new-tokens 48 --greedy \
 		--method streaming --sink 4 --window 16 --chunk-size 8
 	@echo "== chat =="
