@@ -231,7 +231,7 @@ def main() -> None:
     path = find_gguf(args.gguf)
     text_path = pathlib.Path(args.text) if args.text else DEFAULT_TEXT
     if not text_path.exists():
-        text_path = pathlib.Path("/work/shared/data/tinyshakespeare.txt")
+        raise SystemExit(f"{text_path} not found: pass --text")
     out_dir = pathlib.Path(args.out)
     torch.manual_seed(0)
 
