@@ -1,9 +1,11 @@
 """Attention kernels for the policies, each returning ``(out, lse)`` so parts merge exactly.
 
-Every op takes ``impl``: ``"auto"`` (GPU kernel where one exists, else the jnp reference),
-``"pallas"``, ``"interpret"`` (the Pallas kernel interpreted on CPU, for tests) or
-``"reference"``. All are GQA-aware (query head ``h`` reads KV head ``h // (Hq // Hkv)``),
-accumulate in float32 and return ``lse`` in float32.
+Every op takes ``impl``: ``"auto"`` (the Pallas GPU kernel on a GPU backend, else the jnp
+reference), ``"pallas"``, ``"interpret"`` (the same Pallas kernel run by the Pallas interpreter,
+for CPU tests) or ``"reference"``. All are GQA-aware (query head ``h`` reads KV head
+``h // (Hq // Hkv)``), take bf16 or float32, accumulate in float32 and return ``lse`` (natural
+log of the softmax denominator over the visible keys) in float32; no visible key gives
+``out = 0`` and ``lse = -inf``. See README.md beside this file for the contracts and timings.
 """
 
 from pallas_kernels._common import IMPLS, masked_attention

@@ -1,19 +1,100 @@
-"""Sink + window decode attention over a ring-buffer cache.
+"""Sink + window decode attention over a ring-buffer cache (StreamingLLM-style).
 
 The ring holds ``S + W`` slots: sink slots ``0..S-1`` hold positions ``0..S-1`` and window slots
-the last ``W`` positions in ring order, so after ``n`` tokens (the current one included) exactly
-the slots ``i < min(n, S + W)`` are valid, and softmax ignores their order. Contract:
-``q [B, Hq, D]``, ``k``/``v`` ``[B, Hkv, S + W, D]``, ``lengths [B]`` = tokens written so far.
+``S..S+W-1`` hold the last ``W`` positions in ring order. After ``n`` tokens have been written
+(the current one included) the valid slots are therefore exactly ``i < min(n, S + W)``: before
+the ring wraps they fill in order, after it wraps all are valid. Softmax ignores key order, so the
+ring order needs no unrotating.
+
+Contract: ``q [B, Hq, D]``, ``k``/``v`` ``[B, Hkv, S + W, D]``, ``lengths [B]`` int32 = tokens
+written so far. Returns ``(out [B, Hq, D] in q's dtype, lse [B, Hq] float32)``; ``lengths = 0``
+gives ``(0, -inf)``.
+
+Kernel: the cache is short (a few thousand slots), so there is no split-K and no second
+reduction launch: grid ``(B, Hkv)``, one program per (sequence, KV head) streams all valid slots
+with the group's query heads as the rows of a tensor-core tile and writes the final ``(out,
+lse)`` directly. Throughput comes from many sequences and heads per launch.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import functools
 
-from pallas_kernels._common import resolve_impl
-from pallas_kernels.decode import decode_attention_reference
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import (dot_precision, finish_softmax, group_rows, head_dim_ok,
+                                    online_softmax_step, qk_scores, resolve_impl)
+from pallas_kernels.decode import _check, decode_attention_reference
 
 
 def window_decode_attention(q, k, v, lengths, *, scale=None, impl: str = "auto"):
-    resolve_impl(impl, "window_decode_attention", has_kernel=False)
+    """Decode attention over the ``min(lengths[b], S + W)`` valid slots of a sink+window ring."""
+    _check(q, k, v)
+    impl = resolve_impl(impl, "window_decode_attention", *head_dim_ok(q.shape[-1]))
+    if impl == "reference":
+        return window_decode_attention_reference(q, k, v, lengths, scale)
+    return window_pallas(q, k, v, lengths, scale=scale, interpret=impl == "interpret")
+
+
+def window_decode_attention_reference(q, k, v, lengths, scale=None):
     return decode_attention_reference(q, k, v, jnp.minimum(lengths, k.shape[2]), scale)
+
+
+def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block_k, slots,
+            precision):
+    b = pl.program_id(0)
+    d = q_ref.shape[-1]
+    rows = jnp.arange(gp)
+    cols = jnp.arange(d)
+    row_ok = rows < g
+    q = plgpu.load(q_ref.at[rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
+    end = jnp.clip(len_ref[b], 0, slots)
+
+    def body(i, carry):
+        o, m, l = carry
+        off = i * block_k
+        ok = off + jnp.arange(block_k) < end
+        kb = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
+        vb = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
+        sc = jnp.where(ok[None, :], qk_scores(q, kb, scale, precision), -jnp.inf)
+        return online_softmax_step(sc, vb, o, m, l, precision)
+
+    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, pl.cdiv(end, block_k), body, init)
+    out, lse = finish_softmax(o, m, l)
+    plgpu.store(o_ref.at[rows[:, None], cols[None, :]], out.astype(o_ref.dtype),
+                mask=row_ok[:, None])
+    plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "num_warps",
+                                             "num_stages"))
+def window_pallas(q, k, v, lengths, *, scale=None, interpret=False, block_k=64, num_warps=4,
+                  num_stages=3):
+    """The Pallas path; block sizes are overridable for tests and tuning."""
+    b, hq, d = q.shape
+    _, hkv, slots, _ = k.shape
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    kernel = functools.partial(_kernel, g=g, gp=group_rows(g), scale=scale, block_k=block_k,
+                               slots=slots, precision=dot_precision(q.dtype))
+    kv_spec = pl.BlockSpec((None, None, slots, d), lambda i, h: (i, h, 0, 0))
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(b, hkv),
+        in_specs=[pl.BlockSpec((b,), lambda i, h: (0,)),
+                  pl.BlockSpec((None, None, g, d), lambda i, h: (i, h, 0, 0)),
+                  kv_spec, kv_spec],
+        out_specs=[pl.BlockSpec((None, None, g, d), lambda i, h: (i, h, 0, 0)),
+                   pl.BlockSpec((None, None, g), lambda i, h: (i, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, g, d), q.dtype),
+                   jax.ShapeDtypeStruct((b, hkv, g), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="window_decode_attention",
+    )(jnp.asarray(lengths, jnp.int32), q.reshape(b, hkv, g, d), k, v)
+    return out.reshape(b, hq, d), lse.reshape(b, hq)
