@@ -33,6 +33,15 @@ def head_dim_ok(d: int) -> tuple[bool, str]:
     return ok, "" if ok else f"head dim {d} not in {KERNEL_HEAD_DIMS}"
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the default GPU (132 on an H100 SXM when unknown)."""
+    try:
+        dev = jax.devices()[0]
+        return int(getattr(dev, "core_count", 0) or 132) if dev.platform == "gpu" else 132
+    except Exception:  # noqa: BLE001 - no backend yet: assume an H100
+        return 132
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -23,8 +23,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (dot_precision, finish_softmax, head_dim_ok, masked_attention,
-                                    next_pow2, online_softmax_step, qk_scores, resolve_impl)
+from pallas_kernels._common import (
+    dot_precision,
+    finish_softmax,
+    head_dim_ok,
+    masked_attention,
+    next_pow2,
+    online_softmax_step,
+    qk_scores,
+    resolve_impl,
+)
 
 
 def band_prefill_attention(q, k, v, *, q_start, k_start, sink: int, window: int, scale=None,

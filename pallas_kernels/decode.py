@@ -20,13 +20,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (cdiv, dot_precision, finish_softmax, group_rows, head_dim_ok,
-                                    masked_attention, online_softmax_step, qk_scores,
-                                    resolve_impl)
+from pallas_kernels._common import (
+    cdiv,
+    dot_precision,
+    finish_softmax,
+    group_rows,
+    head_dim_ok,
+    masked_attention,
+    num_sms,
+    online_softmax_step,
+    qk_scores,
+    resolve_impl,
+)
 from pallas_kernels.merge import merge_stacked
 
-# Programs to aim for: a few per SM of a 132-SM H100 so every SM streams the cache.
-TARGET_PROGRAMS = 512
+# Programs to aim for, per SM: with 3 pipeline stages of 128-row K and V tiles a program holds
+# ~200 KB of shared memory, so one runs per SM at a time; two waves balance the tail.
+PROGRAMS_PER_SM = 2
 
 
 def decode_attention(q, k, v, lengths, *, scale=None, impl: str = "auto"):
@@ -55,7 +65,7 @@ def default_config(b: int, hkv: int, t: int):
     """``(block_k, num_splits)``: enough programs to fill the GPU, splits a multiple of block_k."""
     block_k = 128 if t >= 128 else max(16, 1 << (max(t, 1) - 1).bit_length())
     blocks = cdiv(t, block_k)
-    splits = max(1, min(blocks, cdiv(TARGET_PROGRAMS, b * hkv)))
+    splits = max(1, min(blocks, cdiv(PROGRAMS_PER_SM * num_sms(), b * hkv)))
     return block_k, splits
 
 

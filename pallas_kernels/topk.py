@@ -20,9 +20,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (cdiv, dot_precision, finish_softmax, group_rows, head_dim_ok,
-                                    masked_attention, online_softmax_step, qk_scores,
-                                    resolve_impl)
+from pallas_kernels._common import (
+    cdiv,
+    dot_precision,
+    finish_softmax,
+    group_rows,
+    head_dim_ok,
+    masked_attention,
+    online_softmax_step,
+    qk_scores,
+    resolve_impl,
+)
 from pallas_kernels.decode import _check
 from pallas_kernels.merge import merge_stacked
 

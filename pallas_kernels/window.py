@@ -25,8 +25,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (dot_precision, finish_softmax, group_rows, head_dim_ok,
-                                    online_softmax_step, qk_scores, resolve_impl)
+from pallas_kernels._common import (
+    dot_precision,
+    finish_softmax,
+    group_rows,
+    head_dim_ok,
+    online_softmax_step,
+    qk_scores,
+    resolve_impl,
+)
 from pallas_kernels.decode import _check, decode_attention_reference
 
 

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pallas_kernels as pk
 from pallas_kernels.band_prefill import band_pallas, band_prefill_reference
@@ -27,6 +28,9 @@ IMPL = "pallas" if ON_GPU else "interpret"
 INTERPRET = not ON_GPU
 BASE_SEED = int(os.environ.get("KERNEL_TEST_SEED", "0"))
 f32, bf16 = jnp.float32, jnp.bfloat16
+# The reference-vs-numpy properties are backend-independent; on a GPU fewer examples keep the
+# (per-shape compiling) run short.
+N_EXAMPLES = 4 if ON_GPU else 15
 
 
 def _seed(*case) -> int:
@@ -265,7 +269,7 @@ shapes = st.tuples(st.integers(1, 3), st.sampled_from([(1, 1), (3, 1), (4, 1), (
 dtypes = st.sampled_from([f32, bf16])
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=N_EXAMPLES, deadline=None)
 @given(seed=st.integers(0, 2**30), shape=shapes, dtype=dtypes, data=st.data())
 def test_decode_and_window_references(seed, shape, dtype, data):
     b, (hq, hkv), t, d = shape
@@ -281,7 +285,7 @@ def test_decode_and_window_references(seed, shape, dtype, data):
                                       impl="reference"), want, dtype)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=N_EXAMPLES, deadline=None)
 @given(seed=st.integers(0, 2**30), shape=shapes, dtype=dtypes, data=st.data())
 def test_topk_reference(seed, shape, dtype, data):
     b, (hq, hkv), t, d = shape
@@ -297,7 +301,7 @@ def test_topk_reference(seed, shape, dtype, data):
     _assert_close(got, (want_out[:, :, 0], want_lse[:, :, 0]), dtype)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=N_EXAMPLES, deadline=None)
 @given(seed=st.integers(0, 2**30), shape=shapes, dtype=dtypes, tq=st.integers(1, 40),
        sink=st.integers(0, 6), window=st.integers(0, 20), q_start=st.integers(0, 50))
 def test_band_prefill_reference(seed, shape, dtype, tq, sink, window, q_start):
@@ -311,7 +315,7 @@ def test_band_prefill_reference(seed, shape, dtype, tq, sink, window, q_start):
 
 
 # --------------------------------------------------------------------------- merge
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=2 * N_EXAMPLES, deadline=None)
 @given(seed=st.integers(0, 2**30), shape=shapes, parts=st.integers(1, 4))
 def test_merge_equals_attention_over_union(seed, shape, parts):
     b, (hq, hkv), t, d = shape
