@@ -34,9 +34,10 @@ from pallas_kernels._common import (
 )
 from pallas_kernels.merge import merge_stacked
 
-# Programs to aim for, per SM: with 3 pipeline stages of 128-row K and V tiles a program holds
-# ~200 KB of shared memory, so one runs per SM at a time; two waves balance the tail.
-PROGRAMS_PER_SM = 2
+# With 3 pipeline stages of 128-row K and V tiles (bf16, D=128) a program holds ~200 KB of shared
+# memory, so one runs per SM at a time. One wave of programs (splits = SMs // (B * Hkv)) measured
+# best on the H100: 16 splits for B=1, Hkv=8; 2 for B=8 (see benchmarks/NOTES_kernels.md).
+BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 4, 3
 
 
 def decode_attention(q, k, v, lengths, *, scale=None, impl: str = "auto"):
@@ -62,10 +63,10 @@ def _check(q, k, v):
 
 
 def default_config(b: int, hkv: int, t: int):
-    """``(block_k, num_splits)``: enough programs to fill the GPU, splits a multiple of block_k."""
-    block_k = 128 if t >= 128 else max(16, 1 << (max(t, 1) - 1).bit_length())
+    """``(block_k, num_splits)``: one wave of programs over the SMs, splits a multiple of block_k."""
+    block_k = BLOCK_K if t >= BLOCK_K else max(16, 1 << (max(t, 1) - 1).bit_length())
     blocks = cdiv(t, block_k)
-    splits = max(1, min(blocks, cdiv(PROGRAMS_PER_SM * num_sms(), b * hkv)))
+    splits = max(1, min(blocks, num_sms() // (b * hkv)))
     return block_k, splits
 
 
@@ -102,7 +103,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "num_splits",
                                              "num_warps", "num_stages"))
 def decode_pallas(q, k, v, lengths, *, scale=None, interpret=False, block_k=None,
-                  num_splits=None, num_warps=4, num_stages=3):
+                  num_splits=None, num_warps=NUM_WARPS, num_stages=NUM_STAGES):
     """The Pallas path; block sizes are overridable for tests and tuning."""
     b, hq, d = q.shape
     _, hkv, t, _ = k.shape

@@ -10,10 +10,13 @@ Contract: ``q [B, Hq, D]``, ``k``/``v`` ``[B, Hkv, S + W, D]``, ``lengths [B]`` 
 written so far. Returns ``(out [B, Hq, D] in q's dtype, lse [B, Hq] float32)``; ``lengths = 0``
 gives ``(0, -inf)``.
 
-Kernel: the cache is short (a few thousand slots), so there is no split-K and no second
-reduction launch: grid ``(B, Hkv)``, one program per (sequence, KV head) streams all valid slots
-with the group's query heads as the rows of a tensor-core tile and writes the final ``(out,
-lse)`` directly. Throughput comes from many sequences and heads per launch.
+Kernel: the cache is short (a few thousand slots), so the one-pass kernel has no split-K and
+no second reduction launch: grid ``(B, Hkv)``, one program per (sequence, KV head) streams all
+valid slots with the group's query heads as the rows of a tensor-core tile and writes the final
+``(out, lse)`` directly; throughput comes from many sequences and heads per launch. Only when
+``B * Hkv`` would leave at least half the SMs idle (``SMs // (B * Hkv) >= 2``, e.g. B=8, Hkv=8 on
+a 132-SM H100) does it hand over to the dense split-K kernel on the clipped lengths, which
+measured as fast or faster there (benchmarks/NOTES_kernels.md).
 """
 
 from __future__ import annotations
@@ -26,15 +29,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
+    cdiv,
     dot_precision,
     finish_softmax,
     group_rows,
     head_dim_ok,
+    num_sms,
     online_softmax_step,
     qk_scores,
     resolve_impl,
 )
-from pallas_kernels.decode import _check, decode_attention_reference
+from pallas_kernels.decode import _check, decode_attention_reference, decode_pallas
 
 
 def window_decode_attention(q, k, v, lengths, *, scale=None, impl: str = "auto"):
@@ -43,7 +48,17 @@ def window_decode_attention(q, k, v, lengths, *, scale=None, impl: str = "auto")
     impl = resolve_impl(impl, "window_decode_attention", *head_dim_ok(q.shape[-1]))
     if impl == "reference":
         return window_decode_attention_reference(q, k, v, lengths, scale)
-    return window_pallas(q, k, v, lengths, scale=scale, interpret=impl == "interpret")
+    slots = k.shape[2]
+    splits = min(num_sms() // (k.shape[0] * k.shape[1]), cdiv(slots, SPLIT_BLOCK_K))
+    interpret = impl == "interpret"
+    if splits >= 2:
+        return decode_pallas(q, k, v, jnp.minimum(jnp.asarray(lengths, jnp.int32), slots),
+                             scale=scale, interpret=interpret, block_k=SPLIT_BLOCK_K,
+                             num_splits=splits)
+    return window_pallas(q, k, v, lengths, scale=scale, interpret=interpret)
+
+
+SPLIT_BLOCK_K = 64  # rows per step when few (sequence, head) pairs hand over to split-K
 
 
 def window_decode_attention_reference(q, k, v, lengths, scale=None):
