@@ -1,4 +1,4 @@
-"""The ``longctx`` command line: ``generate``, ``score`` and ``eval``.
+"""The ``longctx`` command line: ``generate``, ``score``, ``eval`` and ``train duo``.
 
 Human-readable output on stdout; ``--json PATH`` writes the machine-readable record. Bad input
 (unknown method, empty or too-long prompt, bad model file, ...) exits with status 2 and a one-line
@@ -72,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", type=pathlib.Path, default=None, help="write a depth x length heatmap")
     _add_common(ev)
     ev.set_defaults(run=_eval)
+
+    train = sub.add_parser("train", help="train a method's small learned parts")
+    methods = train.add_subparsers(dest="method", required=True)
+    duo = methods.add_parser("duo", help="DuoAttention retrieval/streaming gates",
+                             description="Train DuoAttention gates on synthetic passkey "
+                                         "retrieval (model frozen).")
+    from longctx_jax.train import duo as train_duo
+
+    train_duo.add_arguments(duo)
+    duo.set_defaults(run=train_duo.run)
     return parser
 
 
@@ -79,21 +89,38 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (bundled), a .gguf file, or an HF checkpoint directory")
     p.add_argument("--method", default="full", choices=available(), help="attention policy")
-    p.add_argument("--sink", type=int, default=None, help="streaming: attention-sink tokens")
-    p.add_argument("--window", type=int, default=None, help="streaming: recent-window tokens")
+    p.add_argument("--sink", type=int, default=None,
+                   help="streaming, duo: attention-sink tokens")
+    p.add_argument("--window", type=int, default=None,
+                   help="streaming, duo: recent-window tokens")
+    p.add_argument("--retrieval-ratio", type=float, default=None,
+                   help="duo: fraction of KV heads kept as retrieval heads (default 0.25)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="duo: retrieval heads are those with a gate above this")
+    p.add_argument("--gates", default=None,
+                   help="duo: gates.npz, a training run's directory or its checkpoints "
+                        "(default: the gates shipped for SmolLM2)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size")
     p.add_argument("--dtype", default="float32", choices=_DTYPES)
     p.add_argument("--json", type=pathlib.Path, default=None, help="write results as JSON here")
 
 
+# Method options on the command line and the methods that take them.
+_METHOD_OPTIONS = {"sink": ("streaming", "duo"), "window": ("streaming", "duo"),
+                   "retrieval_ratio": ("duo",), "threshold": ("duo",), "gates": ("duo",)}
+
+
 def _options(args) -> dict:
-    return {k: getattr(args, k) for k in ("sink", "window") if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k in _METHOD_OPTIONS if getattr(args, k) is not None}
 
 
 def _policy(args):
     options = _options(args)
-    if options and args.method != "streaming":
-        raise ValueError(f"--sink/--window apply to --method streaming, not {args.method!r}")
+    for key in options:
+        if args.method not in _METHOD_OPTIONS[key]:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} applies to --method {' or '.join(_METHOD_OPTIONS[key])}, "
+                             f"not {args.method!r}")
     return make_policy(args.method, **options)
 
 

@@ -15,10 +15,18 @@ def _run(capsys, *argv):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--prompt", "   "], "empty prompt"),
-    (["generate", "--prompt", "hi", "--method", "full", "--window", "8"], "apply to --method streaming"),
+    (["generate", "--prompt", "hi", "--method", "full", "--window", "8"], "applies to --method streaming or duo"),
     (["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"], "not found"),
     (["generate", "--prompt", "hi", "--method", "streaming", "--window", "0"], "window must be"),
     (["score", "--text-file", "/nonexistent.txt", "--max-tokens", "8"], "cannot read"),
+    (["generate", "--prompt", "hi", "--method", "duo", "--retrieval-ratio", "1.5"],
+     "retrieval_ratio must be in [0, 1]"),
+    (["generate", "--prompt", "hi", "--method", "duo", "--gates", "/nonexistent/run"],
+     "not found"),
+    (["generate", "--prompt", "hi", "--method", "full", "--gates", "x.npz"],
+     "--gates applies to --method duo"),
+    (["train", "duo", "--out", "/tmp/unused", "--steps", "0"], "steps must be >= 1"),
+    (["train", "duo", "--out", "/tmp/unused", "--context", "1024,x"], "comma-separated"),
 ])
 def test_errors_exit_2_with_message(capsys, argv, message):
     code, _, err = _run(capsys, *argv)
@@ -113,3 +121,12 @@ def test_eval_command(tmp_path, capsys):
     assert "cache_bytes" in record and plot.exists() and "kv [full" in out
     code, _, err = _run(capsys, "eval", "--task", "kv", "--depths", "2", "--lengths", "64")
     assert code == 2 and "--depths" in err
+
+
+def test_duo_gates_for_another_model_are_rejected(capsys, tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "gates.npz", gates=np.ones((4, 2), np.float32))
+    code, _, err = _run(capsys, "generate", "--prompt", "hi", "--method", "duo",
+                        "--gates", str(tmp_path))
+    assert code == 2 and "shaped for another model" in err
