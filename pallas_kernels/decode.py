@@ -36,7 +36,7 @@ from pallas_kernels.merge import merge_stacked
 
 # With 3 pipeline stages of 128-row K and V tiles (bf16, D=128) a program holds ~200 KB of shared
 # memory, so one runs per SM at a time. One wave of programs (splits = SMs // (B * Hkv)) measured
-# best on the H100: 16 splits for B=1, Hkv=8; 2 for B=8 (see benchmarks/NOTES_kernels.md).
+# best on the H100: 16 splits for B=1, Hkv=8; 2 for B=8 (see README.md).
 BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 4, 3
 
 

@@ -16,7 +16,7 @@ valid slots with the group's query heads as the rows of a tensor-core tile and w
 ``(out, lse)`` directly; throughput comes from many sequences and heads per launch. Only when
 ``B * Hkv`` would leave at least half the SMs idle (``SMs // (B * Hkv) >= 2``, e.g. B=8, Hkv=8 on
 a 132-SM H100) does it hand over to the dense split-K kernel on the clipped lengths, which
-measured as fast or faster there (benchmarks/NOTES_kernels.md).
+measured as fast or faster there (pallas_kernels/README.md).
 """
 
 from __future__ import annotations
