@@ -1,8 +1,9 @@
 """Accuracy of attention policies on synthetic long-context tasks, on the real model.
 
 Runs every (task, method) pair in one process, so compiled functions are shared between tasks
-of the same shapes; writes ``<out>/<task>_<method>.json`` and ``.png`` heatmaps and a summary
-``<out>/summary.json``; prints one table per pair and a summary of mean accuracy per length.
+of the same shapes. Writes ``<out>/<task>_<method>.json`` and ``<out>/summary.json`` after every
+length (a run cut short keeps what it finished), a ``.png`` heatmap per pair, and prints one table
+per pair and a summary of mean accuracy per length.
 
     python benchmarks/quality.py --tasks passkey,niah --methods full,streaming:sink=64:window=256 \\
         --lengths 1024,2048,4096,8192 --samples 20 --haystack-file data.txt --out results/
@@ -45,26 +46,28 @@ def main(argv=None) -> int:
     depths = [float(d) for d in args.depths.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     summary = []
+    command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
     for task in args.tasks.split(","):
         for spec in args.methods.split(","):
             policy = policy_from_spec(spec)
-            record = run_eval(model, policy, task, lengths, depths, args.samples, mode=args.mode,
-                              haystack=haystack if task == "niah" else None,
-                              batch_size=args.batch_size, chunk_size=args.chunk_size)
-            record.update(model=args.model, dtype=args.dtype, method_spec=spec)
             name = f"{task}_{spec.replace(':', '_').replace('=', '')}"
-            (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
-            heatmap(record, str(args.out / f"{name}.png"), title=f"{task}: {spec}")
-            print(format_table(record), flush=True)
-            for n in lengths:
-                cells = [r for r in record["results"] if r["length"] == n]
+            record = None
+            for n in lengths:  # one length at a time, written as it ends: a cut run keeps its rows
+                part = run_eval(model, policy, task, [n], depths, args.samples, mode=args.mode,
+                                haystack=haystack if task == "niah" else None,
+                                batch_size=args.batch_size, chunk_size=args.chunk_size)
+                record = part if record is None else _extend(record, part)
+                record.update(model=args.model, dtype=args.dtype, method_spec=spec)
+                (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
+                cells = [r for r in part["results"] if r["length"] == n]
                 summary.append(dict(task=task, method=spec, length=n,
                                     accuracy=sum(r["accuracy"] for r in cells) / len(cells),
-                                    cache_bytes=record["cache_bytes"][str(n)]))
-    (args.out / "summary.json").write_text(json.dumps(dict(
-        mode=args.mode, samples_per_cell=args.samples, depths=depths, dtype=args.dtype,
-        command=" ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]), rows=summary),
-        indent=2))
+                                    cache_bytes=part["cache_bytes"][str(n)]))
+                (args.out / "summary.json").write_text(json.dumps(dict(
+                    mode=args.mode, samples_per_cell=args.samples, depths=depths,
+                    dtype=args.dtype, command=command, rows=summary), indent=2))
+            heatmap(record, str(args.out / f"{name}.png"), title=f"{task}: {spec}")
+            print(format_table(record), flush=True)
     print(f"\n{'task':<8} {'method':<32} " + " ".join(f"{n:>7}" for n in lengths))
     for task in args.tasks.split(","):
         for spec in args.methods.split(","):
@@ -72,6 +75,13 @@ def main(argv=None) -> int:
                     if r["task"] == task and r["method"] == spec}
             print(f"{task:<8} {spec:<32} " + " ".join(f"{accs[n]:>7.2f}" for n in lengths))
     return 0
+
+
+def _extend(record: dict, part: dict) -> dict:
+    """``record`` with the rows, cache bytes and time of ``part`` (another length) added."""
+    return {**record, "results": record["results"] + part["results"],
+            "cache_bytes": {**record["cache_bytes"], **part["cache_bytes"]},
+            "seconds": record["seconds"] + part["seconds"]}
 
 
 if __name__ == "__main__":
