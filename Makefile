@@ -25,6 +25,9 @@ demo: install
 	@echo "== streaming attention (sink 4, window 16: the generation runs far past the window) =="
 	$(BIN)/longctx generate --prompt "$(PROMPT)" --max-new-tokens 48 --greedy \
 		--method streaming --sink 4 --window 16 --chunk-size 8
+	@echo "== DuoAttention (shipped gates: half the KV heads keep everything, the others sink 4 + window 16) =="
+	$(BIN)/longctx generate --prompt "$(PROMPT)" --max-new-tokens 48 --greedy \
+		--method duo --retrieval-ratio 0.5 --sink 4 --window 16 --chunk-size 8
 	@echo "== chat =="
 	$(BIN)/longctx generate --chat --prompt "What is the capital of France?" --max-new-tokens 32 --greedy
 
