@@ -2,10 +2,13 @@
 
 Decode time per token is measured as ``(t(N new tokens) - t(1 new token)) / (N - 1)`` of the same
 jitted ``generate_tokens`` call, so prefill and compilation cancel out; prefill time is the
-1-token call. Every number is the median of ``--repeats`` warm runs. Prints a table, writes JSON.
+1-token call. Every number is the median of ``--repeats`` warm runs. Prints a table, writes JSON
+and a plot of decode latency and cache memory against context (``--plot``; ``--from-json`` redraws
+the plot of a saved run without measuring).
 
     python benchmarks/decode.py --model smollm2 --contexts 512 --dtypes float32,bfloat16
-    python benchmarks/decode.py --model llama3-8b-random --contexts 8192,32768 --dtypes bfloat16
+    python benchmarks/decode.py --model llama3-8b-random --contexts 8192,32768 --dtypes bfloat16 \
+        --json decode.json --plot decode.png
 """
 
 from __future__ import annotations
@@ -54,7 +57,13 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of latency and memory vs context")
+    ap.add_argument("--from-json", default=None, help="plot this saved run; measure nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            plot(json.load(f), args.plot or args.from_json.removesuffix(".json") + ".png")
+        return 0
 
     rows = []
     for dtype_name in args.dtypes.split(","):
@@ -94,7 +103,42 @@ def main(argv=None) -> int:
                       f"({row['decode_tokens_per_s']:7.1f} tok/s)  cache "
                       f"{row['cache_bytes'] / 2**20:9.1f} MiB", flush=True)
                 _write(args, rows)
+    if args.plot:
+        plot(dict(model=args.model, device=str(jax.devices()[0].device_kind), rows=rows),
+             args.plot)
     return 0
+
+
+def plot(record: dict, path: str) -> None:
+    """Decode latency and cache memory vs context, one line per (method, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    series = sorted({(r["method"], r["dtype"]) for r in record["rows"]})
+    for method, dtype in series:
+        rows = sorted((r for r in record["rows"] if (r["method"], r["dtype"]) == (method, dtype)),
+                      key=lambda r: r["context"])
+        contexts = [r["context"] for r in rows]
+        label = method if len({d for _, d in series}) == 1 else f"{method} {dtype}"
+        left.plot(contexts, [r["decode_ms_per_token"] for r in rows], "o-", label=label)
+        right.plot(contexts, [r["cache_bytes"] / 2**30 for r in rows], "o-", label=label)
+    for ax, ylabel in ((left, "decode ms / token"), (right, "KV cache GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["context"] for r in record["rows"]}))
+        ax.set_xticklabels([f"{c // 1024}K" if c % 1024 == 0 else str(c)
+                            for c in sorted({r["context"] for r in record["rows"]})])
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{record['model']} on {record['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _write(args, rows) -> None:

@@ -16,6 +16,7 @@ import json
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 
 from longctx_jax.evals import format_table, run_eval
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
                                 haystack=haystack if task == "niah" else None,
                                 batch_size=args.batch_size, chunk_size=args.chunk_size)
                 record = part if record is None else _extend(record, part)
-                record.update(model=args.model, dtype=args.dtype, method_spec=spec)
+                record.update(model=args.model, dtype=args.dtype, method_spec=spec,
+                              device=jax.devices()[0].device_kind)
                 (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
                 cells = [r for r in part["results"] if r["length"] == n]
                 summary.append(dict(task=task, method=spec, length=n,
