@@ -10,7 +10,7 @@ policies' own arrays. Streaming (sink + window only) is timed too, as the weight
 Prints a table, writes JSON (after every row) and the table next to it.
 
     python benchmarks/duo_speed.py --contexts 32768,131072 --prefill-contexts 32768 \\
-        --json benchmarks/results/duo_speed_llama3_8b_h100.json
+        --json benchmarks/results/duo_speed_llama3_8b.json
 """
 
 from __future__ import annotations
