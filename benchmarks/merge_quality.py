@@ -2,9 +2,10 @@
 
 Long evaluations rarely fit in one job; each run writes per-(task, method) JSON for its own
 lengths. This joins them: one JSON and heatmap per (task, method) covering every length, and
-one ``summary.json`` whose rows say which run (command) each length came from. A length found
-in several runs is taken from the first folder given; the others are only checked against it
-(same seed, same samples: a mismatch is printed, as it means the runs were not comparable).
+one ``summary.json`` whose rows say which run (command) each length came from; an earlier
+merge's folder can be merged again. A length found in several runs is taken from the first
+folder given; the others are only checked against it (same seed, same samples: a mismatch is
+printed, as it means the runs were not comparable).
 
     python benchmarks/merge_quality.py --out benchmarks/results/quality_smollm2 run_a/ run_b/
 """
@@ -24,8 +25,7 @@ def merge(folders: list[pathlib.Path], out: pathlib.Path) -> list[dict]:
     records: dict[str, dict] = {}
     rows: list[dict] = []
     for folder in folders:
-        summary = json.loads((folder / "summary.json").read_text())
-        commands = summary["command"]
+        command_of = _commands(json.loads((folder / "summary.json").read_text()))
         for path in sorted(folder.glob("*.json")):
             if path.name == "summary.json":
                 continue
@@ -48,7 +48,7 @@ def merge(folders: list[pathlib.Path], out: pathlib.Path) -> list[dict]:
                 rows.append(dict(task=part["task"], method=part["method_spec"], length=n,
                                  accuracy=sum(r["accuracy"] for r in cells) / len(cells),
                                  cache_bytes=part["cache_bytes"][str(n)],
-                                 command=_command_for(commands, part["task"])))
+                                 command=command_of(part["task"], part["method_spec"], n)))
             if have is not None:
                 have["seconds"] += part["seconds"]
     out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +60,15 @@ def merge(folders: list[pathlib.Path], out: pathlib.Path) -> list[dict]:
     rows.sort(key=lambda r: (r["task"], r["method"], r["length"]))
     (out / "summary.json").write_text(json.dumps(dict(rows=rows), indent=2))
     return rows
+
+
+def _commands(summary: dict):
+    """``(task, method, length) -> command`` for a folder: a ``quality.py`` run (one command,
+    or one per task) or an earlier merge (a command per row)."""
+    if "command" in summary:
+        return lambda task, method, n: _command_for(summary["command"], task)
+    by_row = {(r["task"], r["method"], r["length"]): r["command"] for r in summary["rows"]}
+    return lambda task, method, n: by_row[(task, method, n)]
 
 
 def _command_for(commands: str | list[str], task: str) -> str:

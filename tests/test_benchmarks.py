@@ -38,6 +38,16 @@ def test_merge_joins_lengths_and_keeps_the_first_run_of_a_duplicate(tmp_path, ca
     assert "differs between runs" in capsys.readouterr().err
 
 
+def test_a_merged_folder_merges_again(tmp_path):
+    _run(tmp_path / "a", [2048], 1.0, "run a")
+    _run(tmp_path / "b", [4096], 0.5, "run b")
+    merge_quality.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    _run(tmp_path / "c", [8192], 0.25, "run c")
+    rows = merge_quality.merge([tmp_path / "ab", tmp_path / "c"], tmp_path / "abc")
+    assert [(r["length"], r["command"]) for r in rows] == [
+        (2048, "run a"), (4096, "run b"), (8192, "run c")]
+
+
 def test_command_for_picks_the_task_of_a_per_task_summary():
     commands = ["quality.py --tasks passkey --methods full", "quality.py --tasks niah --x"]
     assert merge_quality._command_for(commands, "niah") == commands[1]
