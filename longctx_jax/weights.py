@@ -142,7 +142,7 @@ _GGUF_NAMES = dict(
     embed="token_embd.weight", final_norm="output_norm.weight", lm_head="output.weight",
     layer="blk.{i}.", input_norm="attn_norm.weight", post_attn_norm="ffn_norm.weight",
     q="attn_q", k="attn_k", v="attn_v", o="attn_output",
-    gate="ffn_gate.weight", up="ffn_up.weight", down="ffn_down.weight",
+    gate="ffn_gate", up="ffn_up", down="ffn_down",
 )
 
 # -------------------------------------------------------------------------------------- HF
@@ -152,7 +152,7 @@ _HF_NAMES = dict(
     layer="model.layers.{i}.", input_norm="input_layernorm.weight",
     post_attn_norm="post_attention_layernorm.weight",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-    gate="mlp.gate_proj.weight", up="mlp.up_proj.weight", down="mlp.down_proj.weight",
+    gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
 )
 
 
@@ -198,14 +198,15 @@ def _assemble(cfg: ModelConfig, dtype, get: Callable[[str], np.ndarray], names: 
               unpermute_qk: bool = False, has: Callable[[str], bool] | None = None):
     """Build the Flax parameter tree from ``get(name) -> [out, in] array`` and a naming scheme."""
 
-    def dense(prefix: str, heads: int | None = None, bias: bool = False) -> dict:
-        def fetch(name):
-            w = get(name)
+    def dense(*parts: tuple[str, int | None], bias: bool = False) -> dict:
+        """``[in, out]`` kernel of the checkpoint's ``(prefix, rotary heads)`` parts side by side."""
+        def fetch(prefix, heads, suffix):
+            w = get(prefix + suffix)
             return _unpermute_rotary_rows(w, heads) if heads and unpermute_qk else w
 
-        p = {"kernel": fetch(prefix + ".weight").T}
+        p = {"kernel": np.concatenate([fetch(*part, ".weight") for part in parts]).T}
         if bias:
-            p["bias"] = fetch(prefix + ".bias")
+            p["bias"] = np.concatenate([fetch(*part, ".bias") for part in parts])
         return p
 
     def norm(name: str) -> dict:
@@ -216,14 +217,12 @@ def _assemble(cfg: ModelConfig, dtype, get: Callable[[str], np.ndarray], names: 
         pre = names["layer"].format(i=i)
         params[f"layer_{i}"] = {
             "input_norm": norm(pre + names["input_norm"]),
-            "q": dense(pre + names["q"], cfg.num_heads, cfg.attention_bias),
-            "k": dense(pre + names["k"], cfg.num_kv_heads, cfg.attention_bias),
-            "v": dense(pre + names["v"], None, cfg.attention_bias),
-            "o": dense(pre + names["o"]),
+            "qkv": dense((pre + names["q"], cfg.num_heads), (pre + names["k"], cfg.num_kv_heads),
+                         (pre + names["v"], None), bias=cfg.attention_bias),
+            "o": dense((pre + names["o"], None)),
             "post_attn_norm": norm(pre + names["post_attn_norm"]),
-            "gate": {"kernel": get(pre + names["gate"]).T},
-            "up": {"kernel": get(pre + names["up"]).T},
-            "down": {"kernel": get(pre + names["down"]).T},
+            "gate_up": dense((pre + names["gate"], None), (pre + names["up"], None)),
+            "down": dense((pre + names["down"], None)),
         }
     params["final_norm"] = norm(names["final_norm"])
     if not cfg.tie_embeddings:
