@@ -30,15 +30,19 @@ class KV:
     def slots(self) -> int:
         return self.k.shape[2]
 
-    def write(self, k: jax.Array, v: jax.Array, slots: jax.Array) -> "KV":
+    def write(self, k: jax.Array, v: jax.Array, slots: jax.Array, in_range: bool = False) -> "KV":
         """Store ``k, v [B, T, H, D]`` at ``slots [B, T]``; slots outside ``[0, self.slots)`` are dropped.
 
+        ``in_range=True`` promises every slot is valid (a decode step: the request check bounded
+        its positions), so the write needs no bounds check that reads the old rows back.
         Slots must be unique per row (duplicates would race).
         """
-        slots = jnp.where(slots < 0, self.slots, slots)
+        if not in_range:
+            slots = jnp.where(slots < 0, self.slots, slots)
+        mode = "promise_in_bounds" if in_range else "drop"
 
         def put(cache, s, x):  # cache [H, S, D], s [T], x [T, H, D]
-            return cache.at[:, s, :].set(x.swapaxes(0, 1).astype(cache.dtype), mode="drop")
+            return cache.at[:, s, :].set(x.swapaxes(0, 1).astype(cache.dtype), mode=mode)
 
         return KV(jax.vmap(put)(self.k, slots, k), jax.vmap(put)(self.v, slots, v))
 

@@ -49,7 +49,8 @@ class Streaming(AttentionPolicy):
         return heads_first(out), cache
 
     def decode(self, layer, q, k, v, cache, position, step):
-        cache = cache.write(k, v, ring_slots(position[:, None], self.sink, self.window))
+        cache = cache.write(k, v, ring_slots(position[:, None], self.sink, self.window),
+                            in_range=True)
         out, _ = pk.window_decode_attention(q[:, 0], cache.k, cache.v,
                                             (position + 1).astype(jnp.int32))
         return out[:, None], cache
