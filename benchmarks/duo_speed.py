@@ -1,13 +1,15 @@
 """DuoAttention vs full attention: decode latency, cache memory and prefill time.
 
 Random weights at a model's shape (Llama-3-8B by default) and random gates with a fraction
-``--ratio`` of retrieval heads; batch 1. Decode: caches of ``context`` tokens filled with random
+``--ratio`` of retrieval heads; ``--batch`` sequences (default 1). Decode: caches of ``context`` tokens filled with random
 values, then a jitted ``fori_loop`` of ``--decode-steps`` greedy steps (caches donated, so nothing
 is copied); time per token is the median of ``--repeats`` warm runs divided by the step count.
 Prefill: one jitted chunked prefill of ``context`` random tokens, median of warm runs (only at
 ``--prefill-contexts``: full attention's prefill is quadratic). Cache bytes come from the
 policies' own arrays. Streaming (sink + window only) is timed too, as the weights-bound floor.
-Prints a table, writes JSON (after every row) and the table next to it.
+``--profile`` traces one more decode call per row and adds where its GPU time goes (kernel time
+by kind per token, and the gaps between kernels). Prints a table, writes JSON (after every row)
+and the table next to it.
 
     python benchmarks/duo_speed.py --contexts 32768,131072 --prefill-contexts 32768 \\
         --json benchmarks/results/duo_speed_llama3_8b.json
@@ -32,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from decode import LLAMA3_8B  # noqa: E402
+from profiling import format_summary, kernel_summary  # noqa: E402
 
 from longctx_jax.config import ModelConfig  # noqa: E402
 from longctx_jax.generate import prefill  # noqa: E402
@@ -57,7 +60,7 @@ def decode_steps(params, policy, caches, token, start, *, cfg: ModelConfig, n: i
 
     def body(i, carry):
         tok, caches = carry
-        pos = jnp.full((1, 1), start + i, jnp.int32)
+        pos = jnp.full((tok.shape[0], 1), start + i, jnp.int32)
         hidden, caches = model.apply({"params": params}, tok[:, None], pos, caches, policy,
                                      decode=True, step=i)
         logits = model.apply({"params": params}, hidden[:, 0], method=Decoder.logits)
@@ -76,9 +79,9 @@ def prefill_only(params, policy, tokens, *, cfg: ModelConfig, chunk: int, max_le
     return hidden
 
 
-def random_caches(policy, cfg, max_len, dtype, seed):
+def random_caches(policy, cfg, batch, max_len, dtype, seed):
     """The policy's caches with every slot holding random values (never time on zeros)."""
-    shapes = jax.eval_shape(lambda: policy.init_cache(cfg, 1, max_len, dtype))
+    shapes = jax.eval_shape(lambda: policy.init_cache(cfg, batch, max_len, dtype))
     leaves, treedef = jax.tree.flatten(shapes)
     out = []
     for i, leaf in enumerate(leaves):
@@ -110,6 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-size", type=int, default=4096)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--methods", default="full,duo,streaming")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace one decode call per row: GPU kernel time by kind, per token")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
     retrieval = sum(map(len, policies["duo"].heads))
     header = dict(model=args.model, device=str(jax.devices()[0].device_kind),
                   backend=jax.default_backend(), jax=jax.__version__,
-                  machine=platform.machine(), dtype=args.dtype, batch=1,
+                  machine=platform.machine(), dtype=args.dtype, batch=args.batch,
                   retrieval_heads=retrieval, kv_heads_total=cfg.num_layers * cfg.num_kv_heads,
                   ratio=args.ratio, sink=args.sink, window=args.window,
                   decode_steps=args.decode_steps, repeats=args.repeats,
@@ -142,9 +148,9 @@ def main(argv=None) -> int:
         for name in methods:
             policy = policies[name]
             row = dict(method=name, context=context, max_len=max_len,
-                       cache_bytes=policy.cache_bytes(cfg, 1, max_len, dtype))
-            caches = random_caches(policy, cfg, max_len, dtype, seed=context % 997)
-            token = jnp.zeros((1,), jnp.int32)
+                       cache_bytes=policy.cache_bytes(cfg, args.batch, max_len, dtype))
+            caches = random_caches(policy, cfg, args.batch, max_len, dtype, seed=context % 997)
+            token = jnp.zeros((args.batch,), jnp.int32)
             state = {"caches": caches}
 
             def run_decode(policy=policy, state=state, token=token, context=context):
@@ -158,11 +164,15 @@ def main(argv=None) -> int:
             row["decode_compile_s"] = time.perf_counter() - t0
             per_call = _median_time(run_decode, args.repeats)
             row["decode_ms_per_token"] = 1e3 * per_call / args.decode_steps
+            if args.profile:
+                row["profile"] = kernel_summary(run_decode, per=args.decode_steps)
+                print(format_summary(f"{name} {context} (us per token)", row["profile"]),
+                      flush=True)
             del caches, state
             gc.collect()
             if context in prefill_contexts:
                 tokens = jnp.asarray(np.random.default_rng(context).integers(
-                    0, cfg.vocab_size, (1, context)), jnp.int32)
+                    0, cfg.vocab_size, (args.batch, context)), jnp.int32)
                 chunk = min(args.chunk_size, context)
 
                 def run_prefill(policy=policy, tokens=tokens, chunk=chunk):
