@@ -40,7 +40,7 @@ def setup():
 
 def test_samples_are_exact_deterministic_and_mark_the_answer():
     vocab = 1000
-    data = PasskeyData(_encode(vocab), TEXT, num_passkeys=3, seed=5)
+    data = PasskeyData(_encode(vocab), TEXT, num_passkeys=3, items_per_key=4, seed=5)
     a, b = data.sample(300, 4), data.sample(300, 4)
     assert a.tokens.shape == a.loss_mask.shape == (300,) and a.tokens.dtype == np.int32
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -58,9 +58,27 @@ def test_samples_are_exact_deterministic_and_mark_the_answer():
         hay = a.tokens[:start].tolist()
         assert any(hay[i:i + len(needle)] == needle for i in range(start))
     with pytest.raises(ValueError, match="too short"):
-        data.sample(40, 0)
+        data.sample(20, 0)  # not even one passkey with its question and answer fits
     with pytest.raises(ValueError, match="empty"):
         PasskeyData(_encode(vocab), "\n\n  \n")
+
+
+def test_long_passkeys_leave_half_the_context_to_the_haystack():
+    data = PasskeyData(_encode(1000), TEXT, num_passkeys=10, items_per_key=32, seed=1)
+    question = len(data.encode("Based on the text above, what are the passkeys to the vault? "
+                               "Answer:"))
+    counts = []
+    for length in (120, 400, 1600, 6400):
+        s = data.sample(length, 0)
+        assert len(s.tokens) == length and all(len(k.split()) == 32 for k in s.passkeys)
+        counts.append(len(s.passkeys))
+        needles = sum(len(data.encode(f"Remember this sequence, it is the {ordinal(i)} passkey "
+                                      f"to the vault: {k}.")) for i, k in enumerate(s.passkeys))
+        haystack = length - needles - question - int(s.loss_mask.sum())
+        assert haystack >= length // 2 or len(s.passkeys) == 1  # one passkey is always kept
+    assert counts[0] == 1 and counts == sorted(counts) and counts[-1] == 10
+    with pytest.raises(ValueError, match="too short"):
+        data.sample(60, 0)
 
 
 def test_context_buckets_and_step_samples(setup):

@@ -1,10 +1,14 @@
 """Synthetic multi-passkey retrieval samples for training DuoAttention gates.
 
 A sample is natural text (lines of a haystack file, from a random line on, wrapping around)
-with ``num_passkeys`` passkeys inserted between lines at random depths, then a
-question asking for all of them and the answer. The distillation loss is taken where the model
-predicts the answer: ``loss_mask`` marks the positions whose *next* token is an answer token.
-Samples are exact in length (the haystack is cut to fit) and deterministic in ``(seed, index)``.
+with passkeys inserted between lines at random depths, then a question asking for all of them
+and the answer. As in the DuoAttention paper, a passkey is a long random sequence (32 items:
+words and numbers), so nearly every answer token can only be predicted by copying it from its
+needle far back: the loss then measures exactly what streaming heads lose. Up to
+``num_passkeys`` passkeys go in a sample, as many as leave at least half of it to the haystack.
+The distillation loss is taken where the model predicts the answer: ``loss_mask`` marks the
+positions whose *next* token is an answer token. Samples are exact in length (the haystack is
+cut to fit) and deterministic in ``(seed, index)``.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class PasskeyData:
     """Builds samples from ``text`` with ``encode: str -> list[int]`` (the model's tokenizer)."""
 
     def __init__(self, encode: Callable[[str], list[int]], text: str, num_passkeys: int = 10,
-                 items_per_key: int = 4, seed: int = 0):
+                 items_per_key: int = 32, seed: int = 0):
         if num_passkeys < 1:
             raise ValueError(f"num_passkeys must be >= 1, got {num_passkeys}")
         if items_per_key < 1:
@@ -93,17 +97,21 @@ class PasskeyData:
         """Sample ``index`` of length exactly ``length`` tokens (same arguments, same sample)."""
         rng = np.random.default_rng([self.seed, length, index])
         keys = [self._passkey(rng) for _ in range(self.num_passkeys)]
-        needles = [self.encode(f"Remember this sequence, it is the {ordinal(i)} passkey to the "
-                               f"vault: {key}.\n\n") for i, key in enumerate(keys)]
         question = self.encode("\n\nBased on the text above, what are the passkeys to the vault?"
                                "\nAnswer:")
-        answer = self.encode("".join(f" The {ordinal(i)} passkey is {key}."
-                                     for i, key in enumerate(keys)))
-        budget = length - sum(map(len, needles)) - len(question) - len(answer)
+        for n in range(len(keys), 0, -1):  # the most passkeys that leave half to the haystack
+            needles = [self.encode(f"Remember this sequence, it is the {ordinal(i)} passkey to "
+                                   f"the vault: {key}.\n\n") for i, key in enumerate(keys[:n])]
+            answer = self.encode("".join(f" The {ordinal(i)} passkey is {key}."
+                                         for i, key in enumerate(keys[:n])))
+            budget = length - sum(map(len, needles)) - len(question) - len(answer)
+            if budget >= length // 2:
+                break
         if budget < 1:
-            raise ValueError(f"context length {length} is too short for {self.num_passkeys} "
-                             f"passkeys (they, the question and the answer take "
+            raise ValueError(f"context length {length} is too short for a passkey of "
+                             f"{self.items_per_key} items (it, the question and the answer take "
                              f"{length - budget} tokens)")
+        keys = keys[:n]
         hay: list[list[int]] = []  # whole lines, the last one cut to fill the budget
         used, line = 0, int(rng.integers(len(self.lines)))
         while used < budget:
@@ -112,7 +120,7 @@ class PasskeyData:
             used += len(toks)
             line += 1
         starts = np.cumsum([0] + [len(h) for h in hay])  # token offset of each line break
-        depths = np.sort(rng.random(self.num_passkeys))
+        depths = np.sort(rng.random(n))
         slots = [int(np.argmin(np.abs(starts - d * budget))) for d in depths]
         body: list[int] = []
         for j, piece in enumerate(hay + [[]]):

@@ -52,6 +52,7 @@ class TrainConfig:
     sink: int = 64
     window: int = 256
     num_passkeys: int = 10
+    passkey_items: int = 32
     seed: int = 0
     checkpoint_every: int = 100
     block: int = 256
@@ -60,6 +61,9 @@ class TrainConfig:
         object.__setattr__(self, "contexts", tuple(int(c) for c in self.contexts))
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.num_passkeys < 1 or self.passkey_items < 1:
+            raise ValueError(f"need passkeys >= 1 and passkey items >= 1, got "
+                             f"{self.num_passkeys}, {self.passkey_items}")
         context_buckets(self.contexts)
         if self.lam < 0:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
@@ -206,8 +210,10 @@ def train_gates(cfg: ModelConfig, params, data: PasskeyData, out_dir: str | os.P
 
     from longctx_jax.train.checkpoint import Checkpoints
 
-    if data.seed != tc.seed or data.num_passkeys != tc.num_passkeys:
-        raise ValueError("the data's seed / num_passkeys differ from the training config's")
+    if (data.seed, data.num_passkeys, data.items_per_key) != \
+            (tc.seed, tc.num_passkeys, tc.passkey_items):
+        raise ValueError("the data's seed / num_passkeys / items_per_key differ from the "
+                         "training config's")
     out = pathlib.Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -340,7 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=d.window,
                         help="streaming heads' recent-window tokens")
     parser.add_argument("--passkeys", type=int, default=d.num_passkeys,
-                        help="passkeys per training sample")
+                        help="most passkeys per training sample (fewer in short contexts)")
+    parser.add_argument("--passkey-items", type=int, default=d.passkey_items,
+                        help="words and numbers per passkey")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--resume", action="store_true",
@@ -364,7 +372,8 @@ def run(args: argparse.Namespace) -> int:
 
     tc = TrainConfig(steps=args.steps, contexts=_ints(args.context, "--context"), lam=args.lam,
                      lr=args.lr, sink=args.sink, window=args.window,
-                     num_passkeys=args.passkeys, seed=args.seed,
+                     num_passkeys=args.passkeys, passkey_items=args.passkey_items,
+                     seed=args.seed,
                      checkpoint_every=args.checkpoint_every)
     if args.text_file is not None:
         try:
@@ -381,7 +390,8 @@ def run(args: argparse.Namespace) -> int:
     if tc.sink + tc.window >= min(tc.buckets):
         print(f"note: sink + window ({tc.sink + tc.window}) covers contexts up to that length; "
               "streaming heads only differ from full ones beyond it", file=sys.stderr)
-    data = PasskeyData(source.tokenizer.encode, text, tc.num_passkeys, seed=tc.seed)
+    data = PasskeyData(source.tokenizer.encode, text, tc.num_passkeys, tc.passkey_items,
+                       seed=tc.seed)
     data.sample(min(tc.buckets), 0)  # a context too short for the passkeys fails here
     model = source.load(jnp.dtype(args.dtype))
     result = train_gates(cfg, model.params, data, args.out, tc, resume=args.resume,
