@@ -33,6 +33,7 @@ from pallas_kernels.band_prefill import band_pallas
 from pallas_kernels.decode import decode_pallas
 from pallas_kernels.topk import topk_pallas
 from pallas_kernels.window import window_pallas
+from profiling import traced_events
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 BF16 = jnp.bfloat16
@@ -54,26 +55,12 @@ def _median_s(fn, args, reps):
 def gpu_kernel_ms(fn, args, runs=3):
     """Sum of the GPU kernel durations of one ``fn(*args)``, from the profiler (None if absent)."""
     try:
-        from jax._src.lib import _profiler
-        from jax.profiler import ProfileData
-
-        session = _profiler.ProfilerSession(_profiler.ProfileOptions())
-        for _ in range(runs):
-            jax.block_until_ready(fn(*args))
-        data = ProfileData.from_serialized_xspace(session.stop())
+        events = traced_events(lambda: [fn(*args) for _ in range(runs)])
     except Exception as e:  # noqa: BLE001 - the profiler is optional
         print(f"    (no profiler: {e})")
         return None
-    total = 0.0
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for ev in line.events:
-                if not ev.name.lower().startswith(("memcpy", "memset")):
-                    total += ev.duration_ns
+    total = sum(e["dur_ns"] for e in events
+                if not e["name"].lower().startswith(("memcpy", "memset")))
     return total / runs * 1e-6 if total else None
 
 

@@ -79,12 +79,17 @@ def summarize(events: list[dict], per: int = 1) -> dict:
         top=[dict(name=k, kind=kind_of(k), count=c / per, us=t * us) for k, (c, t) in top])
 
 
-def kernel_summary(fn: Callable[[], object], per: int = 1) -> dict:
-    """Run ``fn`` (already compiled and warm) once under the profiler and summarise its kernels."""
+def traced_events(fn: Callable[[], object]) -> list[dict]:
+    """GPU kernel events of one call of ``fn`` (already compiled and warm) under the profiler."""
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             jax.block_until_ready(fn())
-        return summarize(device_events(tmp), per)
+        return device_events(tmp)
+
+
+def kernel_summary(fn: Callable[[], object], per: int = 1) -> dict:
+    """Run ``fn`` once under the profiler and summarise its kernels per ``per`` (e.g. tokens)."""
+    return summarize(traced_events(fn), per)
 
 
 def format_summary(label: str, s: dict) -> str:

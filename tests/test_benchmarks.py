@@ -10,6 +10,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 
 import decode  # noqa: E402
 import merge_quality  # noqa: E402
+import profiling  # noqa: E402
 
 
 def _run(folder: pathlib.Path, lengths, accuracy, command):
@@ -63,3 +64,19 @@ def test_decode_plot_redraws_a_saved_run(tmp_path, dtypes):
     saved.write_text(json.dumps(dict(model="m", device="d", rows=rows)))
     assert decode.main(["--from-json", str(saved)]) == 0
     assert (tmp_path / "run.png").stat().st_size > 0
+
+
+def test_kernel_summary_sorts_kernels_into_kinds_and_finds_the_gaps():
+    def ev(name, start, dur):
+        return dict(name=name, op="command_buffer", start_ns=start, dur_ns=dur, stream="s")
+
+    events = [ev("gemm_fusion_dot.12", 0, 4000), ev("decode_attention", 5000, 2000),
+              ev("loop_dynamic_update_slice_fusion.3", 7000, 500),
+              ev("input_reduce_fusion.7", 8000, 1000), ev("gemm_fusion_dot.13", 9000, 4000)]
+    s = profiling.summarize(events, per=2)  # two tokens' worth
+    assert s["kernels_per_step"] == 2.5
+    assert s["span_us"] == 6.5 and s["busy_us"] == 5.75 and s["gaps_us"] == 0.75
+    assert s["kinds_us"] == {"attention": 1.0, "cache write": 0.25, "matmul": 4.0, "other": 0.5}
+    assert s["top"][0] == dict(name="gemm_fusion_dot", kind="matmul", count=1.0, us=4.0)
+    assert "no GPU kernel" in profiling.summarize([])["note"]
+    assert "gaps" in profiling.format_summary("x", s)
