@@ -1,9 +1,10 @@
 """DuoAttention vs full attention: decode latency, cache memory and prefill time.
 
 Random weights at a model's shape (Llama-3-8B by default) and random gates with a fraction
-``--ratio`` of retrieval heads; ``--batch`` sequences (default 1). Decode: caches of ``context`` tokens filled with random
-values, then a jitted ``fori_loop`` of ``--decode-steps`` greedy steps (caches donated, so nothing
-is copied); time per token is the median of ``--repeats`` warm runs divided by the step count.
+``--ratio`` of retrieval heads; ``--batch`` sequences (default 1). Decode: caches of ``context``
+tokens filled with random values, then a jitted ``fori_loop`` of ``--decode-steps`` greedy steps
+(caches donated, so nothing is copied); time per step is the median of ``--repeats`` warm runs
+divided by the step count.
 Prefill: one jitted chunked prefill of ``context`` random tokens, median of warm runs (only at
 ``--prefill-contexts``: full attention's prefill is quadratic). Cache bytes come from the
 policies' own arrays. Streaming (sink + window only) is timed too, as the weights-bound floor.

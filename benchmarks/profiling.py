@@ -34,7 +34,7 @@ def kind_of(*names: str) -> str:
 
 
 def device_events(trace_dir: str) -> list[dict]:
-    """Kernel events of the GPU planes of the trace in ``trace_dir``: name, op, start, duration (ns)."""
+    """GPU kernel events of the trace in ``trace_dir``: name, HLO op, start and duration (ns)."""
     from jax.profiler import ProfileData
 
     events = []

@@ -99,19 +99,19 @@ class PasskeyData:
         keys = [self._passkey(rng) for _ in range(self.num_passkeys)]
         question = self.encode("\n\nBased on the text above, what are the passkeys to the vault?"
                                "\nAnswer:")
+        needles = [self.encode(f"Remember this sequence, it is the {ordinal(i)} passkey to the "
+                               f"vault: {key}.\n\n") for i, key in enumerate(keys)]
         for n in range(len(keys), 0, -1):  # the most passkeys that leave half to the haystack
-            needles = [self.encode(f"Remember this sequence, it is the {ordinal(i)} passkey to "
-                                   f"the vault: {key}.\n\n") for i, key in enumerate(keys[:n])]
             answer = self.encode("".join(f" The {ordinal(i)} passkey is {key}."
                                          for i, key in enumerate(keys[:n])))
-            budget = length - sum(map(len, needles)) - len(question) - len(answer)
+            budget = length - sum(map(len, needles[:n])) - len(question) - len(answer)
             if budget >= length // 2:
                 break
         if budget < 1:
             raise ValueError(f"context length {length} is too short for a passkey of "
                              f"{self.items_per_key} items (it, the question and the answer take "
                              f"{length - budget} tokens)")
-        keys = keys[:n]
+        keys, needles = keys[:n], needles[:n]
         hay: list[list[int]] = []  # whole lines, the last one cut to fill the budget
         used, line = 0, int(rng.integers(len(self.lines)))
         while used < budget:
