@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import pallas_kernels as pk
 from pallas_kernels.band_prefill import band_pallas, band_prefill_reference
 from pallas_kernels.decode import decode_attention_reference, decode_pallas
+from pallas_kernels.duo_decode import duo_decode_attention_reference, duo_pallas
 from pallas_kernels.topk import topk_decode_attention_reference, topk_pallas
 from pallas_kernels.window import window_decode_attention_reference, window_pallas
 
@@ -167,6 +168,76 @@ def test_window_decode_kernel(case):
     _assert_close(got, (want[0][:, :, 0], want[1][:, :, 0]), dtype)
     # The public op: the one-pass kernel, or split-K when few (sequence, head) pairs.
     _assert_close(pk.window_decode_attention(q[:, :, 0], k, v, lengths, impl=IMPL), ref, dtype)
+
+
+# --------------------------------------------------------------------------- duo: dense + ring
+def _duo_inputs(seed, b, hq, hkv, retrieval, t, slots, d, dtype):
+    """q in head order, a dense cache of the retrieval heads and a ring of the others, and the
+    same keys laid out for ``_np_attention``: every head over ``t + slots`` keys, the dense rows
+    first, with the mask each head's kind implies."""
+    rng = np.random.default_rng(seed)
+    r = len(retrieval)
+    q = _normal(rng, (b, hq, d), dtype)
+    dk, dv = (_normal(rng, (b, r, t, d), dtype) for _ in range(2))
+    rk, rv = (_normal(rng, (b, hkv - r, slots, d), dtype) for _ in range(2))
+    return q, dk, dv, rk, rv
+
+
+def _duo_want(q, dk, dv, rk, rv, lengths, retrieval):
+    b, hq, d = q.shape
+    r, s = dk.shape[1], rk.shape[1]
+    hkv, t, slots = r + s, dk.shape[2], rk.shape[2]
+    streaming = [h for h in range(hkv) if h not in retrieval]
+    k = np.zeros((b, hkv, t + slots, d), np.float32)
+    v = np.zeros_like(k)
+    mask = np.zeros((b, hkv, t + slots), bool)
+    lengths = np.asarray(lengths)
+    for i, h in enumerate(retrieval):
+        k[:, h, :t], v[:, h, :t] = np.asarray(dk[:, i], np.float32), np.asarray(dv[:, i], np.float32)
+        mask[:, h, :t] = np.arange(t)[None] < lengths[:, None]
+    for j, h in enumerate(streaming):
+        k[:, h, t:], v[:, h, t:] = np.asarray(rk[:, j], np.float32), np.asarray(rv[:, j], np.float32)
+        mask[:, h, t:] = np.arange(slots)[None] < np.minimum(lengths, slots)[:, None]
+    out, lse = _np_attention(q[:, :, None], k, v, np.repeat(mask, hq // hkv, axis=1)[:, :, None])
+    return out[:, :, 0], lse[:, :, 0]
+
+
+# b, hq, hkv, retrieval, t, slots, d, dtype, block_k, num_splits, lengths
+DUO_CASES = [
+    (2, 4, 4, (0, 2), 70, 20, 32, f32, 16, 3, [70, 13]),           # g=1, ring wrapped / filling
+    (3, 24, 8, (5,), 300, 100, 64, bf16, 32, 4, [0, 300, 129]),    # g=3, one dense head, empty seq
+    (1, 32, 8, (0, 1, 6), 1000, 320, 128, bf16, None, None, [777]),  # g=4, default config
+    (2, 16, 2, (1,), 513, 37, 16, f32, 64, 2, [513, 1]),           # g=8, one visible key
+    (2, 9, 3, (0, 2), 50, 24, 64, f32, None, None, [60, 0]),       # lengths > T act as T
+    (1, 12, 4, (3,), 200, 40, 64, f32, 16, 40, [17]),              # most splits past the length
+]
+
+
+@pytest.mark.parametrize("case", DUO_CASES, ids=lambda c: f"b{c[0]}hq{c[1]}hkv{c[2]}r{len(c[3])}"
+                         f"t{c[4]}{jnp.dtype(c[7]).name}")
+def test_duo_decode_kernel(case):
+    b, hq, hkv, retrieval, t, slots, d, dtype, block_k, splits, lengths = case
+    q, dk, dv, rk, rv = _duo_inputs(_seed("duo", case), b, hq, hkv, retrieval, t, slots, d, dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    kw = {k: x for k, x in (("block_k", block_k), ("num_splits", splits)) if x is not None}
+    got = duo_pallas(q, dk, dv, rk, rv, lengths, retrieval=retrieval, interpret=INTERPRET, **kw)
+    ref = duo_decode_attention_reference(q, dk, dv, rk, rv, lengths, retrieval)
+    _assert_close(got, ref, dtype)
+    want = _duo_want(q, dk, dv, rk, rv, np.minimum(np.asarray(lengths), t), retrieval)
+    _assert_close(ref, want, dtype)
+    _assert_close(got, want, dtype)
+    _assert_close(pk.duo_decode_attention(q, dk, dv, rk, rv, lengths, retrieval, impl=IMPL),
+                  ref, dtype)
+
+
+def test_duo_decode_checks_heads():
+    q, dk, dv, rk, rv = _duo_inputs(0, 1, 8, 4, (0, 1), 16, 8, 32, f32)
+    lengths = jnp.asarray([5], jnp.int32)
+    for bad in [(1, 0), (0,), (0, 4), (0, 0)]:
+        with pytest.raises(ValueError, match="retrieval"):
+            pk.duo_decode_attention(q, dk, dv, rk, rv, lengths, bad)
+    with pytest.raises(ValueError, match="ring"):
+        pk.duo_decode_attention(q, dk, dv, rk[:, :0], rv[:, :0], lengths, (0, 1))
 
 
 # --------------------------------------------------------------------------- gathered top-K

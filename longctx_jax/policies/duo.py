@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx_jax.cache import KV
+import pallas_kernels as pk
+from longctx_jax.cache import KV, ring_slots
 from longctx_jax.policies.base import AttentionPolicy, register, static
 from longctx_jax.policies.full import Full
 from longctx_jax.policies.streaming import Streaming
@@ -206,8 +207,21 @@ class Duo(AttentionPolicy):
                            lambda p, *a: p.prefill(layer, *a, positions))
 
     def decode(self, layer, q, k, v, cache, position, step):
-        return self._split(layer, q, k, v, cache,
-                           lambda p, *a: p.decode(layer, *a, position, step))
+        retrieval = self.heads[layer]
+        if cache.dense is None or cache.ring is None:  # one kind of head: that policy alone
+            return self._split(layer, q, k, v, cache,
+                               lambda p, *a: p.decode(layer, *a, position, step))
+        # Both kinds: one kernel over both caches, outputs already in head order.
+        r_idx = np.array(retrieval)
+        s_idx = np.array([h for h in range(k.shape[2]) if h not in retrieval])
+        dense = cache.dense.write(k[:, :, r_idx], v[:, :, r_idx], position[:, None],
+                                  in_range=True)
+        ring = cache.ring.write(k[:, :, s_idx], v[:, :, s_idx],
+                                ring_slots(position[:, None], self.sink, self.window),
+                                in_range=True)
+        out, _ = pk.duo_decode_attention(q[:, 0], dense.k, dense.v, ring.k, ring.v,
+                                         (position + 1).astype(jnp.int32), retrieval)
+        return out[:, None], DuoCache(dense, ring)
 
     def _split(self, layer, q, k, v, cache: DuoCache, run):
         """Run ``Full`` on the retrieval heads and ``Streaming`` on the rest; restore head order."""
