@@ -10,12 +10,12 @@ log of the softmax denominator over the visible keys) in float32; no visible key
 
 from pallas_kernels._common import IMPLS, masked_attention
 from pallas_kernels.band_prefill import band_prefill_attention
-from pallas_kernels.decode import decode_attention
+from pallas_kernels.decode import decode_append_attention, decode_attention
 from pallas_kernels.duo_decode import duo_decode_attention
 from pallas_kernels.merge import merge_attention
 from pallas_kernels.topk import topk_decode_attention
 from pallas_kernels.window import window_decode_attention
 
-__all__ = ["IMPLS", "band_prefill_attention", "decode_attention", "duo_decode_attention",
-           "masked_attention", "merge_attention", "topk_decode_attention",
+__all__ = ["IMPLS", "band_prefill_attention", "decode_append_attention", "decode_attention",
+           "duo_decode_attention", "masked_attention", "merge_attention", "topk_decode_attention",
            "window_decode_attention"]

@@ -75,6 +75,18 @@ def online_softmax_step(s, v, o, m, l, precision):
     return o * corr[:, None] + pv, m_new, l
 
 
+def add_one_key(q, k, v, on, scale, o, m, l):
+    """The online-softmax update for one more key ``k [1, D]`` and value ``v [1, D]`` (only where
+    ``on``), in float32 on the vector units: a decode step's new token, held in registers."""
+    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=1) * scale
+    s = jnp.where(on, s, -jnp.inf)
+    m_new = jnp.maximum(m, s)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    corr = jnp.exp(m - m_safe)
+    return o * corr[:, None] + p[:, None] * v.astype(jnp.float32), m_new, l * corr + p
+
+
 def finish_softmax(o, m, l):
     """``(o / l, lse)``; rows with no visible key give ``(0, -inf)``."""
     empty = l == 0.0

@@ -8,7 +8,8 @@ float32)``; a sequence with length 0 gives ``out = 0``, ``lse = -inf``.
 Kernel: grid ``(B, Hkv, splits)``. Each program takes one KV head's whole query group as the M
 rows of a tensor-core tile (padded to 16) and streams its slice of the cache in ``block_k`` rows,
 keeping an online softmax; it writes a partial ``(out, lse)``. The splits are then merged with the
-exact lse formula (one XLA reduction). Splits past a sequence's length exit at once.
+exact lse formula (``merge.merge_splits``, one more launch). Splits past a sequence's length exit
+at once. ``decode_append_attention`` also writes the new token's row in place (see there).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
+    add_one_key,
     cdiv,
     dot_precision,
     finish_softmax,
@@ -32,7 +35,7 @@ from pallas_kernels._common import (
     qk_scores,
     resolve_impl,
 )
-from pallas_kernels.merge import merge_stacked
+from pallas_kernels.merge import merge_splits
 
 # With 3 pipeline stages of 128-row K and V tiles (bf16, D=128) a program holds ~200 KB of shared
 # memory, so one runs per SM at a time. One wave of programs (splits = SMs // (B * Hkv)) measured
@@ -47,6 +50,36 @@ def decode_attention(q, k, v, lengths, *, scale=None, impl: str = "auto"):
     if impl == "reference":
         return decode_attention_reference(q, k, v, lengths, scale)
     return decode_pallas(q, k, v, lengths, scale=scale, interpret=impl == "interpret")
+
+
+def decode_append_attention(q, k, v, k_cache, v_cache, lengths, *, scale=None,
+                            impl: str = "auto"):
+    """A decode step in one launch (plus the split merge): write the new token's ``k``/``v``
+    ``[B, Hkv, D]`` at row ``lengths - 1`` of ``k_cache``/``v_cache`` (``1 <= lengths <= T``:
+    the caller's promise) and attend over the first ``lengths`` rows.
+
+    Returns ``(out, lse, (k_cache, v_cache))``; the caches are updated in place when their
+    buffers are donated (a decode loop's carry), which saves the separate cache-write kernels.
+    """
+    _check(q, k_cache, v_cache)
+    want = (*k_cache.shape[:2], k_cache.shape[3])
+    if k.shape != v.shape or k.shape != want:
+        raise ValueError(f"want the new k = v [B, Hkv, D] = {want}; got {k.shape}, {v.shape}")
+    impl = resolve_impl(impl, "decode_append_attention", *head_dim_ok(q.shape[-1]))
+    if impl == "reference":
+        at = jnp.asarray(lengths, jnp.int32) - 1
+        k_cache, v_cache = (append_rows(c, x, at) for c, x in ((k_cache, k), (v_cache, v)))
+        return (*decode_attention_reference(q, k_cache, v_cache, lengths, scale),
+                (k_cache, v_cache))
+    out, lse, k_cache, v_cache = decode_pallas(q, k_cache, v_cache, lengths, new_k=k, new_v=v,
+                                               scale=scale, interpret=impl == "interpret")
+    return out, lse, (k_cache, v_cache)
+
+
+def append_rows(cache, new, at):
+    """``cache [B, H, T, D]`` with ``new [B, H, D]`` written at row ``at[b]`` of each sequence."""
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(
+        c, x[:, None].astype(c.dtype), (0, i, 0)))(cache, new, at)
 
 
 def decode_attention_reference(q, k, v, lengths, scale=None):
@@ -70,8 +103,12 @@ def default_config(b: int, hkv: int, t: int):
     return block_k, splits
 
 
-def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block_k, split_len,
-            t, precision):
+def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, g, gp, scale, block_k, split_len, t, precision,
+            append):
+    if append:  # the new token's k/v come in and the (aliased) cache buffers go out
+        kn_ref, vn_ref, o_ref, lse_ref, k_out, v_out = refs
+    else:
+        o_ref, lse_ref = refs
     b, s = pl.program_id(0), pl.program_id(2)
     d = q_ref.shape[-1]
     rows = jnp.arange(gp)
@@ -80,7 +117,10 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block
     # The group's g query heads as a [gp, D] tile; rows >= g are out of range and masked off.
     q = plgpu.load(q_ref.at[rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
     start = s * split_len
-    end = jnp.minimum(jnp.minimum(len_ref[b], t), start + split_len)
+    length = len_ref[b]
+    # Appending, no program reads the new token's row: split 0 adds it from registers.
+    stop = length - 1 if append else length
+    end = jnp.minimum(jnp.minimum(stop, t), start + split_len)
     n_blocks = pl.cdiv(jnp.maximum(end - start, 0), block_k)
 
     def body(i, carry):
@@ -95,6 +135,15 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block
     init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
             jnp.zeros((gp,), jnp.float32))
     o, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    if append:
+        pos = length - 1
+        writer = (s == 0) & (pos >= 0) & (pos < t)
+        kn = plgpu.load(kn_ref).astype(k_ref.dtype)  # [1, D]
+        vn = plgpu.load(vn_ref).astype(v_ref.dtype)
+        o, m, l = add_one_key(q, kn, vn, writer, scale, o, m, l)
+        at = pl.ds(jnp.clip(pos, 0, t - 1), 1)
+        plgpu.store(k_out.at[at, :], kn, mask=jnp.full((1, d), writer))
+        plgpu.store(v_out.at[at, :], vn, mask=jnp.full((1, d), writer))
     out, lse = finish_softmax(o, m, l)
     plgpu.store(o_ref.at[rows[:, None], cols[None, :]], out, mask=row_ok[:, None])
     plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
@@ -102,13 +151,15 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "num_splits",
                                              "num_warps", "num_stages"))
-def decode_pallas(q, k, v, lengths, *, scale=None, interpret=False, block_k=None,
-                  num_splits=None, num_warps=NUM_WARPS, num_stages=NUM_STAGES):
-    """The Pallas path; block sizes are overridable for tests and tuning."""
+def decode_pallas(q, k, v, lengths, *, new_k=None, new_v=None, scale=None, interpret=False,
+                  block_k=None, num_splits=None, num_warps=NUM_WARPS, num_stages=NUM_STAGES):
+    """The Pallas path; block sizes are overridable for tests and tuning. With ``new_k``/``new_v``
+    (see :func:`decode_append_attention`) it also returns the updated caches."""
     b, hq, d = q.shape
     _, hkv, t, _ = k.shape
     g = hq // hkv
     gp = group_rows(g)
+    append = new_k is not None
     bk0, ns0 = default_config(b, hkv, t)
     block_k = block_k or bk0
     num_splits = num_splits or ns0
@@ -116,24 +167,33 @@ def decode_pallas(q, k, v, lengths, *, scale=None, interpret=False, block_k=None
     num_splits = cdiv(t, split_len)
     scale = d ** -0.5 if scale is None else scale
     kernel = functools.partial(_kernel, g=g, gp=gp, scale=scale, block_k=block_k,
-                               split_len=split_len, t=t, precision=dot_precision(q.dtype))
+                               split_len=split_len, t=t, precision=dot_precision(q.dtype),
+                               append=append)
     kv_spec = pl.BlockSpec((None, None, t, d), lambda i, h, s: (i, h, 0, 0))
-    o, lse = pl.pallas_call(
+    new_spec = pl.BlockSpec((None, 1, d), lambda i, h, s: (i, h, 0))
+    part_specs = [pl.BlockSpec((None, None, None, g, d), lambda i, h, s: (i, h, s, 0, 0)),
+                  pl.BlockSpec((None, None, None, g), lambda i, h, s: (i, h, s, 0))]
+    part_shapes = [jax.ShapeDtypeStruct((b, hkv, num_splits, g, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, num_splits, g), jnp.float32)]
+    cache_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v)]
+    o, lse, *caches = pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
         in_specs=[pl.BlockSpec((b,), lambda i, h, s: (0,)),
                   pl.BlockSpec((None, None, g, d), lambda i, h, s: (i, h, 0, 0)),
-                  kv_spec, kv_spec],
-        out_specs=[pl.BlockSpec((None, None, None, g, d), lambda i, h, s: (i, h, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, g), lambda i, h, s: (i, h, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, g, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, num_splits, g), jnp.float32)],
+                  kv_spec, kv_spec] + [new_spec, new_spec] * append,
+        out_specs=part_specs + [kv_spec, kv_spec] * append,
+        out_shape=part_shapes + cache_shapes * append,
+        input_output_aliases={2: 2, 3: 3} if append else {},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(jnp.asarray(lengths, jnp.int32), q.reshape(b, hkv, g, d), k, v)
+    )(jnp.asarray(lengths, jnp.int32), q.reshape(b, hkv, g, d), k, v,
+      *((new_k, new_v) if append else ()))
     if num_splits == 1:
-        out, lse = o[:, :, 0].astype(q.dtype), lse[:, :, 0]
+        out, lse = o[:, :, 0].astype(q.dtype).reshape(b, hq, d), lse[:, :, 0].reshape(b, hq)
     else:
-        out, lse = merge_stacked(o, lse, axis=2, dtype=q.dtype)
-    return out.reshape(b, hq, d), lse.reshape(b, hq)
+        out, lse = merge_splits(o.reshape(b, hkv * num_splits, g, d), lse.reshape(b, -1, g),
+                                np.arange(hkv) * num_splits, np.full(hkv, num_splits),
+                                dtype=q.dtype, interpret=interpret)
+    return (out, lse, *caches) if append else (out, lse)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import next_pow2
 
 
 def merge_stacked(out: jax.Array, lse: jax.Array, axis: int = 0, dtype=None):
@@ -47,3 +53,51 @@ def merge_attention(parts: Sequence[tuple[jax.Array, jax.Array]]):
     acc = sum((w[..., None] * o.astype(jnp.float32) for w, (o, _) in zip(weights, parts)))
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]
     return out.astype(parts[0][0].dtype), jnp.log(total) + top
+
+
+def merge_splits(out, lse, first, count, *, dtype, interpret: bool = False):
+    """Split-K reduction of decode kernels as one Pallas launch (XLA's needs four or five).
+
+    ``out [B, P, g, D]`` float32 partial outputs and ``lse [B, P, g]`` of ``P`` parts; KV head
+    ``h``'s parts are rows ``first[h] .. first[h] + count[h] - 1`` (static). Returns
+    ``(out [B, Hkv * g, D] in dtype, lse [B, Hkv * g] float32)``, query head ``h * g + i`` merging
+    row ``i`` of its KV head's parts, exactly as :func:`merge_stacked`.
+    """
+    b, parts, g, d = out.shape
+    first, count = np.asarray(first, np.int32), np.asarray(count, np.int32)
+    hq = len(first) * g
+    kernel = functools.partial(_merge_kernel, g=g, n_pad=next_pow2(int(count.max())))
+    merged, merged_lse = pl.pallas_call(
+        kernel,
+        grid=(b, hq),
+        in_specs=[pl.BlockSpec((len(first),), lambda i, h: (0,)),
+                  pl.BlockSpec((len(first),), lambda i, h: (0,)),
+                  pl.BlockSpec((None, parts, None, d), lambda i, h: (i, 0, jax.lax.rem(h, g), 0)),
+                  pl.BlockSpec((None, parts, None), lambda i, h: (i, 0, jax.lax.rem(h, g)))],
+        out_specs=[pl.BlockSpec((None, 1, d), lambda i, h: (i, h, 0)),
+                   pl.BlockSpec((None, 1), lambda i, h: (i, h))],
+        out_shape=[jax.ShapeDtypeStruct((b, hq, d), dtype),
+                   jax.ShapeDtypeStruct((b, hq), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="merge_splits",
+    )(jnp.asarray(first), jnp.asarray(count), out, lse)
+    return merged, merged_lse
+
+
+def _merge_kernel(first_ref, count_ref, o_ref, lse_ref, out_ref, lse_out_ref, *, g, n_pad):
+    h = jax.lax.div(pl.program_id(1), g)
+    first, count = first_ref[h], count_ref[h]
+    j = jnp.arange(n_pad)
+    ok = j < count
+    cols = jnp.arange(o_ref.shape[-1])
+    lse = plgpu.load(lse_ref.at[first + j], mask=ok, other=-jnp.inf)
+    o = plgpu.load(o_ref.at[(first + j)[:, None], cols[None, :]], mask=ok[:, None], other=0.0)
+    top = jnp.max(lse)
+    top = jnp.where(top == -jnp.inf, 0.0, top)
+    w = jnp.exp(lse - top)  # -inf parts weigh 0
+    total = jnp.sum(w)
+    merged = jnp.sum(w[:, None] * o, axis=0) / jnp.where(total > 0, total, 1.0)
+    plgpu.store(out_ref.at[jnp.arange(1)[:, None], cols[None, :]],
+                merged[None, :].astype(out_ref.dtype))
+    plgpu.store(lse_out_ref.at[jnp.arange(1)], (jnp.log(total) + top)[None])

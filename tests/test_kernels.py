@@ -21,6 +21,7 @@ import pallas_kernels as pk
 from pallas_kernels.band_prefill import band_pallas, band_prefill_reference
 from pallas_kernels.decode import decode_attention_reference, decode_pallas
 from pallas_kernels.duo_decode import duo_decode_attention_reference, duo_pallas
+from pallas_kernels.merge import merge_splits, merge_stacked
 from pallas_kernels.topk import topk_decode_attention_reference, topk_pallas
 from pallas_kernels.window import window_decode_attention_reference, window_pallas
 
@@ -118,6 +119,31 @@ def test_decode_kernel(case):
     _assert_close(got, (want[0][:, :, 0], want[1][:, :, 0]), dtype)
 
 
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"b{c[0]}hq{c[1]}hkv{c[2]}t{c[3]}"
+                         f"d{c[4]}{jnp.dtype(c[5]).name}")
+def test_decode_append_kernel(case):
+    """Write the new token at row lengths - 1, attend over lengths rows; nothing else changes."""
+    b, hq, hkv, t, d, dtype, block_k, splits, lengths = case
+    q, k, v = _inputs(_seed("decode-append", case), b, hq, hkv, 1, t, d, dtype)
+    rng = np.random.default_rng(_seed("decode-append-new", case))
+    kn, vn = (_normal(rng, (b, hkv, d), dtype) for _ in range(2))
+    lengths = np.clip(lengths, 1, t)
+    got = decode_pallas(q[:, :, 0], k, v, jnp.asarray(lengths, jnp.int32), new_k=kn, new_v=vn,
+                        interpret=INTERPRET, block_k=block_k, num_splits=splits)
+    want_k, want_v = np.array(k.astype(f32)), np.array(v.astype(f32))
+    for bi, n in enumerate(lengths):
+        want_k[bi, :, n - 1], want_v[bi, :, n - 1] = kn[bi].astype(f32), vn[bi].astype(f32)
+    np.testing.assert_array_equal(np.asarray(got[2].astype(f32)), want_k)
+    np.testing.assert_array_equal(np.asarray(got[3].astype(f32)), want_v)
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    want = _np_attention(q, want_k, want_v, np.broadcast_to(mask[:, None, None, :], (b, hq, 1, t)))
+    _assert_close(got[:2], (want[0][:, :, 0], want[1][:, :, 0]), dtype)
+    ref = pk.decode_append_attention(q[:, :, 0], kn, vn, k, v, jnp.asarray(lengths, jnp.int32),
+                                     impl="reference")
+    _assert_close(ref[:2], (want[0][:, :, 0], want[1][:, :, 0]), dtype)
+    chex.assert_trees_all_equal(ref[2], tuple(got[2:]))
+
+
 def test_decode_public_api_and_scale():
     q, k, v = _inputs(_seed("decode-api"), 2, 8, 2, 1, 96, 32, f32, q_std=3.0)
     lengths = jnp.asarray([96, 41], jnp.int32)
@@ -172,72 +198,101 @@ def test_window_decode_kernel(case):
 
 # --------------------------------------------------------------------------- duo: dense + ring
 def _duo_inputs(seed, b, hq, hkv, retrieval, t, slots, d, dtype):
-    """q in head order, a dense cache of the retrieval heads and a ring of the others, and the
-    same keys laid out for ``_np_attention``: every head over ``t + slots`` keys, the dense rows
-    first, with the mask each head's kind implies."""
+    """q in head order, the new token's k/v, a dense cache of the retrieval heads and a ring of
+    the others (garbage included: rows the lengths hide hold random values too)."""
     rng = np.random.default_rng(seed)
     r = len(retrieval)
     q = _normal(rng, (b, hq, d), dtype)
+    k, v = (_normal(rng, (b, hkv, d), dtype) for _ in range(2))
     dk, dv = (_normal(rng, (b, r, t, d), dtype) for _ in range(2))
     rk, rv = (_normal(rng, (b, hkv - r, slots, d), dtype) for _ in range(2))
-    return q, dk, dv, rk, rv
+    return q, k, v, dk, dv, rk, rv
 
 
-def _duo_want(q, dk, dv, rk, rv, lengths, retrieval):
+def _duo_want(q, k, v, dk, dv, rk, rv, lengths, retrieval, sink):
+    """float64: the caches after the write (numpy) and every head's attention over its keys."""
     b, hq, d = q.shape
-    r, s = dk.shape[1], rk.shape[1]
-    hkv, t, slots = r + s, dk.shape[2], rk.shape[2]
+    r, s, t, slots = dk.shape[1], rk.shape[1], dk.shape[2], rk.shape[2]
+    hkv = r + s
     streaming = [h for h in range(hkv) if h not in retrieval]
-    k = np.zeros((b, hkv, t + slots, d), np.float32)
-    v = np.zeros_like(k)
+    f = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
+    q, k, v, dk, dv, rk, rv = map(f, (q, k, v, dk, dv, rk, rv))
+    keys = np.zeros((b, hkv, t + slots, d))
+    vals = np.zeros_like(keys)
     mask = np.zeros((b, hkv, t + slots), bool)
-    lengths = np.asarray(lengths)
-    for i, h in enumerate(retrieval):
-        k[:, h, :t], v[:, h, :t] = np.asarray(dk[:, i], np.float32), np.asarray(dv[:, i], np.float32)
-        mask[:, h, :t] = np.arange(t)[None] < lengths[:, None]
-    for j, h in enumerate(streaming):
-        k[:, h, t:], v[:, h, t:] = np.asarray(rk[:, j], np.float32), np.asarray(rv[:, j], np.float32)
-        mask[:, h, t:] = np.arange(slots)[None] < np.minimum(lengths, slots)[:, None]
-    out, lse = _np_attention(q[:, :, None], k, v, np.repeat(mask, hq // hkv, axis=1)[:, :, None])
-    return out[:, :, 0], lse[:, :, 0]
+    for bi, n in enumerate(lengths):
+        p = n - 1
+        slot = p if p < sink else sink + (p - sink) % (slots - sink)
+        dk[bi, :, p], dv[bi, :, p] = k[bi, list(retrieval)], v[bi, list(retrieval)]
+        rk[bi, :, slot], rv[bi, :, slot] = k[bi, streaming], v[bi, streaming]
+        for i, h in enumerate(retrieval):
+            keys[bi, h, :t], vals[bi, h, :t] = dk[bi, i], dv[bi, i]
+            mask[bi, h, :n] = True
+        for j, h in enumerate(streaming):
+            keys[bi, h, t:], vals[bi, h, t:] = rk[bi, j], rv[bi, j]
+            mask[bi, h, t:t + min(n, slots)] = True
+    out, lse = _np_attention(q[:, :, None], keys, vals,
+                             np.repeat(mask, hq // hkv, axis=1)[:, :, None])
+    return (out[:, :, 0], lse[:, :, 0]), (dk, dv, rk, rv)
 
 
-# b, hq, hkv, retrieval, t, slots, d, dtype, block_k, num_splits, lengths
+# b, hq, hkv, retrieval, t, sink, window, d, dtype, block_k, num_splits, lengths
 DUO_CASES = [
-    (2, 4, 4, (0, 2), 70, 20, 32, f32, 16, 3, [70, 13]),           # g=1, ring wrapped / filling
-    (3, 24, 8, (5,), 300, 100, 64, bf16, 32, 4, [0, 300, 129]),    # g=3, one dense head, empty seq
-    (1, 32, 8, (0, 1, 6), 1000, 320, 128, bf16, None, None, [777]),  # g=4, default config
-    (2, 16, 2, (1,), 513, 37, 16, f32, 64, 2, [513, 1]),           # g=8, one visible key
-    (2, 9, 3, (0, 2), 50, 24, 64, f32, None, None, [60, 0]),       # lengths > T act as T
-    (1, 12, 4, (3,), 200, 40, 64, f32, 16, 40, [17]),              # most splits past the length
+    (2, 4, 4, (0, 2), 70, 4, 16, 32, f32, 16, 3, [70, 13]),          # g=1, ring wrapped / filling
+    (3, 24, 8, (5,), 300, 0, 100, 64, bf16, 32, 4, [1, 300, 129]),   # g=3, one dense head, S=0
+    (1, 32, 8, (0, 1, 6), 1000, 64, 256, 128, bf16, None, None, [777]),  # g=4, default config
+    (2, 16, 2, (1,), 513, 5, 32, 16, f32, 64, 2, [513, 1]),          # g=8, only the new key
+    (2, 9, 3, (0, 2), 50, 8, 16, 64, f32, None, None, [24, 25]),     # ring just full / wrapped
+    (1, 12, 4, (3,), 200, 4, 36, 64, f32, 16, 40, [17]),             # most splits past the length
 ]
 
 
 @pytest.mark.parametrize("case", DUO_CASES, ids=lambda c: f"b{c[0]}hq{c[1]}hkv{c[2]}r{len(c[3])}"
-                         f"t{c[4]}{jnp.dtype(c[7]).name}")
+                         f"t{c[4]}{jnp.dtype(c[8]).name}")
 def test_duo_decode_kernel(case):
-    b, hq, hkv, retrieval, t, slots, d, dtype, block_k, splits, lengths = case
-    q, dk, dv, rk, rv = _duo_inputs(_seed("duo", case), b, hq, hkv, retrieval, t, slots, d, dtype)
-    lengths = jnp.asarray(lengths, jnp.int32)
+    b, hq, hkv, retrieval, t, sink, window, d, dtype, block_k, splits, lengths = case
+    args = _duo_inputs(_seed("duo", case), b, hq, hkv, retrieval, t, sink + window, d, dtype)
+    lengths_j = jnp.asarray(lengths, jnp.int32)
     kw = {k: x for k, x in (("block_k", block_k), ("num_splits", splits)) if x is not None}
-    got = duo_pallas(q, dk, dv, rk, rv, lengths, retrieval=retrieval, interpret=INTERPRET, **kw)
-    ref = duo_decode_attention_reference(q, dk, dv, rk, rv, lengths, retrieval)
-    _assert_close(got, ref, dtype)
-    want = _duo_want(q, dk, dv, rk, rv, np.minimum(np.asarray(lengths), t), retrieval)
-    _assert_close(ref, want, dtype)
-    _assert_close(got, want, dtype)
-    _assert_close(pk.duo_decode_attention(q, dk, dv, rk, rv, lengths, retrieval, impl=IMPL),
-                  ref, dtype)
+    (want, want_caches) = _duo_want(*args, lengths, retrieval, sink)
+    ref = duo_decode_attention_reference(*args, lengths_j, retrieval, sink)
+    _assert_close(ref[:2], want, dtype)
+    got = duo_pallas(*args, lengths_j, retrieval=retrieval, sink=sink, interpret=INTERPRET, **kw)
+    _assert_close(got[:2], ref[:2], dtype)
+    _assert_close(got[:2], want, dtype)
+    for cache, want_cache in zip(got[2], want_caches):  # the writes, and nothing else changed
+        np.testing.assert_array_equal(np.asarray(jnp.asarray(cache, jnp.float32), np.float64),
+                                      want_cache)
+    public = pk.duo_decode_attention(*args, lengths_j, retrieval, sink, impl=IMPL)
+    _assert_close(public[:2], ref[:2], dtype)
 
 
 def test_duo_decode_checks_heads():
-    q, dk, dv, rk, rv = _duo_inputs(0, 1, 8, 4, (0, 1), 16, 8, 32, f32)
+    args = _duo_inputs(0, 1, 8, 4, (0, 1), 16, 8, 32, f32)
     lengths = jnp.asarray([5], jnp.int32)
     for bad in [(1, 0), (0,), (0, 4), (0, 0)]:
         with pytest.raises(ValueError, match="retrieval"):
-            pk.duo_decode_attention(q, dk, dv, rk, rv, lengths, bad)
+            pk.duo_decode_attention(*args, lengths, bad, 2)
+    q, k, v, dk, dv, rk, rv = args
     with pytest.raises(ValueError, match="ring"):
-        pk.duo_decode_attention(q, dk, dv, rk[:, :0], rv[:, :0], lengths, (0, 1))
+        pk.duo_decode_attention(q, k, v, dk, dv, rk[:, :0], rv[:, :0], lengths, (0, 1), 2)
+    with pytest.raises(ValueError, match="sink"):
+        pk.duo_decode_attention(*args, lengths, (0, 1), 8)
+
+
+def test_merge_splits_equals_merge_stacked():
+    rng = np.random.default_rng(_seed("merge-splits"))
+    b, g, d = 2, 3, 32
+    first, count = [0, 4, 9, 10], [4, 5, 1, 1]
+    out = jnp.asarray(rng.standard_normal((b, 11, g, d)), f32)
+    lse = jnp.asarray(rng.standard_normal((b, 11, g)), f32)
+    lse = lse.at[0, 2].set(-jnp.inf).at[:, 9].set(-jnp.inf)  # an empty part, an empty head
+    got = merge_splits(out, lse, first, count, dtype=bf16, interpret=INTERPRET)
+    parts = [merge_stacked(out[:, f:f + c], lse[:, f:f + c], axis=1, dtype=bf16)
+             for f, c in zip(first, count)]
+    want = (jnp.stack([o for o, _ in parts], 1).reshape(b, -1, d),
+            jnp.stack([x for _, x in parts], 1).reshape(b, -1))
+    _assert_close(got, want, bf16)
 
 
 # --------------------------------------------------------------------------- gathered top-K

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from longctx_jax.cache import KV, ring_slots
+from longctx_jax.cache import KV
 from longctx_jax.policies.base import AttentionPolicy, register, static
 from longctx_jax.policies.full import Full
 from longctx_jax.policies.streaming import Streaming
@@ -211,16 +211,11 @@ class Duo(AttentionPolicy):
         if cache.dense is None or cache.ring is None:  # one kind of head: that policy alone
             return self._split(layer, q, k, v, cache,
                                lambda p, *a: p.decode(layer, *a, position, step))
-        # Both kinds: one kernel over both caches, outputs already in head order.
-        r_idx = np.array(retrieval)
-        s_idx = np.array([h for h in range(k.shape[2]) if h not in retrieval])
-        dense = cache.dense.write(k[:, :, r_idx], v[:, :, r_idx], position[:, None],
-                                  in_range=True)
-        ring = cache.ring.write(k[:, :, s_idx], v[:, :, s_idx],
-                                ring_slots(position[:, None], self.sink, self.window),
-                                in_range=True)
-        out, _ = pk.duo_decode_attention(q[:, 0], dense.k, dense.v, ring.k, ring.v,
-                                         (position + 1).astype(jnp.int32), retrieval)
+        # Both kinds: one kernel appends to both caches and attends, outputs in head order.
+        out, _, (dk, dv, rk, rv) = pk.duo_decode_attention(
+            q[:, 0], k[:, 0], v[:, 0], cache.dense.k, cache.dense.v, cache.ring.k, cache.ring.v,
+            (position + 1).astype(jnp.int32), retrieval, self.sink)
+        dense, ring = KV(dk, dv), KV(rk, rv)
         return out[:, None], DuoCache(dense, ring)
 
     def _split(self, layer, q, k, v, cache: DuoCache, run):

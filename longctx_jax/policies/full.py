@@ -26,6 +26,6 @@ class Full(AttentionPolicy):
         return heads_first(out), cache
 
     def decode(self, layer, q, k, v, cache, position, step):
-        cache = cache.write(k, v, position[:, None], in_range=True)
-        out, _ = pk.decode_attention(q[:, 0], cache.k, cache.v, (position + 1).astype(jnp.int32))
-        return out[:, None], cache
+        out, _, (k_cache, v_cache) = pk.decode_append_attention(
+            q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, (position + 1).astype(jnp.int32))
+        return out[:, None], KV(k_cache, v_cache)
