@@ -81,6 +81,30 @@ def test_long_passkeys_leave_half_the_context_to_the_haystack():
         data.sample(60, 0)
 
 
+def test_noise_fraction_swaps_the_haystack_and_keeps_text_samples():
+    text = PasskeyData(_encode(1000), TEXT, num_passkeys=2, items_per_key=4, seed=3)
+    mixed = PasskeyData(_encode(1000), TEXT, num_passkeys=2, items_per_key=4, seed=3,
+                        noise_fraction=0.5)
+    noise = PasskeyData(_encode(1000), TEXT, num_passkeys=2, items_per_key=4, seed=3,
+                        noise_fraction=1.0)
+    noise_ids = set(noise.encode(" ".join(noise.haystacks["noise"])))
+    kinds = []
+    for i in range(12):
+        s, m, n = text.sample(400, i), mixed.sample(400, i), noise.sample(400, i)
+        assert len(m.tokens) == 400 and m.passkeys == s.passkeys  # same keys, other haystack
+        assert set(n.tokens[:20].tolist()) <= noise_ids  # the sample opens inside the noise
+        if np.array_equal(m.tokens, s.tokens):
+            kinds.append("text")
+        else:
+            np.testing.assert_array_equal(m.tokens, n.tokens)
+            kinds.append("noise")
+    assert set(kinds) == {"text", "noise"}  # a mix, each sample one or the other
+    with pytest.raises(ValueError, match="noise_fraction"):
+        PasskeyData(_encode(1000), TEXT, noise_fraction=1.5)
+    with pytest.raises(ValueError, match="noise_fraction"):
+        TrainConfig(noise_fraction=-0.1)
+
+
 def test_context_buckets_and_step_samples(setup):
     assert context_buckets([1024, 8192]) == (1024, 2048, 4096, 8192)
     assert context_buckets([1000, 3000]) == (1000, 2000, 3000)

@@ -6,6 +6,9 @@ and the answer. As in the DuoAttention paper, a passkey is a long random sequenc
 words and numbers), so nearly every answer token can only be predicted by copying it from its
 needle far back: the loss then measures exactly what streaming heads lose. Up to
 ``num_passkeys`` passkeys go in a sample, as many as leave at least half of it to the haystack.
+A ``noise_fraction`` of the samples use a repetitive haystack instead (a few plain sentences
+over and over, the noise of the classic passkey test), where text near the question says nothing
+about the passkeys and attention patterns differ from those over natural text.
 The distillation loss is taken where the model predicts the answer: ``loss_mask`` marks the
 positions whose *next* token is an answer token. Samples are exact in length (the haystack is
 cut to fit) and deterministic in ``(seed, index)``.
@@ -24,6 +27,8 @@ _WORDS = ("apple river stone candle harbor violet falcon meadow copper lantern o
           "garnet hazel island juniper kettle lagoon maple nectar oyster pepper quill "
           "raven silver tundra umber velvet walnut yarrow zephyr amber basil clover delta "
           "fennel ginger heron indigo jasper kelp lotus mango nutmeg olive pine rust sage").split()
+_NOISE = ("The river runs down to the sea. The hills are quiet tonight. The wind is cold. "
+          "Birds fly over the field. Night follows the day. ")
 _ORDINALS = ("first second third fourth fifth sixth seventh eighth ninth tenth eleventh "
              "twelfth").split()
 
@@ -66,27 +71,33 @@ class PasskeyData:
     """Builds samples from ``text`` with ``encode: str -> list[int]`` (the model's tokenizer)."""
 
     def __init__(self, encode: Callable[[str], list[int]], text: str, num_passkeys: int = 10,
-                 items_per_key: int = 32, seed: int = 0):
+                 items_per_key: int = 32, seed: int = 0, noise_fraction: float = 0.0):
         if num_passkeys < 1:
             raise ValueError(f"num_passkeys must be >= 1, got {num_passkeys}")
         if items_per_key < 1:
             raise ValueError(f"items_per_key must be >= 1, got {items_per_key}")
+        if not 0.0 <= noise_fraction <= 1.0:
+            raise ValueError(f"noise_fraction must be in [0, 1], got {noise_fraction}")
         # Lines with their trailing newlines: the units between which passkeys go.
         units = re.findall(r"[^\n]*\n+|[^\n]+$", text.replace("\r\n", "\n"))
-        self.lines = [u for u in units if u.strip()]
-        if not self.lines:
+        lines = [u for u in units if u.strip()]
+        if not lines:
             raise ValueError("the haystack text is empty")
+        self.haystacks = {"text": lines,
+                          "noise": [s + ". " for s in _NOISE.split(". ") if s.strip()]}
         self.encode = encode
         self.num_passkeys = num_passkeys
         self.items_per_key = items_per_key
         self.seed = seed
-        self._tokens: dict[int, list[int]] = {}
+        self.noise_fraction = noise_fraction
+        self._tokens: dict[tuple[str, int], list[int]] = {}
 
-    def _line(self, i: int) -> list[int]:
-        i %= len(self.lines)
-        if i not in self._tokens:
-            self._tokens[i] = list(self.encode(self.lines[i]))
-        return self._tokens[i]
+    def _line(self, haystack: str, i: int) -> list[int]:
+        lines = self.haystacks[haystack]
+        key = (haystack, i % len(lines))
+        if key not in self._tokens:
+            self._tokens[key] = list(self.encode(lines[key[1]]))
+        return self._tokens[key]
 
     def _passkey(self, rng: np.random.Generator) -> str:
         items = [str(rng.integers(10, 10000)) if rng.random() < 0.4 else str(rng.choice(_WORDS))
@@ -96,6 +107,9 @@ class PasskeyData:
     def sample(self, length: int, index: int) -> PasskeySample:
         """Sample ``index`` of length exactly ``length`` tokens (same arguments, same sample)."""
         rng = np.random.default_rng([self.seed, length, index])
+        # Own stream, so that samples at noise_fraction 0 stay those of earlier versions.
+        noisy = np.random.default_rng([self.seed, length, index, 1]).random() < self.noise_fraction
+        haystack = "noise" if noisy else "text"
         keys = [self._passkey(rng) for _ in range(self.num_passkeys)]
         question = self.encode("\n\nBased on the text above, what are the passkeys to the vault?"
                                "\nAnswer:")
@@ -113,9 +127,9 @@ class PasskeyData:
                              f"{length - budget} tokens)")
         keys, needles = keys[:n], needles[:n]
         hay: list[list[int]] = []  # whole lines, the last one cut to fill the budget
-        used, line = 0, int(rng.integers(len(self.lines)))
+        used, line = 0, int(rng.integers(len(self.haystacks[haystack])))
         while used < budget:
-            toks = self._line(line)[: budget - used]
+            toks = self._line(haystack, line)[: budget - used]
             hay.append(toks)
             used += len(toks)
             line += 1

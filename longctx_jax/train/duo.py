@@ -53,6 +53,7 @@ class TrainConfig:
     window: int = 256
     num_passkeys: int = 10
     passkey_items: int = 32
+    noise_fraction: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     block: int = 256
@@ -65,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"need passkeys >= 1 and passkey items >= 1, got "
                              f"{self.num_passkeys}, {self.passkey_items}")
         context_buckets(self.contexts)
+        if not 0.0 <= self.noise_fraction <= 1.0:
+            raise ValueError(f"noise_fraction must be in [0, 1], got {self.noise_fraction}")
         if self.lam < 0:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
         if self.lr <= 0:
@@ -210,10 +213,10 @@ def train_gates(cfg: ModelConfig, params, data: PasskeyData, out_dir: str | os.P
 
     from longctx_jax.train.checkpoint import Checkpoints
 
-    if (data.seed, data.num_passkeys, data.items_per_key) != \
-            (tc.seed, tc.num_passkeys, tc.passkey_items):
-        raise ValueError("the data's seed / num_passkeys / items_per_key differ from the "
-                         "training config's")
+    if (data.seed, data.num_passkeys, data.items_per_key, data.noise_fraction) != \
+            (tc.seed, tc.num_passkeys, tc.passkey_items, tc.noise_fraction):
+        raise ValueError("the data's seed / num_passkeys / items_per_key / noise_fraction differ "
+                         "from the training config's")
     out = pathlib.Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -349,6 +352,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most passkeys per training sample (fewer in short contexts)")
     parser.add_argument("--passkey-items", type=int, default=d.passkey_items,
                         help="words and numbers per passkey")
+    parser.add_argument("--noise-fraction", type=float, default=d.noise_fraction,
+                        help="fraction of samples whose haystack is a few sentences repeated "
+                             "(the classic passkey test's noise) instead of the text")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--resume", action="store_true",
@@ -373,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
     tc = TrainConfig(steps=args.steps, contexts=_ints(args.context, "--context"), lam=args.lam,
                      lr=args.lr, sink=args.sink, window=args.window,
                      num_passkeys=args.passkeys, passkey_items=args.passkey_items,
-                     seed=args.seed,
+                     noise_fraction=args.noise_fraction, seed=args.seed,
                      checkpoint_every=args.checkpoint_every)
     if args.text_file is not None:
         try:
@@ -391,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: sink + window ({tc.sink + tc.window}) covers contexts up to that length; "
               "streaming heads only differ from full ones beyond it", file=sys.stderr)
     data = PasskeyData(source.tokenizer.encode, text, tc.num_passkeys, tc.passkey_items,
-                       seed=tc.seed)
+                       seed=tc.seed, noise_fraction=tc.noise_fraction)
     data.sample(min(tc.buckets), 0)  # a context too short for the passkeys fails here
     model = source.load(jnp.dtype(args.dtype))
     result = train_gates(cfg, model.params, data, args.out, tc, resume=args.resume,
