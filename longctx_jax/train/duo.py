@@ -39,7 +39,6 @@ from longctx_jax.policies.duo import DuoMixed
 from longctx_jax.train.data import PasskeyData, context_buckets, sample_for_step
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-OBJECTIVES = ("hidden", "logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,6 @@ class TrainConfig:
     contexts: tuple[int, ...] = (1024, 8192)
     lam: float = 0.05
     lr: float = 0.02
-    objective: str = "hidden"
     sink: int = 64
     window: int = 256
     num_passkeys: int = 10
@@ -70,8 +68,6 @@ class TrainConfig:
         context_buckets(self.contexts)
         if not 0.0 <= self.noise_fraction <= 1.0:
             raise ValueError(f"noise_fraction must be in [0, 1], got {self.noise_fraction}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose from {OBJECTIVES}")
         if self.lam < 0:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
         if self.lr <= 0:
@@ -91,25 +87,10 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------- forward
 
 def stack_layers(cfg: ModelConfig, params) -> dict:
-    """``{"embed", "final_norm", "layers"}`` (and ``"lm_head"`` if untied) with the per-layer
-    trees stacked on a leading axis."""
+    """``{"embed", "final_norm", "layers"}`` with the per-layer trees stacked on a leading axis."""
     layers = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
-    out = {"embed": params["embed"], "final_norm": params["final_norm"],
-           "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
-    if "lm_head" in params:
-        out["lm_head"] = params["lm_head"]
-    return out
-
-
-def output_logits(stacked, hidden: jax.Array) -> jax.Array:
-    """Float32 next-token logits ``[..., vocab]`` of final hidden states (tied or own head)."""
-    if "lm_head" in stacked:
-        w = stacked["lm_head"]["kernel"]
-        return jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
-    w = stacked["embed"]["embedding"]
-    return jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    return {"embed": params["embed"], "final_norm": params["final_norm"],
+            "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
 def hidden_states(cfg: ModelConfig, stacked, tokens: jax.Array, policy: DuoMixed,
@@ -140,14 +121,6 @@ def distill_loss(h_full: jax.Array, h_mixed: jax.Array, mask: jax.Array) -> jax.
     """Mean over masked positions of the mean over features of ``(h_full - h_mixed)^2``."""
     diff = jnp.mean(jnp.square(h_full.astype(jnp.float32) - h_mixed.astype(jnp.float32)), -1)
     return jnp.sum(jnp.where(mask, diff, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-
-def distill_kl(logits_full: jax.Array, logits_mixed: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean over masked positions of KL(full || mixed) between next-token distributions."""
-    logp = jax.nn.log_softmax(logits_full.astype(jnp.float32), -1)
-    logq = jax.nn.log_softmax(logits_mixed.astype(jnp.float32), -1)
-    kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
-    return jnp.sum(jnp.where(mask, kl, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def clamp_gates(gates: jax.Array) -> jax.Array:
@@ -190,11 +163,7 @@ def train_step(gates, opt_state, stacked, tokens, mask, *, cfg: ModelConfig, tc:
 
     def loss_fn(g):
         mixed = DuoMixed(g, tc.sink, tc.window, tc.block, False, impl)
-        h_mixed = hidden_states(cfg, stacked, tokens, mixed)
-        if tc.objective == "logits":
-            d = distill_kl(output_logits(stacked, h_full), output_logits(stacked, h_mixed), mask)
-        else:
-            d = distill_loss(h_full, h_mixed, mask)
+        d = distill_loss(h_full, hidden_states(cfg, stacked, tokens, mixed), mask)
         reg = jnp.mean(jnp.abs(g))
         return d + tc.lam * reg, (d, reg)
 
@@ -348,11 +317,8 @@ def _last_record(path: pathlib.Path) -> dict:
 
 
 def _check_same_run(saved: dict, meta: dict, out: pathlib.Path) -> None:
-    # A key missing from an older checkpoint had the default value (options only get added).
-    defaults = _jsonable(dataclasses.asdict(TrainConfig()))
-    was = {k: saved["train"].get(k, defaults.get(k)) for k in meta["train"]}
-    diffs = [f"{k}: checkpoint {was[k]!r} vs now {v!r}"
-             for k, v in meta["train"].items() if was[k] != v]
+    diffs = [f"{k}: checkpoint {saved['train'].get(k)!r} vs now {v!r}"
+             for k, v in meta["train"].items() if saved["train"].get(k) != v]
     if saved["model"]["num_layers"] != meta["model"]["num_layers"] or \
             saved["model"]["num_kv_heads"] != meta["model"]["num_kv_heads"]:
         diffs.append(f"model shape: checkpoint {saved['model']} vs now {meta['model']}")
@@ -379,9 +345,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda", dest="lam", type=float, default=d.lam,
                         help="weight of the mean |gate| penalty")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
-    parser.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
-                        help="distillation target at the answer positions: final hidden states "
-                             "(MSE, the paper's) or next-token distributions (KL)")
     parser.add_argument("--sink", type=int, default=d.sink, help="streaming heads' sink tokens")
     parser.add_argument("--window", type=int, default=d.window,
                         help="streaming heads' recent-window tokens")
@@ -414,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     from longctx_jax.weights import open_model
 
     tc = TrainConfig(steps=args.steps, contexts=_ints(args.context, "--context"), lam=args.lam,
-                     lr=args.lr, objective=args.objective, sink=args.sink, window=args.window,
+                     lr=args.lr, sink=args.sink, window=args.window,
                      num_passkeys=args.passkeys, passkey_items=args.passkey_items,
                      noise_fraction=args.noise_fraction, seed=args.seed,
                      checkpoint_every=args.checkpoint_every)
