@@ -11,12 +11,13 @@ Typical use::
 """
 
 from longctx_jax.config import ModelConfig, RopeScaling
+from longctx_jax.errors import LongctxError
 from longctx_jax.generate import Generation, Sampling, Score, generate, generate_tokens, score
 from longctx_jax.policies import AttentionPolicy, available, make_policy
 from longctx_jax.weights import LoadedModel, ModelLoadError, ModelSource, load_model, open_model
 
 __all__ = [
-    "AttentionPolicy", "Generation", "LoadedModel", "ModelConfig", "ModelLoadError",
+    "AttentionPolicy", "Generation", "LoadedModel", "LongctxError", "ModelConfig", "ModelLoadError",
     "RopeScaling", "Sampling", "Score", "available", "generate", "generate_tokens",
     "ModelSource", "load_model", "make_policy", "open_model", "score",
 ]

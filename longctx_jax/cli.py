@@ -13,6 +13,7 @@ import pathlib
 import sys
 import time
 
+from longctx_jax.errors import LongctxError
 from longctx_jax.policies import available, make_policy
 
 _DTYPES = ("float32", "bfloat16")
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as e:  # our validation errors, ModelLoadError included
+    except LongctxError as e:  # bad input (ModelLoadError too); a bug keeps its traceback
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -119,7 +120,7 @@ def _policy(args):
     for key in options:
         if args.method not in _METHOD_OPTIONS[key]:
             flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{flag} applies to --method {' or '.join(_METHOD_OPTIONS[key])}, "
+            raise LongctxError(f"{flag} applies to --method {' or '.join(_METHOD_OPTIONS[key])}, "
                              f"not {args.method!r}")
     return make_policy(args.method, **options)
 
@@ -143,7 +144,7 @@ def _generate(args) -> int:
 
     text = args.prompt if args.prompt is not None else _read(args.prompt_file)
     if not text.strip():
-        raise ValueError("empty prompt")
+        raise LongctxError("empty prompt")
     policy = _policy(args)
     sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_p)
     source = _open(args)
@@ -189,12 +190,12 @@ def _score(args) -> int:
 
     text = _read(args.text_file)
     if args.max_tokens < 2:
-        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+        raise LongctxError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     policy = _policy(args)
     source = _open(args)
     ids = source.tokenizer.encode(text)[: args.max_tokens]
     if len(ids) < args.max_tokens:
-        raise ValueError(f"{args.text_file} has only {len(ids)} tokens, fewer than "
+        raise LongctxError(f"{args.text_file} has only {len(ids)} tokens, fewer than "
                          f"--max-tokens {args.max_tokens}")
     policy.validate(source.config, len(ids))
     model = _load(source, args)
@@ -225,7 +226,7 @@ def _eval(args) -> int:
     lengths = _int_list(args.lengths, "--lengths")
     depths = [float(d) for d in args.depths.split(",")]
     if any(not 0.0 <= d <= 1.0 for d in depths):
-        raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
+        raise LongctxError(f"--depths must lie in [0, 1], got {args.depths}")
     haystack = _read(args.haystack_file) if args.haystack_file else None
     policy = _policy(args)
     source = _open(args)
@@ -250,9 +251,9 @@ def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+        raise LongctxError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if any(v < 1 for v in values):
-        raise ValueError(f"{flag} must be positive, got {text!r}")
+        raise LongctxError(f"{flag} must be positive, got {text!r}")
     return values
 
 
@@ -260,7 +261,7 @@ def _read(path: pathlib.Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from e
+        raise LongctxError(f"cannot read {path}: {e.strerror}") from e
 
 
 def _write_json(path: pathlib.Path | None, record: dict) -> None:

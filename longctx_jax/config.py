@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from longctx_jax.errors import LongctxError
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -22,9 +24,9 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.kind not in ("llama3", "linear"):
-            raise ValueError(f"unsupported rope scaling {self.kind!r}; supported: llama3, linear")
+            raise LongctxError(f"unsupported rope scaling {self.kind!r}; supported: llama3, linear")
         if self.factor <= 0:
-            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+            raise LongctxError(f"rope scaling factor must be > 0, got {self.factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +51,12 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+                raise LongctxError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+            raise LongctxError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+            raise LongctxError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
     @property
     def group_size(self) -> int:
@@ -66,7 +68,7 @@ class ModelConfig:
         """From a parsed HF ``config.json`` of a Llama-family model."""
         arch = config.get("model_type", "llama")
         if arch not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported model_type {arch!r}: expected a Llama-family model")
+            raise LongctxError(f"unsupported model_type {arch!r}: expected a Llama-family model")
         heads = config["num_attention_heads"]
         scaling = config.get("rope_scaling")
         rope_theta = config.get("rope_theta")
@@ -94,7 +96,7 @@ class ModelConfig:
         """From GGUF metadata (``fields``: key -> value); tied iff the file has no output.weight."""
         arch = fields.get("general.architecture")
         if arch != "llama":
-            raise ValueError(f"unsupported GGUF architecture {arch!r}: expected 'llama'")
+            raise LongctxError(f"unsupported GGUF architecture {arch!r}: expected 'llama'")
         p = "llama."
         heads = int(fields[p + "attention.head_count"])
         hidden = int(fields[p + "embedding_length"])

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longctx_jax.config import ModelConfig
+from longctx_jax.errors import LongctxError
 from longctx_jax.model import Decoder
 from longctx_jax.policies.base import AttentionPolicy
 
@@ -32,9 +33,9 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise LongctxError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise LongctxError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +56,16 @@ def check_request(cfg: ModelConfig, policy: AttentionPolicy, prompt_lengths: Seq
                   max_new_tokens: int, max_len: int, chunk_size: int) -> None:
     """Raise ``ValueError`` for a request that cannot run, before anything touches the device."""
     if not len(prompt_lengths):
-        raise ValueError("no prompts given")
+        raise LongctxError("no prompts given")
     if min(prompt_lengths) < 1:
-        raise ValueError("empty prompt: every prompt needs at least one token")
+        raise LongctxError("empty prompt: every prompt needs at least one token")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise LongctxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise LongctxError(f"chunk_size must be >= 1, got {chunk_size}")
     longest = max(prompt_lengths)
     if longest + max_new_tokens > max_len:
-        raise ValueError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit "
+        raise LongctxError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit "
                          f"the cache of max_len={max_len} tokens")
     policy.validate(cfg, max_len)
 
@@ -249,7 +250,7 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     ids = np.asarray(token_ids, np.int32)
     n = len(ids)
     if n < 2:
-        raise ValueError(f"scoring needs at least 2 tokens, got {n}")
+        raise LongctxError(f"scoring needs at least 2 tokens, got {n}")
     chunk_size = min(chunk_size, n)
     policies = (policy,) if reference is None else (policy, reference)
     for p in policies:

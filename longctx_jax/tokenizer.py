@@ -14,6 +14,8 @@ from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from longctx_jax.errors import LongctxError
+
 # GPT-2's split, and Llama-3's (used by llama.cpp's "llama-bpe" pre-tokenizer).
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
@@ -67,7 +69,7 @@ class Tokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
-            raise ValueError(f"chat template error: {message}")
+            raise LongctxError(f"chat template error: {message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
@@ -84,7 +86,7 @@ class Tokenizer:
         """From GGUF ``tokenizer.ggml.*`` metadata (model ``gpt2``: byte-level BPE)."""
         kind = fields.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ValueError(f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE "
+            raise LongctxError(f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE "
                              "('gpt2') is supported")
         tokens = list(fields["tokenizer.ggml.tokens"])
         types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
@@ -112,7 +114,7 @@ class Tokenizer:
         directory = pathlib.Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(f"{directory} has no tokenizer.json")
+            raise LongctxError(f"{directory} has no tokenizer.json")
         backend = _HFTokenizer.from_file(str(path))
         config = {}
         if (directory / "tokenizer_config.json").is_file():
@@ -140,5 +142,5 @@ def _pre_tokenizer(pre: str, add_prefix_space: bool):
     elif pre in ("llama-bpe", "llama3", "smaug-bpe"):
         split = [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated")]
     else:
-        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}")
+        raise LongctxError(f"unsupported GGUF pre-tokenizer {pre!r}")
     return pre_tokenizers.Sequence([*split, pre_tokenizers.ByteLevel(**byte_level)])

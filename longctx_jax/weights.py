@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from longctx_jax.config import ModelConfig
+from longctx_jax.errors import LongctxError
 
 GGUF_ENV = "LONGCTX_GGUF"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(LongctxError):
     """A model file or directory is missing, unreadable or inconsistent."""
 
 

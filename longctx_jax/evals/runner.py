@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longctx_jax.errors import LongctxError
 from longctx_jax.evals.tasks import Sample, answer_text, exact_match, make_samples
 from longctx_jax.generate import (activation_dtype, check_request, generate_tokens, pad_prompts,
                                   prefill)
@@ -46,9 +47,9 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
     from tqdm.auto import tqdm
 
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; available: {', '.join(MODES)}")
+        raise LongctxError(f"unknown mode {mode!r}; available: {', '.join(MODES)}")
     if samples < 1 or batch_size < 1:
-        raise ValueError("samples and batch_size must be >= 1")
+        raise LongctxError("samples and batch_size must be >= 1")
     tok = model.tokenizer
     new_tokens = _NEW_TOKENS[task] * (3 if variant == "multivalue" else 1)
     # One cache size per length (prompts vary by a few tokens), so each length compiles once.

@@ -19,6 +19,8 @@ import itertools
 import random
 from typing import Callable, Iterator, Sequence
 
+from longctx_jax.errors import LongctxError
+
 TASKS = ("passkey", "niah", "kv")
 NIAH_VARIANTS = ("single", "multikey", "multivalue")
 
@@ -44,11 +46,11 @@ def make_samples(task: str, tokenizer, length: int, depth: float, n: int, seed: 
                  haystack: str | None = None, variant: str = "single") -> list[Sample]:
     """``n`` samples of ``task`` with prompts of about ``length`` tokens and the needle at ``depth``."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+        raise LongctxError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise LongctxError(f"depth must be in [0, 1], got {depth}")
     if variant not in NIAH_VARIANTS:
-        raise ValueError(f"unknown niah variant {variant!r}; available: {', '.join(NIAH_VARIANTS)}")
+        raise LongctxError(f"unknown niah variant {variant!r}; available: {', '.join(NIAH_VARIANTS)}")
     build = {"passkey": _passkey, "niah": _niah, "kv": _kv}[task]
     samples = []
     for i in range(n):
@@ -185,7 +187,7 @@ def _natural_text(text: str, rng) -> Callable[[], Iterator[str]]:
     """Non-empty lines of ``text`` from a random line on, wrapping around."""
     lines = [line for line in text.splitlines(keepends=True) if line.strip()]
     if not lines:
-        raise ValueError("haystack text is empty")
+        raise LongctxError("haystack text is empty")
     start = rng.randrange(len(lines))
     return lambda: itertools.cycle(lines[start:] + lines[:start])
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from longctx_jax.cache import tree_bytes
 from longctx_jax.config import ModelConfig
+from longctx_jax.errors import LongctxError
 
 _REGISTRY: dict[str, type["AttentionPolicy"]] = {}
 
@@ -55,12 +56,12 @@ def available() -> tuple[str, ...]:
 def make_policy(name: str, **options) -> "AttentionPolicy":
     """Build the policy registered as ``name``; unknown names and options raise ``ValueError``."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attention method {name!r}; available: {', '.join(available())}")
+        raise LongctxError(f"unknown attention method {name!r}; available: {', '.join(available())}")
     cls = _REGISTRY[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(options) - known
     if unknown:
-        raise ValueError(f"method {name!r} takes no option(s) {sorted(unknown)}; "
+        raise LongctxError(f"method {name!r} takes no option(s) {sorted(unknown)}; "
                          f"its options: {sorted(known) or 'none'}")
     return cls(**options)
 
@@ -75,7 +76,7 @@ def policy_from_spec(spec: str) -> "AttentionPolicy":
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"bad option {item!r} in {spec!r}: expected option=value")
+            raise LongctxError(f"bad option {item!r} in {spec!r}: expected option=value")
         options[key] = _parse_value(value)
     return make_policy(name, **options)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from longctx_jax.cache import KV
+from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import AttentionPolicy, register, static
 from longctx_jax.policies.full import Full
 from longctx_jax.policies.streaming import Streaming
@@ -47,7 +48,7 @@ def load_gates(source: str | pathlib.Path | None = None) -> np.ndarray:
         ref = importlib.resources.files("longctx_jax") / "assets" / SHIPPED_GATES
         with importlib.resources.as_file(ref) as path:
             if not path.is_file():
-                raise ValueError(f"the shipped DuoAttention gates {SHIPPED_GATES} are missing from "
+                raise LongctxError(f"the shipped DuoAttention gates {SHIPPED_GATES} are missing from "
                                  "the package; pass gates=DIR")
             return _read_npz(path)
     path = pathlib.Path(source).expanduser()
@@ -61,30 +62,30 @@ def load_gates(source: str | pathlib.Path | None = None) -> np.ndarray:
         gates = restore_gates(path)
         if gates is not None:
             return _check_gates(gates, str(path))
-        raise ValueError(f"no DuoAttention gates in {path}: expected gates.npz or an orbax "
+        raise LongctxError(f"no DuoAttention gates in {path}: expected gates.npz or an orbax "
                          "checkpoint of `longctx train duo`")
-    raise ValueError(f"DuoAttention gates {str(source)!r} not found")
+    raise LongctxError(f"DuoAttention gates {str(source)!r} not found")
 
 
 def _read_npz(path: pathlib.Path) -> np.ndarray:
     try:
         data = np.load(path)
     except (OSError, EOFError, ValueError) as e:
-        raise ValueError(f"cannot read DuoAttention gates from {path}: {e}") from e
+        raise LongctxError(f"cannot read DuoAttention gates from {path}: {e}") from e
     if isinstance(data, np.ndarray):  # a bare .npy array
         return _check_gates(data, str(path))
     with data:
         if "gates" not in data:
-            raise ValueError(f"{path} has no array named 'gates' (has {sorted(data)})")
+            raise LongctxError(f"{path} has no array named 'gates' (has {sorted(data)})")
         return _check_gates(data["gates"], str(path))
 
 
 def _check_gates(gates: np.ndarray, where: str) -> np.ndarray:
     gates = np.asarray(gates, np.float32)
     if gates.ndim != 2 or 0 in gates.shape:
-        raise ValueError(f"gates from {where} must be [layers, kv_heads], got shape {gates.shape}")
+        raise LongctxError(f"gates from {where} must be [layers, kv_heads], got shape {gates.shape}")
     if not np.all(np.isfinite(gates)):
-        raise ValueError(f"gates from {where} contain non-finite values")
+        raise LongctxError(f"gates from {where} contain non-finite values")
     return gates
 
 
@@ -97,7 +98,7 @@ def select_heads(gates: np.ndarray, retrieval_ratio: float | None = None,
     """
     gates = _check_gates(gates, "the given array")
     if retrieval_ratio is not None and threshold is not None:
-        raise ValueError("give either retrieval_ratio or threshold, not both")
+        raise LongctxError("give either retrieval_ratio or threshold, not both")
     if threshold is not None:
         chosen = gates > threshold
     else:
@@ -113,7 +114,7 @@ def select_heads(gates: np.ndarray, retrieval_ratio: float | None = None,
 
 def _check_ratio(ratio: float) -> None:
     if not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
-        raise ValueError(f"retrieval_ratio must be in [0, 1], got {ratio!r}")
+        raise LongctxError(f"retrieval_ratio must be in [0, 1], got {ratio!r}")
 
 
 # ------------------------------------------------------------------------------ deployment
@@ -148,13 +149,13 @@ class Duo(AttentionPolicy):
 
     def __post_init__(self):
         if self.sink < 0:
-            raise ValueError(f"duo sink must be >= 0, got {self.sink}")
+            raise LongctxError(f"duo sink must be >= 0, got {self.sink}")
         if self.window < 1:
-            raise ValueError(f"duo window must be >= 1, got {self.window}")
+            raise LongctxError(f"duo window must be >= 1, got {self.window}")
         if self.retrieval_ratio is not None:
             _check_ratio(self.retrieval_ratio)
         if self.retrieval_ratio is not None and self.threshold is not None:
-            raise ValueError("give either retrieval_ratio or threshold, not both")
+            raise LongctxError("give either retrieval_ratio or threshold, not both")
         if self.heads is None:
             gates = load_gates(self.gates)
             object.__setattr__(self, "heads", select_heads(gates, self.retrieval_ratio,
@@ -164,7 +165,7 @@ class Duo(AttentionPolicy):
             heads = tuple(tuple(sorted(int(h) for h in layer)) for layer in self.heads)
             for layer in heads:
                 if len(set(layer)) != len(layer) or any(h < 0 for h in layer):
-                    raise ValueError(f"duo heads must be distinct non-negative ids, got {layer}")
+                    raise LongctxError(f"duo heads must be distinct non-negative ids, got {layer}")
             object.__setattr__(self, "heads", heads)
 
     @classmethod
@@ -179,13 +180,13 @@ class Duo(AttentionPolicy):
         layers, hkv = cfg.num_layers, cfg.num_kv_heads
         if len(self.heads) != layers or (self.kv_heads is not None and self.kv_heads != hkv):
             shape = f"{len(self.heads)} layers x {self.kv_heads or '?'} KV heads"
-            raise ValueError(f"DuoAttention gates are shaped for another model ({shape}); this "
+            raise LongctxError(f"DuoAttention gates are shaped for another model ({shape}); this "
                              f"model has {layers} layers x {hkv} KV heads")
         if any(h >= hkv for layer in self.heads for h in layer):
-            raise ValueError(f"duo head ids must be < {hkv} (the model's KV heads), got "
+            raise LongctxError(f"duo head ids must be < {hkv} (the model's KV heads), got "
                              f"{self.heads}")
         if self.num_streaming(hkv) and self.sink + self.window > max_len:
-            raise ValueError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
+            raise LongctxError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
                              f"length {max_len}")
 
     def num_streaming(self, kv_heads: int) -> int:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from longctx_jax.cache import KV, ring_slot_positions, ring_slots
+from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import (AttentionPolicy, chunk_start, heads_first, register,
                                        static)
 
@@ -23,13 +24,13 @@ class Streaming(AttentionPolicy):
 
     def __post_init__(self):
         if self.sink < 0:
-            raise ValueError(f"streaming sink must be >= 0, got {self.sink}")
+            raise LongctxError(f"streaming sink must be >= 0, got {self.sink}")
         if self.window < 1:
-            raise ValueError(f"streaming window must be >= 1, got {self.window}")
+            raise LongctxError(f"streaming window must be >= 1, got {self.window}")
 
     def validate(self, cfg, max_len):
         if self.sink + self.window > max_len:
-            raise ValueError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
+            raise LongctxError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
                              f"length {max_len}")
 
     def init_cache(self, cfg, batch, max_len, dtype):

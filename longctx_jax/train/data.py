@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from longctx_jax.errors import LongctxError
+
 _WORDS = ("apple river stone candle harbor violet falcon meadow copper lantern orbit thistle "
           "marble willow ember glacier saffron quartz beacon cedar anchor bramble cobalt dune "
           "garnet hazel island juniper kettle lagoon maple nectar oyster pepper quill "
@@ -48,7 +50,7 @@ def context_buckets(contexts: Sequence[int]) -> tuple[int, ...]:
     ``lo`` (``hi`` included); more are taken as given. Few distinct lengths = few compilations."""
     contexts = [int(c) for c in contexts]
     if not contexts or any(c < 1 for c in contexts):
-        raise ValueError(f"context lengths must be positive, got {contexts}")
+        raise LongctxError(f"context lengths must be positive, got {contexts}")
     if len(contexts) != 2:
         return tuple(sorted(set(contexts)))
     lo, hi = sorted(contexts)
@@ -73,16 +75,16 @@ class PasskeyData:
     def __init__(self, encode: Callable[[str], list[int]], text: str, num_passkeys: int = 10,
                  items_per_key: int = 32, seed: int = 0, noise_fraction: float = 0.0):
         if num_passkeys < 1:
-            raise ValueError(f"num_passkeys must be >= 1, got {num_passkeys}")
+            raise LongctxError(f"num_passkeys must be >= 1, got {num_passkeys}")
         if items_per_key < 1:
-            raise ValueError(f"items_per_key must be >= 1, got {items_per_key}")
+            raise LongctxError(f"items_per_key must be >= 1, got {items_per_key}")
         if not 0.0 <= noise_fraction <= 1.0:
-            raise ValueError(f"noise_fraction must be in [0, 1], got {noise_fraction}")
+            raise LongctxError(f"noise_fraction must be in [0, 1], got {noise_fraction}")
         # Lines with their trailing newlines: the units between which passkeys go.
         units = re.findall(r"[^\n]*\n+|[^\n]+$", text.replace("\r\n", "\n"))
         lines = [u for u in units if u.strip()]
         if not lines:
-            raise ValueError("the haystack text is empty")
+            raise LongctxError("the haystack text is empty")
         self.haystacks = {"text": lines,
                           "noise": [s + ". " for s in _NOISE.split(". ") if s.strip()]}
         self.encode = encode
@@ -122,7 +124,7 @@ class PasskeyData:
             if budget >= length // 2:
                 break
         if budget < 1:
-            raise ValueError(f"context length {length} is too short for a passkey of "
+            raise LongctxError(f"context length {length} is too short for a passkey of "
                              f"{self.items_per_key} items (it, the question and the answer take "
                              f"{length - budget} tokens)")
         keys, needles = keys[:n], needles[:n]

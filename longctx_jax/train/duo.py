@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longctx_jax.config import ModelConfig
+from longctx_jax.errors import LongctxError
 from longctx_jax.model import Block, RMSNorm
 from longctx_jax.policies.duo import DuoMixed
 from longctx_jax.train.data import PasskeyData, context_buckets, sample_for_step
@@ -61,23 +62,23 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "contexts", tuple(int(c) for c in self.contexts))
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise LongctxError(f"steps must be >= 1, got {self.steps}")
         if self.num_passkeys < 1 or self.passkey_items < 1:
-            raise ValueError(f"need passkeys >= 1 and passkey items >= 1, got "
+            raise LongctxError(f"need passkeys >= 1 and passkey items >= 1, got "
                              f"{self.num_passkeys}, {self.passkey_items}")
         context_buckets(self.contexts)
         if not 0.0 <= self.noise_fraction <= 1.0:
-            raise ValueError(f"noise_fraction must be in [0, 1], got {self.noise_fraction}")
+            raise LongctxError(f"noise_fraction must be in [0, 1], got {self.noise_fraction}")
         if self.lam < 0:
-            raise ValueError(f"lambda must be >= 0, got {self.lam}")
+            raise LongctxError(f"lambda must be >= 0, got {self.lam}")
         if self.lr <= 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+            raise LongctxError(f"learning rate must be > 0, got {self.lr}")
         if self.sink < 0 or self.window < 1:
-            raise ValueError(f"need sink >= 0 and window >= 1, got {self.sink}, {self.window}")
+            raise LongctxError(f"need sink >= 0 and window >= 1, got {self.sink}, {self.window}")
         if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+            raise LongctxError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.block < 1:
-            raise ValueError(f"block must be >= 1, got {self.block}")
+            raise LongctxError(f"block must be >= 1, got {self.block}")
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -191,7 +192,7 @@ def resolve_impl(attention: str, dtype) -> str | None:
     """``jax.nn.dot_product_attention`` implementation: cuDNN flash attention for bf16/f16 on a GPU
     under ``auto``; XLA (``None``) otherwise."""
     if attention not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION_IMPLS}")
+        raise LongctxError(f"unknown attention {attention!r}; choose from {ATTENTION_IMPLS}")
     if attention == "auto":
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "cudnn" if half and jax.default_backend() == "gpu" else None
@@ -215,7 +216,7 @@ def train_gates(cfg: ModelConfig, params, data: PasskeyData, out_dir: str | os.P
 
     if (data.seed, data.num_passkeys, data.items_per_key, data.noise_fraction) != \
             (tc.seed, tc.num_passkeys, tc.passkey_items, tc.noise_fraction):
-        raise ValueError("the data's seed / num_passkeys / items_per_key / noise_fraction differ "
+        raise LongctxError("the data's seed / num_passkeys / items_per_key / noise_fraction differ "
                          "from the training config's")
     out = pathlib.Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,7 @@ def train_gates(cfg: ModelConfig, params, data: PasskeyData, out_dir: str | os.P
         latest = ckpt.latest_step()
         start = 0
         if latest is not None and not resume:
-            raise ValueError(f"{out} already holds checkpoints (up to step {latest}); pass "
+            raise LongctxError(f"{out} already holds checkpoints (up to step {latest}); pass "
                              "--resume to continue that run or choose another --out")
         if latest is not None:
             saved = ckpt.restore_meta(latest)
@@ -323,7 +324,7 @@ def _check_same_run(saved: dict, meta: dict, out: pathlib.Path) -> None:
             saved["model"]["num_kv_heads"] != meta["model"]["num_kv_heads"]:
         diffs.append(f"model shape: checkpoint {saved['model']} vs now {meta['model']}")
     if diffs:
-        raise ValueError(f"cannot resume {out}: the run differs from its checkpoint ("
+        raise LongctxError(f"cannot resume {out}: the run differs from its checkpoint ("
                          + "; ".join(diffs) + ")")
 
 
@@ -385,13 +386,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             text = args.text_file.read_text(encoding="utf-8")
         except OSError as e:
-            raise ValueError(f"cannot read {args.text_file}: {e.strerror}") from e
+            raise LongctxError(f"cannot read {args.text_file}: {e.strerror}") from e
     else:
         text = synthetic_text(args.seed)
     source = open_model(args.model)
     cfg = source.config
     if max(tc.buckets) > cfg.max_position:
-        raise ValueError(f"--context {max(tc.buckets)} exceeds the model's maximum position "
+        raise LongctxError(f"--context {max(tc.buckets)} exceeds the model's maximum position "
                          f"{cfg.max_position}")
     if tc.sink + tc.window >= min(tc.buckets):
         print(f"note: sink + window ({tc.sink + tc.window}) covers contexts up to that length; "
@@ -441,7 +442,7 @@ def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in str(text).split(",")]
     except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+        raise LongctxError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except ValueError as e:
+    except LongctxError as e:
         print(f"longctx train duo: error: {e}", file=sys.stderr)
         return 2
 
