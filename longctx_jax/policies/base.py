@@ -33,15 +33,22 @@ def static(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"static": True})
 
 
+def pytree_dataclass(cls: type) -> type:
+    """Make ``cls`` a frozen dataclass registered as a pytree: fields made with :func:`static`
+    are part of the tree structure, the others are leaves."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    jax.tree_util.register_dataclass(
+        cls, data_fields=[f.name for f in fields if not f.metadata.get("static")],
+        meta_fields=[f.name for f in fields if f.metadata.get("static")])
+    return cls
+
+
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator: make ``cls`` a frozen pytree dataclass and register it as method ``name``."""
+    """Class decorator: :func:`pytree_dataclass`, and register the class as method ``name``."""
 
     def wrap(cls):
-        cls = dataclasses.dataclass(frozen=True)(cls)
-        fields = dataclasses.fields(cls)
-        jax.tree_util.register_dataclass(
-            cls, data_fields=[f.name for f in fields if not f.metadata.get("static")],
-            meta_fields=[f.name for f in fields if f.metadata.get("static")])
+        cls = pytree_dataclass(cls)
         cls.name = name
         _REGISTRY[name] = cls
         return cls
