@@ -1,31 +1,70 @@
-"""Shared pieces: implementation dispatch, small kernel helpers, and the masked-softmax reference."""
+"""Shared pieces: implementation dispatch, the kernels' common skeleton, and the masked-softmax
+reference."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 
 # Head dims the Pallas kernels take: Triton tiles are powers of two and its dot needs K >= 16.
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 
+# What ``impl="auto"`` stands for; set by :func:`default_impl`, read when an op is traced.
+_AUTO = contextvars.ContextVar("pallas_kernels_auto_impl", default="auto")
+
+
+def _check_impl(impl: str, op: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r} for {op}; choose from {', '.join(IMPLS)}")
+
 
 def resolve_impl(impl: str, op: str, supported: bool = True, why: str = "") -> str:
     """Map ``impl`` to ``"pallas"``, ``"interpret"`` or ``"reference"``.
 
-    ``auto`` picks the Pallas kernel on a GPU backend when the shapes are ``supported`` and the jnp
-    reference otherwise; asking for ``pallas``/``interpret`` on unsupported shapes is an error.
+    ``auto`` takes the setting of :func:`default_impl` where one is in force; else (or where that
+    setting's kernel does not take the shapes) it picks the Pallas kernel on a GPU backend when the
+    shapes are ``supported`` and the jnp reference otherwise. Asking for ``pallas``/``interpret``
+    explicitly on unsupported shapes is an error.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r} for {op}; choose from {', '.join(IMPLS)}")
+    _check_impl(impl, op)
     if impl == "auto":
+        impl = _AUTO.get()
+        if impl == "reference" or (impl != "auto" and supported):
+            return impl
         return "pallas" if supported and jax.default_backend() == "gpu" else "reference"
     if impl in ("pallas", "interpret") and not supported:
         raise ValueError(f"{op}: the Pallas kernel does not take these shapes ({why}); "
                          "use impl='reference'")
     return impl
+
+
+@contextlib.contextmanager
+def default_impl(impl: str):
+    """Within the context every op's ``impl="auto"`` resolves to ``impl`` (where the kernel takes
+    the shapes; else to the reference), e.g. ``"interpret"`` to run the Pallas kernels on a CPU
+    through the policies and the model.
+
+    The choice is made when an op is traced, and jitted functions traced before would keep their
+    old one: the context calls ``jax.clear_caches()`` on entry and on exit, so everything traced
+    inside it is traced again outside.
+    """
+    _check_impl(impl, "default_impl")
+    jax.clear_caches()
+    token = _AUTO.set(impl)
+    try:
+        yield
+    finally:
+        _AUTO.reset(token)
+        jax.clear_caches()
 
 
 def head_dim_ok(d: int) -> tuple[bool, str]:
@@ -100,6 +139,80 @@ def qk_scores(q, k, scale, precision):
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)
     return s * scale
+
+
+def out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+    """A ``pallas_call`` output of ``shape``/``dtype`` that varies over the manual mesh axes any of
+    ``inputs`` varies over: inside ``jax.shard_map`` (``check_vma=True``) every output must say so,
+    and a kernel's outputs depend on all its inputs. Outside shard_map the set is empty."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in inputs))
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+
+
+def ring_slot(pos, sink: int, window: int):
+    """Slot of position ``pos`` in a sink + window ring (``window >= 1`` slots after ``sink``):
+    ``pos`` below ``sink``, else ``sink + (pos - sink) % window``."""
+    return jnp.where(pos < sink, pos, sink + lax.rem(jnp.maximum(pos - sink, 0), window))
+
+
+def query_heads(kv_heads, g: int):
+    """Query-head ids of KV heads ``kv_heads [n]`` (numpy or jnp), ``g`` each: ``[n * g]``, KV
+    head ``h``'s heads ``h * g .. h * g + g - 1`` in the order of ``kv_heads``."""
+    return (kv_heads[:, None] * g + np.arange(g)).reshape(-1)
+
+
+# --------------------------------------------------------------------------- kernel skeleton
+# A decode program holds one KV head's whole query group as the M rows of a tensor-core tile
+# (``gp = group_rows(g)`` rows, rows >= g masked), keeps an online softmax over key blocks, and
+# stores the group's ``(out, lse)`` rows.
+
+
+def load_group_q(q_ref, g: int, gp: int, head=None):
+    """The ``[gp, D]`` query tile of a KV head's ``g`` query heads: rows ``0..g-1`` of ``q_ref``,
+    or rows ``head * g ..`` (a traced KV head id) when ``q_ref`` holds every head; rows >= g are
+    0."""
+    rows = jnp.arange(gp)
+    cols = jnp.arange(q_ref.shape[-1])
+    at = rows[:, None] if head is None else head * g + rows[:, None]
+    return plgpu.load(q_ref.at[at, cols[None, :]], mask=(rows < g)[:, None], other=0.0)
+
+
+def empty_carry(rows: int, d: int):
+    """The online softmax before any key: ``(o [rows, D] = 0, m [rows] = -inf, l [rows] = 0)``."""
+    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def attend_block(q, kb, vb, ok, scale, precision, carry):
+    """The online-softmax update with key rows ``kb``/``vb`` ``[N, D]`` where ``ok [N]``."""
+    sc = jnp.where(ok[None, :], qk_scores(q, kb, scale, precision), -jnp.inf)
+    return online_softmax_step(sc, vb, *carry, precision)
+
+
+def scan_blocks(q, k_ref, v_ref, first, end, block_k: int, scale, precision, carry, skip=None):
+    """The online softmax of ``q [gp, D]`` continued over rows ``first .. end - 1`` of
+    ``k_ref``/``v_ref`` ``[T, D]`` in ``block_k``-row steps; rows at or past ``end`` (and row
+    ``skip``, if given) are masked and never read. ``end <= first`` runs no step."""
+    def body(i, carry):
+        off = first + i * block_k
+        idx = off + jnp.arange(block_k)
+        ok = idx < end if skip is None else (idx < end) & (idx != skip)
+        kb = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
+        vb = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
+        return attend_block(q, kb, vb, ok, scale, precision, carry)
+
+    return lax.fori_loop(0, pl.cdiv(jnp.maximum(end - first, 0), block_k), body, carry)
+
+
+def store_group(o_ref, lse_ref, out, lse, g: int, gp: int):
+    """Store rows ``0..g-1`` of ``out [gp, D]`` (in ``o_ref``'s dtype) and ``lse [gp]``."""
+    rows = jnp.arange(gp)
+    cols = jnp.arange(out.shape[-1])
+    row_ok = rows < g
+    plgpu.store(o_ref.at[rows[:, None], cols[None, :]], out.astype(o_ref.dtype),
+                mask=row_ok[:, None])
+    plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

@@ -25,11 +25,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
     dot_precision,
+    empty_carry,
     finish_softmax,
     head_dim_ok,
     masked_attention,
     next_pow2,
     online_softmax_step,
+    out_struct,
     qk_scores,
     resolve_impl,
 )
@@ -85,8 +87,7 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sink, window, scale
         sc = jnp.where(visible, qk_scores(q, kb, scale, precision), -jnp.inf)
         return online_softmax_step(sc, vb, o, m, l, precision)
 
-    carry = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32))
+    carry = empty_carry(block_q, d)
     n_sink = 0
     if sink > 0:  # keys [0, sink - k_start) that are not in the future of the whole block
         sink_end = jnp.clip(jnp.minimum(sink - k_start, q_hi - k_start + 1), 0, tk)
@@ -124,14 +125,14 @@ def band_pallas(q, k, v, q_start, k_start, *, sink, window, scale=None, interpre
     pos = jnp.stack([jnp.asarray(q_start, jnp.int32), jnp.asarray(k_start, jnp.int32)])
     kv_spec = pl.BlockSpec((None, None, tk, d), lambda i, h, j: (i, h // g, 0, 0))
     q_spec = pl.BlockSpec((None, None, tq, d), lambda i, h, j: (i, h, 0, 0))
+    ins = (pos, q, k, v)
     return pl.pallas_call(
         kernel,
         grid=(b, hq, pl.cdiv(tq, block_q)),
         in_specs=[pl.BlockSpec((2,), lambda i, h, j: (0,)), q_spec, kv_spec, kv_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, tq), lambda i, h, j: (i, h, 0))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, hq, tq), jnp.float32)],
+        out_shape=[out_struct(q.shape, q.dtype, *ins), out_struct((b, hq, tq), jnp.float32, *ins)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="band_prefill_attention",
-    )(pos, q, k, v)
+    )(*ins)

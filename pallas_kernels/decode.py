@@ -26,14 +26,17 @@ from pallas_kernels._common import (
     add_one_key,
     cdiv,
     dot_precision,
+    empty_carry,
     finish_softmax,
     group_rows,
     head_dim_ok,
+    load_group_q,
     masked_attention,
     num_sms,
-    online_softmax_step,
-    qk_scores,
+    out_struct,
     resolve_impl,
+    scan_blocks,
+    store_group,
 )
 from pallas_kernels.merge import merge_splits
 
@@ -111,30 +114,14 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, g, gp, scale, block_k, split_le
         o_ref, lse_ref = refs
     b, s = pl.program_id(0), pl.program_id(2)
     d = q_ref.shape[-1]
-    rows = jnp.arange(gp)
-    cols = jnp.arange(d)
-    row_ok = rows < g
-    # The group's g query heads as a [gp, D] tile; rows >= g are out of range and masked off.
-    q = plgpu.load(q_ref.at[rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
+    q = load_group_q(q_ref, g, gp)
     start = s * split_len
     length = len_ref[b]
     # Appending, no program reads the new token's row: split 0 adds it from registers.
     stop = length - 1 if append else length
     end = jnp.minimum(jnp.minimum(stop, t), start + split_len)
-    n_blocks = pl.cdiv(jnp.maximum(end - start, 0), block_k)
-
-    def body(i, carry):
-        o, m, l = carry
-        off = start + i * block_k
-        ok = off + jnp.arange(block_k) < end
-        kb = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
-        vb = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
-        sc = jnp.where(ok[None, :], qk_scores(q, kb, scale, precision), -jnp.inf)
-        return online_softmax_step(sc, vb, o, m, l, precision)
-
-    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    o, m, l = scan_blocks(q, k_ref, v_ref, start, end, block_k, scale, precision,
+                          empty_carry(gp, d))
     if append:
         pos = length - 1
         writer = (s == 0) & (pos >= 0) & (pos < t)
@@ -144,9 +131,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, g, gp, scale, block_k, split_le
         at = pl.ds(jnp.clip(pos, 0, t - 1), 1)
         plgpu.store(k_out.at[at, :], kn, mask=jnp.full((1, d), writer))
         plgpu.store(v_out.at[at, :], vn, mask=jnp.full((1, d), writer))
-    out, lse = finish_softmax(o, m, l)
-    plgpu.store(o_ref.at[rows[:, None], cols[None, :]], out, mask=row_ok[:, None])
-    plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
+    store_group(o_ref, lse_ref, *finish_softmax(o, m, l), g, gp)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "num_splits",
@@ -173,9 +158,11 @@ def decode_pallas(q, k, v, lengths, *, new_k=None, new_v=None, scale=None, inter
     new_spec = pl.BlockSpec((None, 1, d), lambda i, h, s: (i, h, 0))
     part_specs = [pl.BlockSpec((None, None, None, g, d), lambda i, h, s: (i, h, s, 0, 0)),
                   pl.BlockSpec((None, None, None, g), lambda i, h, s: (i, h, s, 0))]
-    part_shapes = [jax.ShapeDtypeStruct((b, hkv, num_splits, g, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, num_splits, g), jnp.float32)]
-    cache_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v)]
+    lengths = jnp.asarray(lengths, jnp.int32)
+    ins = (lengths, q, k, v, *((new_k, new_v) if append else ()))
+    part_shapes = [out_struct((b, hkv, num_splits, g, d), jnp.float32, *ins),
+                   out_struct((b, hkv, num_splits, g), jnp.float32, *ins)]
+    cache_shapes = [out_struct(x.shape, x.dtype, *ins) for x in (k, v)]
     o, lse, *caches = pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
@@ -188,8 +175,7 @@ def decode_pallas(q, k, v, lengths, *, new_k=None, new_v=None, scale=None, inter
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(jnp.asarray(lengths, jnp.int32), q.reshape(b, hkv, g, d), k, v,
-      *((new_k, new_v) if append else ()))
+    )(lengths, q.reshape(b, hkv, g, d), k, v, *((new_k, new_v) if append else ()))
     if num_splits == 1:
         out, lse = o[:, :, 0].astype(q.dtype).reshape(b, hq, d), lse[:, :, 0].reshape(b, hq)
     else:

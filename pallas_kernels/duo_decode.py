@@ -10,12 +10,13 @@ they are, writes the new keys and values in place, and one merge launch puts eve
 straight into head order.
 
 Contract: ``q [B, Hq, D]``, ``k``/``v`` ``[B, Hkv, D]`` (the new token, model head order);
-``dense_k``/``dense_v`` ``[B, r, T, D]`` hold the KV heads ``retrieval`` (increasing ids);
+``dense_k``/``dense_v`` ``[B, r, T, D]`` hold the KV heads ``retrieval`` (``[r]`` increasing
+ids: a tuple or an int32 array, traced too, e.g. a shard's own local ids under shard_map);
 ``ring_k``/``ring_v`` ``[B, s, S + W, D]`` hold the other ``s`` heads in increasing order as a
 sink+window ring (see ``window.py``); ``lengths [B]`` int32 = tokens including the new one, which
 goes to position ``p = lengths - 1`` (``1 <= lengths <= T``: the caller's promise) and ring slot
-``p`` if ``p < S`` else ``S + (p - S) % W``. After the write, dense key ``i`` is visible iff
-``i <= p`` and ring slot ``i`` iff ``i < min(lengths, S + W)``. Returns ``(out [B, Hq, D] in q's
+``_common.ring_slot(p, S, W)`` (``p`` if ``p < S`` else ``S + (p - S) % W``). After the write,
+dense key ``i`` is visible iff ``i <= p`` and ring slot ``i`` iff ``i < min(lengths, S + W)``. Returns ``(out [B, Hq, D] in q's
 dtype, lse [B, Hq] float32, (dense_k, dense_v, ring_k, ring_v))``; the caches are updated in
 place when their buffers are donated (a decode loop's carry).
 
@@ -24,11 +25,14 @@ dense head ``p // splits``; the other ``s`` programs scan one ring head each, wh
 hundred slots, about one split's work). No program reads the new token's row: the dense scans
 stop before it and the ring scan masks its slot; split 0 of each dense head and each ring program
 add the new token from registers and store it. All write partial ``(out, lse)`` rows, which
-``merge.merge_splits`` (one more launch) merges exactly per head, in head order.
+``merge.merge_splits`` (one more launch) merges exactly per head, in head order. The program ->
+head map and the merge's row ranges are built with jnp from ``retrieval``, before the jitted call:
+concrete ids make them compile-time constants, traced ids a few small ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -41,13 +45,18 @@ from pallas_kernels._common import (
     add_one_key,
     cdiv,
     dot_precision,
+    empty_carry,
     finish_softmax,
     group_rows,
     head_dim_ok,
+    load_group_q,
     num_sms,
-    online_softmax_step,
-    qk_scores,
+    out_struct,
+    query_heads,
     resolve_impl,
+    ring_slot,
+    scan_blocks,
+    store_group,
 )
 from pallas_kernels.decode import (NUM_STAGES, NUM_WARPS, append_rows,
                                    decode_attention_reference)
@@ -62,11 +71,10 @@ def duo_decode_attention(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, ret
     cache and of streaming heads over the ring."""
     retrieval = _check(q, k, v, dense_k, dense_v, ring_k, ring_v, retrieval, sink)
     impl = resolve_impl(impl, "duo_decode_attention", *head_dim_ok(q.shape[-1]))
-    args = (q, k, v, dense_k, dense_v, ring_k, ring_v, lengths)
+    args = (q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, retrieval)
     if impl == "reference":
-        return duo_decode_attention_reference(*args, retrieval, sink, scale)
-    return duo_pallas(*args, retrieval=retrieval, sink=sink, scale=scale,
-                      interpret=impl == "interpret")
+        return duo_decode_attention_reference(*args, sink, scale)
+    return duo_pallas(*args, sink=sink, scale=scale, interpret=impl == "interpret")
 
 
 def duo_decode_attention_reference(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, retrieval,
@@ -74,26 +82,28 @@ def duo_decode_attention_reference(q, k, v, dense_k, dense_v, ring_k, ring_v, le
     b, hq, d = q.shape
     r, s, slots = dense_k.shape[1], ring_k.shape[1], ring_k.shape[2]
     g = hq // (r + s)
-    streaming = [h for h in range(r + s) if h not in retrieval]
+    retrieval = jnp.asarray(retrieval, jnp.int32)
+    streaming = streaming_heads(retrieval, r + s)
     lengths = jnp.asarray(lengths, jnp.int32)
     pos = lengths - 1
-    slot = jnp.where(pos < sink, pos, sink + jnp.mod(pos - sink, max(slots - sink, 1)))
+    slot = ring_slot(pos, sink, slots - sink)
 
-    dense_k, dense_v = (append_rows(c, x[:, list(retrieval)], pos)
+    dense_k, dense_v = (append_rows(c, x[:, retrieval], pos)
                         for c, x in ((dense_k, k), (dense_v, v)))
     ring_k, ring_v = (append_rows(c, x[:, streaming], slot) for c, x in ((ring_k, k), (ring_v, v)))
-    q_r, q_s = _query_heads(retrieval, r + s, g)
+    q_r, q_s = query_heads(retrieval, g), query_heads(streaming, g)
     out_r, lse_r = decode_attention_reference(q[:, q_r], dense_k, dense_v, lengths, scale)
     out_s, lse_s = decode_attention_reference(q[:, q_s], ring_k, ring_v,
                                               jnp.minimum(lengths, slots), scale)
-    order = np.argsort(np.concatenate([q_r, q_s]))
+    order = jnp.argsort(jnp.concatenate([q_r, q_s]))
     return (jnp.concatenate([out_r, out_s], axis=1)[:, order],
             jnp.concatenate([lse_r, lse_s], axis=1)[:, order],
             (dense_k, dense_v, ring_k, ring_v))
 
 
-def _check(q, k, v, dense_k, dense_v, ring_k, ring_v, retrieval, sink) -> tuple[int, ...]:
-    retrieval = tuple(int(h) for h in retrieval)
+def _check(q, k, v, dense_k, dense_v, ring_k, ring_v, retrieval, sink) -> jax.Array:
+    """The shape checks, and ``retrieval`` as int32 ``[r]`` (concrete if given concrete, where the
+    ids are checked too: increasing and in range; traced ids cannot be)."""
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or dense_k.ndim != 4 \
             or ring_k.ndim != 4 or dense_k.shape != dense_v.shape \
             or ring_k.shape != ring_v.shape:
@@ -107,21 +117,54 @@ def _check(q, k, v, dense_k, dense_v, ring_k, ring_v, retrieval, sink) -> tuple[
         raise ValueError(f"want r >= 1 dense and s >= 1 ring KV heads, new k/v for all r + s, "
                          f"(r + s) | Hq, matching batch and head dim; got q {q.shape}, k "
                          f"{k.shape}, dense {dense_k.shape}, ring {ring_k.shape}")
-    if len(retrieval) != r or list(retrieval) != sorted(set(retrieval)) \
-            or not all(0 <= h < r + s for h in retrieval):
+    ids = _as_ids(retrieval)
+    bad = ids.shape != (r,)
+    if not bad and not isinstance(ids, jax.core.Tracer):
+        known = np.asarray(ids)
+        bad = bool(np.any(np.diff(known) <= 0) or known.min() < 0 or known.max() >= r + s)
+    if bad:
         raise ValueError(f"retrieval must be the {r} dense heads' ids, increasing, in "
                          f"[0, {r + s}); got {retrieval}")
     if not 0 <= sink < ring_k.shape[2]:
         raise ValueError(f"sink must leave the ring at least one window slot: sink {sink}, "
                          f"{ring_k.shape[2]} slots")
-    return retrieval
+    return ids
 
 
-def _query_heads(retrieval, hkv: int, g: int):
-    """Query-head ids of the retrieval KV heads and of the others, each in increasing order."""
-    dense = np.array(retrieval, np.int64)
-    ring = np.array([h for h in range(hkv) if h not in retrieval], np.int64)
-    return [(heads[:, None] * g + np.arange(g)).reshape(-1) for heads in (dense, ring)]
+def _fold_if_concrete(x):
+    """``jax.ensure_compile_time_eval()`` where ``x`` is concrete (ops on it run at trace time and
+    their results enter the program as constants), a plain context where it is traced."""
+    return contextlib.nullcontext() if isinstance(x, jax.core.Tracer) \
+        else jax.ensure_compile_time_eval()
+
+
+def _as_ids(retrieval) -> jax.Array:
+    """``retrieval`` as int32; concrete ids (a tuple too, inside jit) stay concrete."""
+    with _fold_if_concrete(retrieval):
+        return jnp.asarray(retrieval, jnp.int32)
+
+
+def streaming_heads(retrieval, hkv: int):
+    """The ``hkv - r`` KV head ids not in ``retrieval [r]``, increasing (int32, jnp)."""
+    dense = jnp.isin(jnp.arange(hkv), retrieval)
+    return jnp.nonzero(~dense, size=hkv - retrieval.shape[0])[0].astype(jnp.int32)
+
+
+def duo_layout(retrieval, hkv: int, splits: int):
+    """Where each KV head's work goes, from ``retrieval [r]`` int32 (traced too).
+
+    Returns int32 ``program_head [r * splits + s]`` (program ``p``'s KV head in model order: each
+    dense head's ``splits`` programs, then one per ring head) and ``first``/``count`` ``[hkv]``
+    (KV head ``h``'s partial rows for :func:`merge.merge_splits`).
+    """
+    r = retrieval.shape[0]
+    streaming = streaming_heads(retrieval, hkv)
+    n_dense = r * splits
+    program_head = jnp.concatenate([jnp.repeat(retrieval, splits), streaming])
+    first = (jnp.zeros(hkv, jnp.int32).at[retrieval].set(jnp.arange(r, dtype=jnp.int32) * splits)
+             .at[streaming].set(n_dense + jnp.arange(hkv - r, dtype=jnp.int32)))
+    count = jnp.where(jnp.isin(jnp.arange(hkv), retrieval), splits, 1).astype(jnp.int32)
+    return program_head, first, count
 
 
 def default_splits(b: int, r: int, s: int, t: int, block_k: int = BLOCK_K) -> int:
@@ -134,50 +177,30 @@ def _kernel(len_ref, head_ref, q_ref, kn_ref, vn_ref, dk_ref, dv_ref, rk_ref, rv
             n_dense, t, sink, slots, precision):
     b, p = pl.program_id(0), pl.program_id(1)
     d = q_ref.shape[-1]
-    rows = jnp.arange(gp)
-    cols = jnp.arange(d)
-    row_ok = rows < g
     # The program's KV head (model order): its g query heads as the rows of a [gp, D] tile.
     head = head_ref[p]
-    q = plgpu.load(q_ref.at[head * g + rows[:, None], cols[None, :]], mask=row_ok[:, None],
-                   other=0.0)
+    q = load_group_q(q_ref, g, gp, head)
     pos = len_ref[b] - 1  # the new token's position
     is_dense = p < n_dense
     split = jax.lax.rem(p, splits)
     start = split * split_len
     dense_end = jnp.where(is_dense, jnp.minimum(jnp.minimum(pos, t), start + split_len), start)
-    ring_slot = jnp.where(pos < sink, pos, sink + jax.lax.rem(jnp.maximum(pos - sink, 0),
-                                                              slots - sink))
+    slot = ring_slot(pos, sink, slots - sink)
     ring_end = jnp.where(is_dense, 0, jnp.clip(pos + 1, 0, slots))
-
-    def scan(k_ref, v_ref, first, end, skip, carry):
-        def body(i, carry):
-            o, m, l = carry
-            off = first + i * block_k
-            idx = off + jnp.arange(block_k)
-            ok = (idx < end) & (idx != skip)
-            kb = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
-            vb = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
-            sc = jnp.where(ok[None, :], qk_scores(q, kb, scale, precision), -jnp.inf)
-            return online_softmax_step(sc, vb, o, m, l, precision)
-        return jax.lax.fori_loop(0, pl.cdiv(jnp.maximum(end - first, 0), block_k), body, carry)
-
-    carry = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
-             jnp.zeros((gp,), jnp.float32))
     # Each program runs one of the two loops; the other has zero trips.
-    carry = scan(dk_ref, dv_ref, start, dense_end, -1, carry)
-    carry = scan(rk_ref, rv_ref, 0, ring_end, ring_slot, carry)
+    carry = scan_blocks(q, dk_ref, dv_ref, start, dense_end, block_k, scale, precision,
+                        empty_carry(gp, d))
+    carry = scan_blocks(q, rk_ref, rv_ref, 0, ring_end, block_k, scale, precision, carry,
+                        skip=slot)
     # The new token: split 0 of a dense head, or the ring program, adds it and stores it.
     dense_writer = is_dense & (split == 0) & (pos >= 0) & (pos < t)
     ring_writer = jnp.logical_not(is_dense) & (pos >= 0)
     kn = plgpu.load(kn_ref.at[pl.ds(head, 1), :]).astype(dk_ref.dtype)  # [1, D]
     vn = plgpu.load(vn_ref.at[pl.ds(head, 1), :]).astype(dv_ref.dtype)
     o, m, l = add_one_key(q, kn, vn, dense_writer | ring_writer, scale, *carry)
-    out, lse = finish_softmax(o, m, l)
-    plgpu.store(o_ref.at[rows[:, None], cols[None, :]], out, mask=row_ok[:, None])
-    plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
+    store_group(o_ref, lse_ref, *finish_softmax(o, m, l), g, gp)
     at_dense = pl.ds(jnp.clip(pos, 0, t - 1), 1)
-    at_ring = pl.ds(jnp.clip(ring_slot, 0, slots - 1), 1)
+    at_ring = pl.ds(jnp.clip(slot, 0, slots - 1), 1)
     # The cache outputs are the input buffers (aliased): only the new rows are stored.
     for ref, x, at, on in ((dk_out, kn, at_dense, dense_writer),
                            (dv_out, vn, at_dense, dense_writer),
@@ -186,31 +209,33 @@ def _kernel(len_ref, head_ref, q_ref, kn_ref, vn_ref, dk_ref, dv_ref, rk_ref, rv
         plgpu.store(ref.at[at, :], x, mask=jnp.full((1, d), on))
 
 
-@functools.partial(jax.jit, static_argnames=("retrieval", "sink", "scale", "interpret", "block_k",
-                                             "num_splits", "num_warps", "num_stages"))
-def duo_pallas(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, *, retrieval, sink,
+def duo_pallas(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, retrieval, *, sink,
                scale=None, interpret=False, block_k=BLOCK_K, num_splits=None,
                num_warps=NUM_WARPS, num_stages=NUM_STAGES):
-    """The Pallas path; ``retrieval`` is static (a tuple), block sizes overridable for tests."""
+    """The Pallas path; ``retrieval`` is a tuple or an int32 array (traced too), block sizes are
+    overridable for tests. The layout is built outside the jitted call, so concrete ids fold."""
+    b, r, t = dense_k.shape[:3]
+    s = ring_k.shape[1]
+    split_len = cdiv(cdiv(t, num_splits or default_splits(b, r, s, t, block_k)), block_k) * block_k
+    splits = cdiv(t, split_len)
+    ids = _as_ids(retrieval)
+    with _fold_if_concrete(ids):
+        layout = duo_layout(ids, r + s, splits)
+    return _duo_call(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, *layout, sink=sink,
+                     scale=scale, interpret=interpret, block_k=block_k, splits=splits,
+                     split_len=split_len, num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("sink", "scale", "interpret", "block_k", "splits",
+                                             "split_len", "num_warps", "num_stages"))
+def _duo_call(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, program_head, first, count, *,
+              sink, scale, interpret, block_k, splits, split_len, num_warps, num_stages):
     b, hq, d = q.shape
     _, r, t, _ = dense_k.shape
     s, slots = ring_k.shape[1], ring_k.shape[2]
-    hkv = r + s
-    g = hq // hkv
-    splits = num_splits or default_splits(b, r, s, t, block_k)
-    split_len = cdiv(cdiv(t, splits), block_k) * block_k
-    splits = cdiv(t, split_len)
+    g = hq // (r + s)
     n_dense = r * splits
     programs = n_dense + s
-    streaming = [h for h in range(hkv) if h not in retrieval]
-    program_head = np.array([h for h in retrieval for _ in range(splits)] + streaming, np.int32)
-    # Where each KV head's parts are (model order): a dense head's splits, or one ring row.
-    first, count = np.zeros(hkv, np.int32), np.ones(hkv, np.int32)
-    for i, h in enumerate(retrieval):
-        first[h], count[h] = i * splits, splits
-    for j, h in enumerate(streaming):
-        first[h] = n_dense + j
-
     scale = d ** -0.5 if scale is None else scale
     kernel = functools.partial(_kernel, g=g, gp=group_rows(g), scale=scale, block_k=block_k,
                                splits=splits, split_len=split_len, n_dense=n_dense, t=t,
@@ -219,7 +244,9 @@ def duo_pallas(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, *, retrieval,
                               lambda i, p: (i, jnp.minimum(jax.lax.div(p, splits), r - 1), 0, 0))
     ring_spec = pl.BlockSpec((None, None, slots, d),
                              lambda i, p: (i, jnp.clip(p - n_dense, 0, s - 1), 0, 0))
-    new_spec = pl.BlockSpec((None, hkv, d), lambda i, p: (i, 0, 0))
+    new_spec = pl.BlockSpec((None, r + s, d), lambda i, p: (i, 0, 0))
+    ins = (jnp.asarray(lengths, jnp.int32), program_head, q, k, v, dense_k, dense_v, ring_k,
+           ring_v)
     o, lse, *caches = pl.pallas_call(
         kernel,
         grid=(b, programs),
@@ -230,15 +257,15 @@ def duo_pallas(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, *, retrieval,
         out_specs=[pl.BlockSpec((None, None, g, d), lambda i, p: (i, p, 0, 0)),
                    pl.BlockSpec((None, None, g), lambda i, p: (i, p, 0)),
                    dense_spec, dense_spec, ring_spec, ring_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, programs, g, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, programs, g), jnp.float32),
-                   *(jax.ShapeDtypeStruct(x.shape, x.dtype)
+        out_shape=[out_struct((b, programs, g, d), jnp.float32, *ins),
+                   out_struct((b, programs, g), jnp.float32, *ins),
+                   *(out_struct(x.shape, x.dtype, *ins)
                      for x in (dense_k, dense_v, ring_k, ring_v))],
         input_output_aliases={5: 2, 6: 3, 7: 4, 8: 5},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="duo_decode_attention",
-    )(jnp.asarray(lengths, jnp.int32), jnp.asarray(program_head), q, k, v, dense_k, dense_v,
-      ring_k, ring_v)
-    out, lse = merge_splits(o, lse, first, count, dtype=q.dtype, interpret=interpret)
+    )(*ins)
+    out, lse = merge_splits(o, lse, first, count, dtype=q.dtype, max_count=splits,
+                            interpret=interpret)
     return out, lse, tuple(caches)

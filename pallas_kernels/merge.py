@@ -11,14 +11,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import next_pow2
+from pallas_kernels._common import next_pow2, out_struct
 
 
 def merge_stacked(out: jax.Array, lse: jax.Array, axis: int = 0, dtype=None):
     """Merge parts stacked along ``axis``: ``out [..., P, ..., D]``, ``lse`` the same less ``D``.
 
-    Plain jnp that XLA fuses into one reduction; this is also the split-K reduction of the decode
-    kernels. Returns ``(out in dtype (default out's), lse float32)``.
+    Plain jnp that XLA fuses into one reduction: the reference of :func:`merge_splits`. Returns
+    ``(out in dtype (default out's), lse float32)``.
     """
     axis = axis % lse.ndim
     lse = lse.astype(jnp.float32)
@@ -55,33 +55,39 @@ def merge_attention(parts: Sequence[tuple[jax.Array, jax.Array]]):
     return out.astype(parts[0][0].dtype), jnp.log(total) + top
 
 
-def merge_splits(out, lse, first, count, *, dtype, interpret: bool = False):
+def merge_splits(out, lse, first, count, *, dtype, max_count: int | None = None,
+                 interpret: bool = False):
     """Split-K reduction of decode kernels as one Pallas launch (XLA's needs four or five).
 
     ``out [B, P, g, D]`` float32 partial outputs and ``lse [B, P, g]`` of ``P`` parts; KV head
-    ``h``'s parts are rows ``first[h] .. first[h] + count[h] - 1`` (static). Returns
-    ``(out [B, Hkv * g, D] in dtype, lse [B, Hkv * g] float32)``, query head ``h * g + i`` merging
-    row ``i`` of its KV head's parts, exactly as :func:`merge_stacked`.
+    ``h``'s parts are rows ``first[h] .. first[h] + count[h] - 1`` (``first``/``count`` ``[Hkv]``
+    int32, numpy or jnp, traced too). ``max_count`` (static) bounds ``count``; without it
+    ``count`` must be concrete. Returns ``(out [B, Hkv * g, D] in dtype, lse [B, Hkv * g]
+    float32)``, query head ``h * g + i`` merging row ``i`` of its KV head's parts, exactly as
+    :func:`merge_stacked`.
     """
     b, parts, g, d = out.shape
-    first, count = np.asarray(first, np.int32), np.asarray(count, np.int32)
-    hq = len(first) * g
-    kernel = functools.partial(_merge_kernel, g=g, n_pad=next_pow2(int(count.max())))
+    max_count = int(np.max(count)) if max_count is None else max_count
+    first, count = jnp.asarray(first, jnp.int32), jnp.asarray(count, jnp.int32)
+    hkv = first.shape[0]
+    hq = hkv * g
+    ins = (first, count, out, lse)
+    kernel = functools.partial(_merge_kernel, g=g, n_pad=next_pow2(max_count))
     merged, merged_lse = pl.pallas_call(
         kernel,
         grid=(b, hq),
-        in_specs=[pl.BlockSpec((len(first),), lambda i, h: (0,)),
-                  pl.BlockSpec((len(first),), lambda i, h: (0,)),
+        in_specs=[pl.BlockSpec((hkv,), lambda i, h: (0,)),
+                  pl.BlockSpec((hkv,), lambda i, h: (0,)),
                   pl.BlockSpec((None, parts, None, d), lambda i, h: (i, 0, jax.lax.rem(h, g), 0)),
                   pl.BlockSpec((None, parts, None), lambda i, h: (i, 0, jax.lax.rem(h, g)))],
         out_specs=[pl.BlockSpec((None, 1, d), lambda i, h: (i, h, 0)),
                    pl.BlockSpec((None, 1), lambda i, h: (i, h))],
-        out_shape=[jax.ShapeDtypeStruct((b, hq, d), dtype),
-                   jax.ShapeDtypeStruct((b, hq), jnp.float32)],
+        out_shape=[out_struct((b, hq, d), dtype, *ins),
+                   out_struct((b, hq), jnp.float32, *ins)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="merge_splits",
-    )(jnp.asarray(first), jnp.asarray(count), out, lse)
+    )(*ins)
     return merged, merged_lse
 
 

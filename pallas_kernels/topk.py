@@ -8,7 +8,8 @@ D] in q's dtype, lse [B, Hq] float32)``; a row of all ``-1`` gives ``(0, -inf)``
 Kernel: grid ``(B, Hkv, splits)`` over the K index list. A program loads ``block_k`` indices,
 then gathers those K and V rows straight from the cache with a vector of row pointers (no
 gathered copy is written to HBM), masking the tail past K and the ``-1`` entries. Partial
-``(out, lse)`` per split are merged with the exact lse formula.
+``(out, lse)`` per split are merged with the exact lse formula (``merge.merge_splits``, one more
+launch).
 """
 
 from __future__ import annotations
@@ -17,22 +18,26 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
+    attend_block,
     cdiv,
     dot_precision,
+    empty_carry,
     finish_softmax,
     group_rows,
     head_dim_ok,
+    load_group_q,
     masked_attention,
-    online_softmax_step,
-    qk_scores,
+    out_struct,
     resolve_impl,
+    store_group,
 )
 from pallas_kernels.decode import _check
-from pallas_kernels.merge import merge_stacked
+from pallas_kernels.merge import merge_splits
 
 TARGET_PROGRAMS = 256
 
@@ -69,13 +74,10 @@ def _kernel(q_ref, idx_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block
             kk, precision):
     s = pl.program_id(2)
     d = q_ref.shape[-1]
-    rows = jnp.arange(gp)
     cols = jnp.arange(d)
-    row_ok = rows < g
-    q = plgpu.load(q_ref.at[rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
+    q = load_group_q(q_ref, g, gp)
 
     def body(i, carry):
-        o, m, l = carry
         pos = s * split_len + i * block_k + jnp.arange(block_k)
         ids = plgpu.load(idx_ref.at[pl.ds(s * split_len + i * block_k, block_k)],
                          mask=pos < kk, other=-1)
@@ -83,16 +85,11 @@ def _kernel(q_ref, idx_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block
         safe = jnp.where(ok, ids, 0)
         kb = plgpu.load(k_ref.at[safe[:, None], cols[None, :]], mask=ok[:, None], other=0.0)
         vb = plgpu.load(v_ref.at[safe[:, None], cols[None, :]], mask=ok[:, None], other=0.0)
-        sc = jnp.where(ok[None, :], qk_scores(q, kb, scale, precision), -jnp.inf)
-        return online_softmax_step(sc, vb, o, m, l, precision)
+        return attend_block(q, kb, vb, ok, scale, precision, carry)
 
-    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
     n_blocks = pl.cdiv(jnp.minimum(split_len, kk - s * split_len), block_k)
-    o, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
-    out, lse = finish_softmax(o, m, l)
-    plgpu.store(o_ref.at[rows[:, None], cols[None, :]], out, mask=row_ok[:, None])
-    plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
+    carry = jax.lax.fori_loop(0, n_blocks, body, empty_carry(gp, d))
+    store_group(o_ref, lse_ref, *finish_softmax(*carry), g, gp)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "num_splits",
@@ -113,6 +110,7 @@ def topk_pallas(q, k, v, idx, *, scale=None, interpret=False, block_k=None, num_
     kernel = functools.partial(_kernel, g=g, gp=group_rows(g), scale=scale, block_k=block_k,
                                split_len=split_len, kk=kk, precision=dot_precision(q.dtype))
     kv_spec = pl.BlockSpec((None, None, t, d), lambda i, h, s: (i, h, 0, 0))
+    ins = (q.reshape(b, hkv, g, d), idx.astype(jnp.int32), k, v)
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
@@ -121,14 +119,14 @@ def topk_pallas(q, k, v, idx, *, scale=None, interpret=False, block_k=None, num_
                   kv_spec, kv_spec],
         out_specs=[pl.BlockSpec((None, None, None, g, d), lambda i, h, s: (i, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, g), lambda i, h, s: (i, h, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, g, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, num_splits, g), jnp.float32)],
+        out_shape=[out_struct((b, hkv, num_splits, g, d), jnp.float32, *ins),
+                   out_struct((b, hkv, num_splits, g), jnp.float32, *ins)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="topk_decode_attention",
-    )(q.reshape(b, hkv, g, d), idx.astype(jnp.int32), k, v)
+    )(*ins)
     if num_splits == 1:
-        out, lse = o[:, :, 0].astype(q.dtype), lse[:, :, 0]
-    else:
-        out, lse = merge_stacked(o, lse, axis=2, dtype=q.dtype)
-    return out.reshape(b, hq, d), lse.reshape(b, hq)
+        return o[:, :, 0].astype(q.dtype).reshape(b, hq, d), lse[:, :, 0].reshape(b, hq)
+    return merge_splits(o.reshape(b, hkv * num_splits, g, d), lse.reshape(b, -1, g),
+                        np.arange(hkv) * num_splits, np.full(hkv, num_splits), dtype=q.dtype,
+                        interpret=interpret)

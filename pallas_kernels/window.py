@@ -31,13 +31,16 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._common import (
     cdiv,
     dot_precision,
+    empty_carry,
     finish_softmax,
     group_rows,
     head_dim_ok,
+    load_group_q,
     num_sms,
-    online_softmax_step,
-    qk_scores,
+    out_struct,
     resolve_impl,
+    scan_blocks,
+    store_group,
 )
 from pallas_kernels.decode import _check, decode_attention_reference, decode_pallas
 
@@ -67,30 +70,11 @@ def window_decode_attention_reference(q, k, v, lengths, scale=None):
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g, gp, scale, block_k, slots,
             precision):
-    b = pl.program_id(0)
-    d = q_ref.shape[-1]
-    rows = jnp.arange(gp)
-    cols = jnp.arange(d)
-    row_ok = rows < g
-    q = plgpu.load(q_ref.at[rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
-    end = jnp.clip(len_ref[b], 0, slots)
-
-    def body(i, carry):
-        o, m, l = carry
-        off = i * block_k
-        ok = off + jnp.arange(block_k) < end
-        kb = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
-        vb = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
-        sc = jnp.where(ok[None, :], qk_scores(q, kb, scale, precision), -jnp.inf)
-        return online_softmax_step(sc, vb, o, m, l, precision)
-
-    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, pl.cdiv(end, block_k), body, init)
-    out, lse = finish_softmax(o, m, l)
-    plgpu.store(o_ref.at[rows[:, None], cols[None, :]], out.astype(o_ref.dtype),
-                mask=row_ok[:, None])
-    plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
+    q = load_group_q(q_ref, g, gp)
+    end = jnp.clip(len_ref[pl.program_id(0)], 0, slots)
+    carry = scan_blocks(q, k_ref, v_ref, 0, end, block_k, scale, precision,
+                        empty_carry(gp, q_ref.shape[-1]))
+    store_group(o_ref, lse_ref, *finish_softmax(*carry), g, gp)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "num_warps",
@@ -105,6 +89,7 @@ def window_pallas(q, k, v, lengths, *, scale=None, interpret=False, block_k=64, 
     kernel = functools.partial(_kernel, g=g, gp=group_rows(g), scale=scale, block_k=block_k,
                                slots=slots, precision=dot_precision(q.dtype))
     kv_spec = pl.BlockSpec((None, None, slots, d), lambda i, h: (i, h, 0, 0))
+    ins = (jnp.asarray(lengths, jnp.int32), q.reshape(b, hkv, g, d), k, v)
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, hkv),
@@ -113,10 +98,10 @@ def window_pallas(q, k, v, lengths, *, scale=None, interpret=False, block_k=64, 
                   kv_spec, kv_spec],
         out_specs=[pl.BlockSpec((None, None, g, d), lambda i, h: (i, h, 0, 0)),
                    pl.BlockSpec((None, None, g), lambda i, h: (i, h, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, g, d), q.dtype),
-                   jax.ShapeDtypeStruct((b, hkv, g), jnp.float32)],
+        out_shape=[out_struct((b, hkv, g, d), q.dtype, *ins),
+                   out_struct((b, hkv, g), jnp.float32, *ins)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="window_decode_attention",
-    )(jnp.asarray(lengths, jnp.int32), q.reshape(b, hkv, g, d), k, v)
+    )(*ins)
     return out.reshape(b, hq, d), lse.reshape(b, hq)

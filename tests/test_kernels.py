@@ -20,8 +20,11 @@ from hypothesis import strategies as st
 import pallas_kernels as pk
 from pallas_kernels.band_prefill import band_pallas, band_prefill_reference
 from pallas_kernels.decode import decode_attention_reference, decode_pallas
+from pallas_kernels import decode as decode_module
 from pallas_kernels.duo_decode import duo_decode_attention_reference, duo_pallas
+from pallas_kernels._common import query_heads, ring_slot
 from pallas_kernels.merge import merge_splits, merge_stacked
+from pallas_kernels.scores import decode_scores_reference, scores_pallas
 from pallas_kernels.topk import topk_decode_attention_reference, topk_pallas
 from pallas_kernels.window import window_decode_attention_reference, window_pallas
 
@@ -295,6 +298,50 @@ def test_merge_splits_equals_merge_stacked():
     _assert_close(got, want, bf16)
 
 
+def test_duo_decode_traced_retrieval():
+    """``retrieval`` as a traced int32 array (a shard's own ids) gives what the tuple gives; the
+    id check runs on concrete ids only."""
+    case = DUO_CASES[2]
+    b, hq, hkv, retrieval, t, sink, window, d, dtype, block_k, splits, lengths = case
+    args = _duo_inputs(_seed("duo-traced", case), b, hq, hkv, retrieval, t, sink + window, d,
+                       dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    want = pk.duo_decode_attention(*args, lengths, retrieval, sink, impl=IMPL)
+    for impl in (IMPL, "reference"):
+        step = jax.jit(lambda ids, impl=impl: pk.duo_decode_attention(*args, lengths, ids, sink,
+                                                                       impl=impl))
+        got = step(jnp.asarray(retrieval, jnp.int32))
+        _assert_close(got[:2], want[:2], dtype)
+        chex.assert_trees_all_equal(got[2], want[2])
+    # A wrong (traced) id cannot be caught, but a concrete array is checked like a tuple.
+    with pytest.raises(ValueError, match="retrieval"):
+        pk.duo_decode_attention(*args, lengths, np.array([6, 1, 0], np.int32), sink)
+
+
+def test_ring_slot_and_query_heads():
+    pos = np.arange(-1, 40)
+    for sink, window in [(0, 1), (4, 7), (3, 16)]:
+        want = [p if p < sink else sink + (p - sink) % window for p in pos]
+        np.testing.assert_array_equal(np.asarray(ring_slot(jnp.asarray(pos), sink, window)), want)
+    heads = np.array([3, 0, 5])
+    want = [9, 10, 11, 0, 1, 2, 15, 16, 17]
+    np.testing.assert_array_equal(query_heads(heads, 3), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(query_heads, static_argnums=1)(
+        jnp.asarray(heads), 3)), want)
+
+
+def test_merge_splits_traced_rows():
+    """``first``/``count`` as traced arrays with a static ``max_count``."""
+    rng = np.random.default_rng(_seed("merge-splits-traced"))
+    out = jnp.asarray(rng.standard_normal((2, 7, 2, 16)), f32)
+    lse = jnp.asarray(rng.standard_normal((2, 7, 2)), f32)
+    first, count = jnp.asarray([4, 0, 5], jnp.int32), jnp.asarray([1, 4, 2], jnp.int32)
+    got = jax.jit(lambda f, c: merge_splits(out, lse, f, c, dtype=f32, max_count=4,
+                                            interpret=INTERPRET))(first, count)
+    _assert_close(got, merge_splits(out, lse, np.asarray(first), np.asarray(count), dtype=f32,
+                                    interpret=INTERPRET), f32)
+
+
 # --------------------------------------------------------------------------- gathered top-K
 def _topk_idx(rng, b, hkv, t, kk, pad_frac):
     idx = np.stack([np.stack([rng.permutation(t)[:kk] for _ in range(hkv)]) for _ in range(b)])
@@ -341,6 +388,94 @@ def test_topk_order_of_indices_is_irrelevant():
     b = topk_pallas(q[:, :, 0], k, v, jnp.asarray(idx[..., ::-1].copy()), interpret=INTERPRET,
                     block_k=16)
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- decode scores
+def _np_scores(q, k, lengths, lse=None, scale=None):
+    """float64: ``[B, Hkv, T]`` max over each group of ``scale * q.k`` (``- lse``), -inf past
+    ``lengths``."""
+    q, k = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k))
+    b, hq, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    s = np.einsum("bhgd,bhtd->bhgt", q.reshape(b, hkv, hq // hkv, d), k) * scale
+    if lse is not None:
+        s = s - np.asarray(lse, np.float64).reshape(b, hkv, hq // hkv, 1)
+    visible = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
+    return np.where(visible[:, None], s.max(axis=2), -np.inf)
+
+
+def _assert_scores_close(got, want, dtype):
+    assert got.dtype == jnp.float32
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_array_equal(got == -np.inf, want == -np.inf)
+    tol = 2e-5 if dtype == f32 else 1e-4
+    chex.assert_trees_all_close(got, want, rtol=tol, atol=tol)
+
+
+# b, hq, hkv, t, d, dtype, block_k, lengths (None = kernel default block)
+SCORES_CASES = [
+    (2, 4, 4, 70, 32, f32, 16, [70, 33]),             # g=1, T and lengths off the block
+    (3, 24, 8, 300, 64, bf16, 32, [0, 300, 129]),     # g=3, empty sequence
+    (1, 32, 8, 200, 128, bf16, 64, [177]),            # g=4
+    (2, 16, 2, 50, 16, f32, None, [60, 1]),           # g=8, lengths > T, default block
+]
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["scores", "log-probs"])
+@pytest.mark.parametrize("case", SCORES_CASES, ids=lambda c: f"b{c[0]}hq{c[1]}hkv{c[2]}t{c[3]}"
+                         f"d{c[4]}{jnp.dtype(c[5]).name}")
+def test_scores_kernel(case, with_lse):
+    b, hq, hkv, t, d, dtype, block_k, lengths = case
+    q, k, v = _inputs(_seed("scores", case), b, hq, hkv, 1, t, d, dtype)
+    q = q[:, :, 0]
+    lengths = jnp.asarray(lengths, jnp.int32)
+    lse = pk.decode_attention(q, k, v, lengths, impl=IMPL)[1] if with_lse else None
+    got = scores_pallas(q, k, lengths, lse, interpret=INTERPRET, block_k=block_k)
+    ref = decode_scores_reference(q, k, lengths, lse)
+    want = _np_scores(q, k, np.minimum(np.asarray(lengths), t), lse)
+    _assert_scores_close(ref, want, dtype)
+    _assert_scores_close(got, want, dtype)
+    _assert_scores_close(pk.decode_scores(q, k, lengths, lse, impl=IMPL), want, dtype)
+    if with_lse:  # exp(score) is the largest attention probability the group gives the key
+        mask = np.arange(t)[None, :] < np.minimum(np.asarray(lengths), t)[:, None]
+        q64, k64 = (np.asarray(jnp.asarray(x, f32), np.float64) for x in (q, k))
+        s = np.einsum("bhgd,bhtd->bhgt", q64.reshape(b, hkv, hq // hkv, d), k64) / np.sqrt(d)
+        s = np.where(mask[:, None, None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True, initial=-1e30))
+        p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+        chex.assert_trees_all_close(np.exp(np.asarray(got, np.float64)), p.max(axis=2),
+                                    rtol=2e-5 if dtype == f32 else 2e-4, atol=1e-7)
+
+
+@settings(max_examples=max(3, N_EXAMPLES // 3), deadline=None)
+@given(seed=st.integers(0, 2**30), b=st.integers(1, 3),
+       heads=st.sampled_from([(1, 1), (3, 1), (8, 1), (6, 2)]), t=st.integers(1, 70),
+       d=st.sampled_from([16, 32]), dtype=st.sampled_from([f32, bf16]), with_lse=st.booleans(),
+       data=st.data())
+def test_scores_kernel_random_shapes(seed, b, heads, t, d, dtype, with_lse, data):
+    hq, hkv = heads
+    q, k, _ = _inputs(seed, b, hq, hkv, 1, t, d, dtype)
+    q = q[:, :, 0]
+    lengths = np.array(data.draw(st.lists(st.integers(0, 2 * t), min_size=b, max_size=b)),
+                       np.int32)
+    lse = jnp.asarray(np.random.default_rng(seed).standard_normal((b, hq)), f32) \
+        if with_lse else None
+    got = scores_pallas(q, k, jnp.asarray(lengths), lse, interpret=INTERPRET, block_k=16)
+    want = _np_scores(q, k, np.minimum(lengths, t), lse)
+    _assert_scores_close(got, want, dtype)
+    _assert_scores_close(decode_scores_reference(q, k, jnp.asarray(lengths), lse), want, dtype)
+
+
+def test_scores_scale_and_checks():
+    q, k, _ = _inputs(_seed("scores-api"), 2, 8, 2, 1, 40, 32, f32, q_std=3.0)
+    lengths = jnp.asarray([40, 9], jnp.int32)
+    want = _np_scores(q[:, :, 0], k, lengths, scale=0.3)
+    _assert_scores_close(pk.decode_scores(q[:, :, 0], k, lengths, scale=0.3, impl=IMPL), want,
+                         f32)
+    _assert_scores_close(pk.decode_scores(q[:, :, 0], k, lengths, scale=0.3), want, f32)  # auto
+    with pytest.raises(ValueError, match="lse"):
+        pk.decode_scores(q[:, :, 0], k, lengths, jnp.zeros((2, 4)))
 
 
 # --------------------------------------------------------------------------- band prefill
@@ -485,3 +620,34 @@ def test_impl_checks():
     with pytest.raises(ValueError, match="at least one"):
         pk.merge_attention([])
     assert set(pk.IMPLS) == {"auto", "pallas", "interpret", "reference"}
+
+
+def test_default_impl_overrides_auto(monkeypatch):
+    """Inside ``default_impl("interpret")`` an ``auto`` op runs the Pallas kernel, also one
+    jitted before the context (the caches are cleared); outside it the backend's choice."""
+    q, k, v = _inputs(_seed("default-impl"), 1, 8, 2, 1, 40, 32, f32)
+    lengths = jnp.asarray([33], jnp.int32)
+    calls = []
+    real = decode_module.decode_pallas
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["interpret"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "decode_pallas", spy)
+    step = jax.jit(lambda q: pk.decode_attention(q, k, v, lengths))
+    want = pk.decode_attention(q[:, :, 0], k, v, lengths, impl="reference")
+    outside = [False] if ON_GPU else []  # auto: the kernel on a GPU, else the reference
+    _assert_close(step(q[:, :, 0]), want, f32)
+    assert calls == outside
+    with pk.default_impl("interpret"):
+        _assert_close(step(q[:, :, 0]), want, f32)
+        assert calls == outside + [True]
+        small = _inputs(0, 1, 2, 1, 1, 4, 8, f32)  # D=8: no kernel, auto keeps the reference
+        pk.decode_attention(small[0][:, :, 0], small[1], small[2], jnp.array([4]))
+        assert calls == outside + [True]
+    _assert_close(step(q[:, :, 0]), want, f32)
+    assert calls == outside + [True] + outside
+    with pytest.raises(ValueError, match="unknown impl"):
+        with pk.default_impl("cuda"):
+            pass
