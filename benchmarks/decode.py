@@ -6,8 +6,8 @@ jitted ``generate_tokens`` call, so prefill and compilation cancel out; prefill 
 and a plot of decode latency and cache memory against context (``--plot``; ``--from-json`` redraws
 the plot of a saved run without measuring).
 
-    python benchmarks/decode.py --model smollm2 --contexts 512 --dtypes float32,bfloat16
-    python benchmarks/decode.py --model llama3-8b-random --contexts 8192,32768 --dtypes bfloat16 \
+    python -m benchmarks.decode --model smollm2 --contexts 512 --dtypes float32,bfloat16
+    python -m benchmarks.decode --model llama3-8b-random --contexts 8192,32768 --dtypes bfloat16 \
         --json decode.json --plot decode.png
 """
 
@@ -16,38 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx_jax.config import ModelConfig
+from longctx_jax.config import preset
 from longctx_jax.generate import generate_tokens, pad_prompts
 from longctx_jax.model import random_params
 from longctx_jax.policies import policy_from_spec
-
-# Llama-3-8B's attention and MLP shapes (random weights: speed only).
-LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                        rope_theta=500000.0, rms_eps=1e-5, max_position=131072)
-
-
-def _timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from longctx_jax.profiling import median_time
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2", help="smollm2 | llama3-8b-random | a path")
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2 | a path | PRESET-random (random weights at a config.PRESETS "
+                         "shape, e.g. llama3-8b-random: speed only)")
     ap.add_argument("--methods", default="full,streaming:sink=64:window=256",
                     help="comma list of name[:opt=value...]")
     ap.add_argument("--contexts", default="512", help="prompt lengths, comma separated")
@@ -68,8 +54,9 @@ def main(argv=None) -> int:
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = jnp.dtype(dtype_name)
-        if args.model == "llama3-8b-random":
-            cfg, params = LLAMA3_8B, random_params(LLAMA3_8B, jax.random.key(0), dtype)
+        if args.model.endswith("-random"):
+            cfg = preset(args.model.removesuffix("-random"))
+            params = random_params(cfg, jax.random.key(0), dtype)
         else:
             from longctx_jax.weights import load_model
 
@@ -89,8 +76,8 @@ def main(argv=None) -> int:
                                            cfg=cfg, max_new_tokens=n, max_len=max_len,
                                            chunk_size=chunk)
 
-                t1 = _timed(lambda: run(1), args.repeats)
-                tn = _timed(lambda: run(args.new_tokens), args.repeats)
+                t1 = median_time(lambda: run(1), args.repeats)
+                tn = median_time(lambda: run(args.new_tokens), args.repeats)
                 per_token = (tn - t1) / (args.new_tokens - 1)
                 row = dict(method=label, dtype=dtype_name, context=context, batch=args.batch,
                            prefill_s=t1, decode_ms_per_token=1e3 * per_token,
@@ -146,7 +133,7 @@ def _write(args, rows) -> None:
     record = dict(model=args.model, device=str(jax.devices()[0].device_kind),
                   backend=jax.default_backend(), jax=jax.__version__,
                   machine=platform.machine(), new_tokens=args.new_tokens, rows=rows,
-                  command=" ".join(["python", "benchmarks/decode.py", *sys.argv[1:]]))
+                  command=" ".join(["python", "-m", "benchmarks.decode", *sys.argv[1:]]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

@@ -6,7 +6,7 @@ answer positions, as in training) of the soft gates and of the gates binarised a
 samples of the training generator under another seed: a cheap way to compare gate sets before
 running the evaluation tasks.
 
-    python benchmarks/duo_select.py --gates a.npz runs/duo --text-file book.txt --out results/sel
+    python -m benchmarks.duo_select --gates a.npz runs/duo --text-file book.txt --out results/sel
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx_jax.policies.duo import DuoMixed, load_gates, select_heads
+from longctx_jax.args import read_text
+from longctx_jax.model import forward_scanned, stack_layers
+from longctx_jax.policies.duo import load_gates, select_heads
 from longctx_jax.train.data import PasskeyData
-from longctx_jax.train.duo import distill_loss, hidden_states, stack_layers
+from longctx_jax.train.duo import distill_loss
+from longctx_jax.train.duo_forward import DuoMixed
 from longctx_jax.weights import open_model
 
 
@@ -43,7 +46,8 @@ def main(argv=None) -> int:
     cfg = source.config
     model = source.load(jnp.float32)
     stacked = stack_layers(cfg, model.params)
-    data = PasskeyData(source.tokenizer.encode, args.text_file.read_text(), seed=args.seed)
+    data = PasskeyData(source.tokenizer.encode, read_text(args.text_file, "--text-file"),
+                       seed=args.seed)
     batches = []  # at most 16K tokens each, so full attention's scores stay a few GB
     for n in (int(x) for x in args.lengths.split(",")):
         s = [data.sample(n, i) for i in range(args.samples)]
@@ -55,7 +59,7 @@ def main(argv=None) -> int:
     @functools.partial(jax.jit, static_argnames=("teacher",))
     def forward(gates, tokens, teacher=False):
         pol = DuoMixed(gates, args.sink, args.window, 256, teacher, None)
-        return hidden_states(cfg, stacked, tokens, pol, remat=False)
+        return forward_scanned(cfg, stacked, tokens, pol, remat=False)
 
     ones = jnp.ones((cfg.num_layers, cfg.num_kv_heads), jnp.float32)
     teachers = [forward(ones, t, teacher=True) for t, _ in batches]

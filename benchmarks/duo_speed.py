@@ -12,7 +12,7 @@ policies' own arrays. Streaming (sink + window only) is timed too, as the weight
 by kind per token, and the gaps between kernels). Prints a table, writes JSON (after every row)
 and the table next to it.
 
-    python benchmarks/duo_speed.py --contexts 32768,131072 --prefill-contexts 32768 \\
+    python -m benchmarks.duo_speed --contexts 32768,131072 --prefill-contexts 32768 \\
         --json benchmarks/results/duo_speed_llama3_8b.json
 """
 
@@ -24,7 +24,6 @@ import gc
 import json
 import pathlib
 import platform
-import statistics
 import sys
 import time
 
@@ -32,22 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-from decode import LLAMA3_8B  # noqa: E402
-from profiling import format_summary, kernel_summary  # noqa: E402
-
-from longctx_jax.config import ModelConfig  # noqa: E402
-from longctx_jax.generate import prefill  # noqa: E402
-from longctx_jax.model import Decoder, random_params  # noqa: E402
-from longctx_jax.policies import make_policy  # noqa: E402
-from longctx_jax.policies.duo import Duo  # noqa: E402
+from longctx_jax.config import ModelConfig, preset
+from longctx_jax.generate import activation_dtype, prefill_chunks
+from longctx_jax.model import Decoder, random_params
+from longctx_jax.policies import make_policy
+from longctx_jax.policies.duo import Duo
+from longctx_jax.profiling import format_summary, kernel_summary, median_time
 
 SHAPES = {
-    "llama3-8b-random": LLAMA3_8B,
-    "smollm2-random": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                  num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                                  rope_theta=100000.0, max_position=8192, tie_embeddings=True),
+    "llama3-8b-random": preset("llama3-8b"),
+    "llama3-70b-random": preset("llama3-70b"),
+    "smollm2-random": preset("smollm2-135m"),
     "tiny-random": ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
                                num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
                                max_position=1 << 20),
@@ -74,9 +68,9 @@ def decode_steps(params, policy, caches, token, start, *, cfg: ModelConfig, n: i
 def prefill_only(params, policy, tokens, *, cfg: ModelConfig, chunk: int, max_len: int):
     """Chunked prefill of ``tokens [1, T]`` into fresh caches; returns the last hidden state."""
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    caches = policy.init_cache(cfg, tokens.shape[0], max_len, params["embed"]["embedding"].dtype)
-    hidden, _ = prefill(cfg, params, policy, tokens, lengths, caches, chunk,
-                        gather=(lengths - 1)[:, None])
+    caches = policy.init_cache(cfg, tokens.shape[0], max_len, activation_dtype(params))
+    hidden, _ = prefill_chunks(cfg, params, policy, tokens, lengths, caches, chunk,
+                               gather=(lengths - 1)[:, None])
     return hidden
 
 
@@ -89,15 +83,6 @@ def random_caches(policy, cfg, batch, max_len, dtype, seed):
         fill = jax.jit(functools.partial(jax.random.normal, shape=leaf.shape, dtype=leaf.dtype))
         out.append(fill(jax.random.key(seed * 1000 + i)))
     return jax.tree.unflatten(treedef, out)
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -139,7 +124,7 @@ def main(argv=None) -> int:
                   ratio=args.ratio, sink=args.sink, window=args.window,
                   decode_steps=args.decode_steps, repeats=args.repeats,
                   chunk_size=args.chunk_size,
-                  command=" ".join(["python", "benchmarks/duo_speed.py", *sys.argv[1:]]))
+                  command=" ".join(["python", "-m", "benchmarks.duo_speed", *sys.argv[1:]]))
     rows = []
     prefill_contexts = {int(c) for c in args.prefill_contexts.split(",") if c}
     print(f"{args.model} {args.dtype} on {header['device']}: {retrieval}/"
@@ -163,7 +148,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             jax.block_until_ready(run_decode())
             row["decode_compile_s"] = time.perf_counter() - t0
-            per_call = _median_time(run_decode, args.repeats)
+            per_call = median_time(run_decode, args.repeats, warmup=False)
             row["decode_ms_per_token"] = 1e3 * per_call / args.decode_steps
             if args.profile:
                 row["profile"] = kernel_summary(run_decode, per=args.decode_steps)
@@ -183,7 +168,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 jax.block_until_ready(run_prefill())
                 row["prefill_first_s"] = time.perf_counter() - t0  # compile + one run
-                row["prefill_s"] = _median_time(run_prefill, max(1, args.repeats - 1))
+                row["prefill_s"] = median_time(run_prefill, max(1, args.repeats - 1),
+                                               warmup=False)
             rows.append(row)
             print(_line(row), flush=True)
             _write(args, header, rows)

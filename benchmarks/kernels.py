@@ -1,7 +1,7 @@
 """Benchmark the pallas_kernels ops on a GPU against XLA, cuDNN, jax's shipped Pallas decode
 kernel and the HBM-bandwidth floor, side by side in one process.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --json benchmarks/results/kernels_h100.json
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.kernels --json benchmarks/results/kernels_h100.json
 
 Timing: every method is jitted as ``n`` back-to-back calls on ``n`` distinct input sets (distinct
 buffers, so XLA cannot merge the calls and the 50 MB L2 cannot hold the data between calls),
@@ -27,13 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pallas_kernels as pk
+from longctx_jax.profiling import traced_events
 from pallas_kernels.band_prefill import band_pallas
 from pallas_kernels.decode import decode_pallas
 from pallas_kernels.topk import topk_pallas
 from pallas_kernels.window import window_pallas
-from profiling import traced_events
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 BF16 = jnp.bfloat16
@@ -301,7 +300,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="standard B=1 shapes only")
     args = ap.parse_args(argv)
     if jax.default_backend() != "gpu":
-        sys.exit("benchmarks/kernels.py needs a GPU backend")
+        sys.exit("benchmarks.kernels needs a GPU backend")
     only = set(args.only.split(","))
     dev = jax.devices()[0]
     info = {"device": dev.device_kind, "jax": jax.__version__, "python": platform.python_version()}

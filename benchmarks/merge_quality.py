@@ -1,4 +1,4 @@
-"""Merge ``benchmarks/quality.py`` output folders into one: runs split by length or by machine.
+"""Merge ``benchmarks.quality`` output folders into one: runs split by length or by machine.
 
 Long evaluations rarely fit in one job; each run writes per-(task, method) JSON for its own
 lengths. This joins them: one JSON and heatmap per (task, method) covering every length, and
@@ -7,7 +7,7 @@ merge's folder can be merged again. A length found in several runs is taken from
 folder given; the others are only checked against it (same seed, same samples: a mismatch is
 printed, as it means the runs were not comparable).
 
-    python benchmarks/merge_quality.py --out benchmarks/results/quality_smollm2 run_a/ run_b/
+    python -m benchmarks.merge_quality --out benchmarks/results/quality_smollm2 run_a/ run_b/
 """
 
 from __future__ import annotations
@@ -63,15 +63,15 @@ def merge(folders: list[pathlib.Path], out: pathlib.Path) -> list[dict]:
 
 
 def _commands(summary: dict):
-    """``(task, method, length) -> command`` for a folder: a ``quality.py`` run (one command,
-    or one per task) or an earlier merge (a command per row)."""
+    """``(task, method, length) -> command`` for a folder: a ``benchmarks.quality`` run (one
+    command, or one per task) or an earlier merge (a command per row)."""
     if "command" in summary:
-        return lambda task, method, n: _command_for(summary["command"], task)
+        return lambda task, method, n: command_for(summary["command"], task)
     by_row = {(r["task"], r["method"], r["length"]): r["command"] for r in summary["rows"]}
     return lambda task, method, n: by_row[(task, method, n)]
 
 
-def _command_for(commands: str | list[str], task: str) -> str:
+def command_for(commands: str | list[str], task: str) -> str:
     """The command that produced ``task`` (a summary holds one command, or one per task)."""
     if isinstance(commands, str):
         return commands

@@ -5,7 +5,7 @@ of the same shapes. Writes ``<out>/<task>_<method>.json`` and ``<out>/summary.js
 length (a run cut short keeps what it finished), a ``.png`` heatmap per pair, and prints one table
 per pair and a summary of mean accuracy per length.
 
-    python benchmarks/quality.py --tasks passkey,niah --methods full,streaming:sink=64:window=256 \\
+    python -m benchmarks.quality --tasks passkey,niah --methods full,streaming:sink=64:window=256 \\
         --lengths 1024,2048,4096,8192 --samples 20 --haystack-file data.txt --out results/
 """
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     depths = [float(d) for d in args.depths.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     summary = []
-    command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
+    command = " ".join(["python", "-m", "benchmarks.quality", *sys.argv[1:]])
     for task in args.tasks.split(","):
         for spec in args.methods.split(","):
             policy = policy_from_spec(spec)

@@ -51,10 +51,11 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position"):
             if getattr(self, name) <= 0:
-                raise LongctxError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+                raise LongctxError(f"ModelConfig.{name} must be positive, got "
+                                   f"{getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise LongctxError(f"num_heads ({self.num_heads}) must be a multiple of "
-                             f"num_kv_heads ({self.num_kv_heads})")
+                               f"num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise LongctxError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
@@ -130,3 +131,33 @@ def _rope_scaling_from_hf(scaling: Mapping[str, Any] | None) -> RopeScaling | No
                            float(scaling["high_freq_factor"]),
                            int(scaling["original_max_position_embeddings"]))
     return RopeScaling(kind, float(scaling.get("factor", 1.0)))
+
+
+# --------------------------------------------------------------------------------- presets
+
+_LLAMA3_ROPE = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position=8192)
+
+# Shapes of known models, for random-weight speed benchmarks and shape-only tests (weights come
+# from ``weights.open_model``, which reads the real configuration from the checkpoint).
+PRESETS: dict[str, ModelConfig] = {
+    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                             rope_theta=500000.0, rms_eps=1e-5, max_position=131072,
+                             rope_scaling=_LLAMA3_ROPE),
+    "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                              num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                              rope_theta=500000.0, rms_eps=1e-5, max_position=131072,
+                              rope_scaling=_LLAMA3_ROPE),
+    "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                                rope_theta=100000.0, rms_eps=1e-5, max_position=8192,
+                                tie_embeddings=True),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The :data:`PRESETS` shape called ``name``."""
+    if name not in PRESETS:
+        raise LongctxError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -5,17 +5,21 @@ reference), ``"pallas"``, ``"interpret"`` (the same Pallas kernel run by the Pal
 for CPU tests) or ``"reference"``. All are GQA-aware (query head ``h`` reads KV head
 ``h // (Hq // Hkv)``), take bf16 or float32, accumulate in float32 and return ``lse`` (natural
 log of the softmax denominator over the visible keys) in float32; no visible key gives
-``out = 0`` and ``lse = -inf``. See README.md beside this file for the contracts and timings.
+``out = 0`` and ``lse = -inf``. ``decode_scores`` returns per-key scores instead, for KV
+selection. ``default_impl(impl)`` is a context under which ``"auto"`` means ``impl``. See
+README.md beside this file for the contracts and timings.
 """
 
-from pallas_kernels._common import IMPLS, masked_attention
+from pallas_kernels._common import IMPLS, default_impl, masked_attention
+from pallas_kernels.band_blockwise import band_attention_blockwise  # noqa: F401  (training)
 from pallas_kernels.band_prefill import band_prefill_attention
 from pallas_kernels.decode import decode_append_attention, decode_attention
 from pallas_kernels.duo_decode import duo_decode_attention
 from pallas_kernels.merge import merge_attention
+from pallas_kernels.scores import decode_scores
 from pallas_kernels.topk import topk_decode_attention
 from pallas_kernels.window import window_decode_attention
 
 __all__ = ["IMPLS", "band_prefill_attention", "decode_append_attention", "decode_attention",
-           "duo_decode_attention", "masked_attention", "merge_attention", "topk_decode_attention",
-           "window_decode_attention"]
+           "decode_scores", "default_impl", "duo_decode_attention", "masked_attention",
+           "merge_attention", "topk_decode_attention", "window_decode_attention"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from longctx_jax.config import ModelConfig
+from longctx_jax.generate import activation_dtype
 from longctx_jax.model import Decoder, random_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -38,7 +39,7 @@ def forward_hidden(cfg, params, policy, tokens, lengths=None, chunk_size=None, m
     width = chunk_size * math.ceil(t / chunk_size)
     padded = np.zeros((b, width), np.int32)
     padded[:, :t] = tokens
-    caches = policy.init_cache(cfg, b, max_len or width, params["embed"]["embedding"].dtype)
+    caches = policy.init_cache(cfg, b, max_len or width, activation_dtype(params))
     model = Decoder(cfg)
     apply = jax.jit(lambda p, tok, pos, c: model.apply({"params": p}, tok, pos, c, policy))
     outs = []

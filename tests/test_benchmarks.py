@@ -2,19 +2,15 @@
 
 import json
 import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import decode  # noqa: E402
-import merge_quality  # noqa: E402
-import profiling  # noqa: E402
+from benchmarks import decode, merge_quality
+from longctx_jax import profiling
 
 
 def _run(folder: pathlib.Path, lengths, accuracy, command):
-    """A ``quality.py`` output folder with one (task, method) record over ``lengths``."""
+    """A ``benchmarks.quality`` output folder with one (task, method) record over ``lengths``."""
     folder.mkdir()
     results = [dict(length=n, depth=d, accuracy=accuracy, n=20, mean_answer_logprob=None)
                for n in lengths for d in (0.0, 1.0)]
@@ -51,8 +47,8 @@ def test_a_merged_folder_merges_again(tmp_path):
 
 def test_command_for_picks_the_task_of_a_per_task_summary():
     commands = ["quality.py --tasks passkey --methods full", "quality.py --tasks niah --x"]
-    assert merge_quality._command_for(commands, "niah") == commands[1]
-    assert merge_quality._command_for("one command", "niah") == "one command"
+    assert merge_quality.command_for(commands, "niah") == commands[1]
+    assert merge_quality.command_for("one command", "niah") == "one command"
 
 
 @pytest.mark.parametrize("dtypes", [["bfloat16"], ["float32", "bfloat16"]])

@@ -8,20 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx_jax.config import ModelConfig
+from longctx_jax.config import preset
 from longctx_jax.generate import generate
-from longctx_jax.model import Decoder, random_params
+from longctx_jax.model import Decoder, forward_scanned, random_params, stack_layers
 from longctx_jax.policies import make_policy, policy_from_spec
-from longctx_jax.policies.duo import (Duo, DuoMixed, band_attention_blockwise, duo_cache_bytes,
-                                      load_gates, select_heads)
+from longctx_jax.policies.duo import Duo, duo_cache_bytes, load_gates, select_heads
 from longctx_jax.train.checkpoint import Checkpoints
-from longctx_jax.train.duo import hidden_states, init_state, stack_layers, TrainConfig
+from longctx_jax.train.duo import init_state, TrainConfig
+from longctx_jax.train.duo_forward import DuoMixed
+from pallas_kernels import band_attention_blockwise
 
 from conftest import forward_hidden, logits_of, tiny_config
 
-SMOLLM2_SHAPE = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                            max_position=8192, tie_embeddings=True)
+SMOLLM2_SHAPE = preset("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def wide():
 
 def _mixed_hidden(cfg, params, tokens, gates, sink, window, block=8):
     policy = DuoMixed(jnp.asarray(gates, jnp.float32), sink, window, block)
-    return hidden_states(cfg, stack_layers(cfg, params), jnp.asarray(tokens), policy)
+    return forward_scanned(cfg, stack_layers(cfg, params), jnp.asarray(tokens), policy)
 
 
 # ------------------------------------------------------------------------- training forward
@@ -88,10 +87,10 @@ def test_gate_gradients_reach_every_gate(wide):
     cfg, params = wide
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (1, 40)))
     stacked = stack_layers(cfg, params)
-    target = hidden_states(cfg, stacked, tokens, DuoMixed(jnp.ones((3, 4)), 2, 4, 8, True))
+    target = forward_scanned(cfg, stacked, tokens, DuoMixed(jnp.ones((3, 4)), 2, 4, 8, True))
 
     def loss(g):
-        h = hidden_states(cfg, stacked, tokens, DuoMixed(g, 2, 4, 8))
+        h = forward_scanned(cfg, stacked, tokens, DuoMixed(g, 2, 4, 8))
         return jnp.mean(jnp.square(h - target))
 
     grad = jax.grad(loss)(jnp.full((3, 4), 0.5))
@@ -229,12 +228,27 @@ def test_gates_load_from_npz_run_dir_and_checkpoint(tmp_path, wide):
     ckpt_run = tmp_path / "ckpt"
     _, opt_state = init_state(cfg, TrainConfig())
     saver = Checkpoints(ckpt_run)
-    saver.save(7, jnp.asarray(gates), opt_state, {"note": "test"})
+    saver.save(7, {"gates": jnp.asarray(gates), "opt_state": opt_state}, {"note": "test"})
     saver.close()
     np.testing.assert_array_equal(load_gates(ckpt_run), gates)
     np.testing.assert_array_equal(load_gates(ckpt_run / "checkpoints"), gates)
     assert make_policy("duo", gates=str(ckpt_run), threshold=0.5).heads == \
         select_heads(gates, threshold=0.5)
+
+
+def test_gates_load_from_a_checkpoint_of_the_older_layout(tmp_path):
+    """Runs saved before the training state was one pytree: items gates / opt_state / meta."""
+    import orbax.checkpoint as ocp
+
+    gates = np.random.default_rng(9).random((3, 4)).astype(np.float32)
+    _, opt_state = init_state(tiny_config(num_layers=3, num_kv_heads=4), TrainConfig())
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints", options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False))
+    manager.save(5, args=ocp.args.Composite(
+        gates=ocp.args.StandardSave({"gates": jnp.asarray(gates)}),
+        opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave({"note": "old"})))
+    manager.close()
+    np.testing.assert_array_equal(load_gates(tmp_path), gates)
 
 
 def test_bad_inputs_raise(tmp_path, wide):

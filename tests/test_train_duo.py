@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx_jax.model import random_params
+from longctx_jax.model import random_params, stack_layers
 from longctx_jax.policies import make_policy
+from longctx_jax.synthetic import synthetic_text
 from longctx_jax.train.data import PasskeyData, context_buckets, ordinal, sample_for_step
 from longctx_jax.train.duo import (TrainConfig, add_arguments, clamp_gates, init_state, main,
-                                   read_metrics, stack_layers, synthetic_text, train_gates,
-                                   train_step)
+                                   train_gates, train_step)
+from longctx_jax.train.loop import read_metrics
 
 from conftest import tiny_config
 
@@ -127,7 +128,7 @@ def test_gates_are_clamped_to_unit_interval(setup):
     np.testing.assert_allclose(clamp_gates(jnp.array([-0.5, 0.3, 1.7])), [0.0, 0.3, 1.0])
     # A huge learning rate and penalty push every gate far below 0 in one step: clamped to 0.
     big = TrainConfig(steps=2, contexts=(128,), sink=4, window=16, num_passkeys=2, lr=50.0,
-                      lam=10.0, block=32)
+                      reg_weight=10.0, block=32)
     gates, opt_state = init_state(cfg, big)
     sample = data.sample(128, 0)
     stacked = stack_layers(cfg, params)
@@ -139,7 +140,7 @@ def test_gates_are_clamped_to_unit_interval(setup):
     assert float(m["loss"]) > 0 and np.isfinite(float(m["grad_norm"]))
     # Without the penalty, the distillation loss pulls gates up from 0.5: clamped at 1.
     free = TrainConfig(steps=2, contexts=(128,), sink=4, window=16, num_passkeys=2, lr=50.0,
-                       lam=0.0, block=32)
+                       reg_weight=0.0, block=32)
     gates, opt_state = init_state(cfg, free)
     gates, _, _ = train_step(gates * 0.5, opt_state, stacked, sample.tokens[None],
                              sample.loss_mask[None], cfg=cfg, tc=free)
@@ -184,8 +185,8 @@ def test_resume_after_crash_continues_identically(setup, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["2", "4"]
     with pytest.raises(ValueError, match="--resume"):
         train_gates(cfg, params, data, tmp_path / "b", tc, progress=False)
-    other = TrainConfig(**{**tc.__dict__, "lam": 0.5})
-    with pytest.raises(ValueError, match="lam"):
+    other = TrainConfig(**{**tc.__dict__, "reg_weight": 0.5})
+    with pytest.raises(ValueError, match="reg_weight"):
         train_gates(cfg, params, data, tmp_path / "b", other, resume=True, progress=False)
     resumed = train_gates(cfg, params, data, tmp_path / "b", tc, resume=True, progress=False)
     assert resumed.resumed_from == 4 and resumed.steps == 6
@@ -231,7 +232,7 @@ def test_cli_arguments_and_errors(tmp_path, capsys):
     args = parser.parse_args(["--out", str(tmp_path), "--steps", "5", "--context", "1024,8192",
                               "--lambda", "0.1", "--lr", "0.01", "--sink", "8", "--window", "32",
                               "--resume", "--text-file", "book.txt"])
-    assert (args.steps, args.lam, args.lr, args.sink, args.window, args.resume) == \
+    assert (args.steps, args.reg_weight, args.lr, args.sink, args.window, args.resume) == \
         (5, 0.1, 0.01, 8, 32, True)
     assert main(["--out", str(tmp_path), "--steps", "0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err

@@ -20,14 +20,14 @@ import random
 from typing import Callable, Iterator, Sequence
 
 from longctx_jax.errors import LongctxError
+from longctx_jax.synthetic import HEX, WORDS, uuid
 
 TASKS = ("passkey", "niah", "kv")
 NIAH_VARIANTS = ("single", "multikey", "multivalue")
 
 _FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
            "There and back again. ")
-_WORDS = ("apple river stone candle harbor violet falcon meadow copper lantern orbit thistle "
-          "marble willow ember glacier saffron quartz beacon cedar").split()
+_KEY_WORDS = WORDS[:20]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,8 @@ def make_samples(task: str, tokenizer, length: int, depth: float, n: int, seed: 
     if not 0.0 <= depth <= 1.0:
         raise LongctxError(f"depth must be in [0, 1], got {depth}")
     if variant not in NIAH_VARIANTS:
-        raise LongctxError(f"unknown niah variant {variant!r}; available: {', '.join(NIAH_VARIANTS)}")
+        raise LongctxError(f"unknown niah variant {variant!r}; available: "
+                           f"{', '.join(NIAH_VARIANTS)}")
     build = {"passkey": _passkey, "niah": _niah, "kv": _kv}[task]
     samples = []
     for i in range(n):
@@ -95,18 +96,13 @@ def _niah(rng, tok, length, depth, haystack, variant) -> Sample:
 
 
 def _kv(rng, tok, length, depth, haystack, variant) -> Sample:
-    def uuid():
-        return "-".join("".join(rng.choice("0123456789abcdef") for _ in range(n))
-                        for n in (8, 4, 4, 4, 12))
-
-    key, value = uuid(), uuid()
+    key, value = uuid(rng), uuid(rng)
     pairs_seed = rng.random()
 
     def pairs():
         fill = random.Random(pairs_seed)
         while True:
-            k, v = ("-".join("".join(fill.choice("0123456789abcdef") for _ in range(n))
-                             for n in (8, 4, 4, 4, 12)) for _ in range(2))
+            k, v = uuid(fill), uuid(fill)
             yield f'"{k}": "{v}",\n'
 
     needle = f'"{key}": "{value}",\n'
@@ -114,7 +110,7 @@ def _kv(rng, tok, length, depth, haystack, variant) -> Sample:
     tail = f'}}\n\nKey: "{key}"\nThe value associated with the specified key is: "'
     def top_off(size: int) -> str:  # a last, shorter pair to land on the requested length
         fill = random.Random(pairs_seed + 1)
-        hexes = "".join(fill.choice("0123456789abcdef") for _ in range(size + 8))
+        hexes = "".join(fill.choice(HEX) for _ in range(size + 8))
         return f'"{hexes[:8]}": "{hexes[8:]}",\n'
 
     prompt = _assemble(tok, rng, length, depth, head, pairs, [needle], tail, top_off=top_off)
@@ -193,7 +189,7 @@ def _natural_text(text: str, rng) -> Callable[[], Iterator[str]]:
 
 
 def _word_key(rng) -> str:
-    return f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}"
+    return f"{rng.choice(_KEY_WORDS)}-{rng.choice(_KEY_WORDS)}"
 
 
 # ---------------------------------------------------------------------------------- scoring

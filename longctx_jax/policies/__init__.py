@@ -3,6 +3,6 @@
 from longctx_jax.policies.base import AttentionPolicy, available, make_policy, policy_from_spec
 from longctx_jax.policies.full import Full
 from longctx_jax.policies.streaming import Streaming
-from longctx_jax.policies.duo import Duo, DuoMixed  # noqa: F401  (registers "duo")
+from longctx_jax.policies.duo import Duo  # noqa: F401  (registers "duo")
 
 __all__ = ["AttentionPolicy", "Full", "Streaming", "available", "make_policy", "policy_from_spec"]

@@ -1,1 +1,2 @@
-"""Training of the small learned parts (DuoAttention gates) with optax; synthetic data; orbax."""
+"""Training of the small learned parts (DuoAttention gates): a shared loop with orbax checkpoints
+and exact resume (:mod:`.loop`), synthetic data, optax."""

@@ -23,12 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from longctx_jax.errors import LongctxError
+from longctx_jax.synthetic import WORDS
 
-_WORDS = ("apple river stone candle harbor violet falcon meadow copper lantern orbit thistle "
-          "marble willow ember glacier saffron quartz beacon cedar anchor bramble cobalt dune "
-          "garnet hazel island juniper kettle lagoon maple nectar oyster pepper quill "
-          "raven silver tundra umber velvet walnut yarrow zephyr amber basil clover delta "
-          "fennel ginger heron indigo jasper kelp lotus mango nutmeg olive pine rust sage").split()
 _NOISE = ("The river runs down to the sea. The hills are quiet tonight. The wind is cold. "
           "Birds fly over the field. Night follows the day. ")
 _ORDINALS = ("first second third fourth fifth sixth seventh eighth ninth tenth eleventh "
@@ -102,7 +98,7 @@ class PasskeyData:
         return self._tokens[key]
 
     def _passkey(self, rng: np.random.Generator) -> str:
-        items = [str(rng.integers(10, 10000)) if rng.random() < 0.4 else str(rng.choice(_WORDS))
+        items = [str(rng.integers(10, 10000)) if rng.random() < 0.4 else str(rng.choice(WORDS))
                  for _ in range(self.items_per_key)]
         return " ".join(items)
 
@@ -125,8 +121,8 @@ class PasskeyData:
                 break
         if budget < 1:
             raise LongctxError(f"context length {length} is too short for a passkey of "
-                             f"{self.items_per_key} items (it, the question and the answer take "
-                             f"{length - budget} tokens)")
+                               f"{self.items_per_key} items (it, the question and the answer take "
+                               f"{length - budget} tokens)")
         keys, needles = keys[:n], needles[:n]
         hay: list[list[int]] = []  # whole lines, the last one cut to fill the budget
         used, line = 0, int(rng.integers(len(self.haystacks[haystack])))

@@ -1,17 +1,19 @@
 """Train DuoAttention gates (one per layer and KV head) on synthetic passkey retrieval.
 
 The model is frozen. Each step takes one sample (:mod:`longctx_jax.train.data`), runs the model
-once with full attention (the teacher, no gradient) and once with :class:`DuoMixed` attention
-(``alpha * full + (1 - alpha) * sink/window`` per KV head), and minimises
+once with full attention (the teacher, no gradient) and once with
+:class:`~longctx_jax.train.duo_forward.DuoMixed` attention (``alpha * full + (1 - alpha) *
+sink/window`` per KV head), and minimises
 
-    mean over answer positions of mean_d (h_full - h_mixed)^2  +  lambda * mean |alpha|
+    mean over answer positions of mean_d (h_full - h_mixed)^2  +  reg_weight * mean |alpha|
 
-(final hidden states), with AdamW (the paper's warm-up / cool-down schedule) and the gates
-clamped to [0, 1] after every step. Layers run under ``lax.scan`` with ``jax.checkpoint``, so
+(final hidden states; ``reg_weight`` is ``--lambda``), with AdamW (the paper's warm-up /
+cool-down schedule) and the gates clamped to [0, 1] after every step. The model runs as
+:func:`longctx_jax.model.forward_scanned` (layers under ``lax.scan`` with ``jax.checkpoint``), so
 an 8K-token backward pass keeps one layer's activations at a time and compiles once per length.
 
-Outputs in ``--out``: ``checkpoints/`` (orbax, atomic, every ``--checkpoint-every`` steps and at
-the end; ``--resume`` continues from the last one with identical results), ``metrics.jsonl``,
+Outputs in ``--out`` (the run directory of :mod:`longctx_jax.train.loop`): ``checkpoints/``
+(``--resume`` continues from the last one with identical results), ``metrics.jsonl``,
 ``gates.npz`` (load with ``Duo(gates=DIR)``), ``loss.png`` and ``gates.png``.
 
     longctx train duo --steps 500 --context 1024,8192 --text-file book.txt --out runs/duo
@@ -26,20 +28,27 @@ import json
 import os
 import pathlib
 import sys
-import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longctx_jax.args import int_list, read_text
 from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
-from longctx_jax.model import Block, RMSNorm
-from longctx_jax.policies.duo import DuoMixed
+from longctx_jax.generate import activation_dtype
+from longctx_jax.model import forward_scanned, stack_layers
+from longctx_jax.synthetic import synthetic_text
 from longctx_jax.train.data import PasskeyData, context_buckets, sample_for_step
+from longctx_jax.train.duo_forward import DuoMixed
+from longctx_jax.train.loop import read_metrics, run_loop
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# What jax 0.11's cuDNN attention raises when it cannot run: NotImplementedError for shapes,
+# dtypes or GPUs it does not support, RuntimeError when cuDNN is missing or its graph fails to
+# compile (JaxRuntimeError is a RuntimeError).
+CUDNN_UNAVAILABLE = (NotImplementedError, RuntimeError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +57,7 @@ class TrainConfig:
 
     steps: int = 2000
     contexts: tuple[int, ...] = (1024, 8192)
-    lam: float = 0.05
+    reg_weight: float = 0.05  # weight of the mean |gate| penalty (``--lambda``)
     lr: float = 0.02
     sink: int = 64
     window: int = 256
@@ -65,12 +74,12 @@ class TrainConfig:
             raise LongctxError(f"steps must be >= 1, got {self.steps}")
         if self.num_passkeys < 1 or self.passkey_items < 1:
             raise LongctxError(f"need passkeys >= 1 and passkey items >= 1, got "
-                             f"{self.num_passkeys}, {self.passkey_items}")
+                               f"{self.num_passkeys}, {self.passkey_items}")
         context_buckets(self.contexts)
         if not 0.0 <= self.noise_fraction <= 1.0:
             raise LongctxError(f"noise_fraction must be in [0, 1], got {self.noise_fraction}")
-        if self.lam < 0:
-            raise LongctxError(f"lambda must be >= 0, got {self.lam}")
+        if self.reg_weight < 0:
+            raise LongctxError(f"lambda (reg_weight) must be >= 0, got {self.reg_weight}")
         if self.lr <= 0:
             raise LongctxError(f"learning rate must be > 0, got {self.lr}")
         if self.sink < 0 or self.window < 1:
@@ -85,38 +94,7 @@ class TrainConfig:
         return context_buckets(self.contexts)
 
 
-# ---------------------------------------------------------------------------------- forward
-
-def stack_layers(cfg: ModelConfig, params) -> dict:
-    """``{"embed", "final_norm", "layers"}`` with the per-layer trees stacked on a leading axis."""
-    layers = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
-    return {"embed": params["embed"], "final_norm": params["final_norm"],
-            "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
-
-
-def hidden_states(cfg: ModelConfig, stacked, tokens: jax.Array, policy: DuoMixed,
-                  remat: bool = True) -> jax.Array:
-    """Final hidden states ``[B, T, d]`` of ``tokens [B, T]`` (positions ``0..T-1``) under ``policy``.
-
-    Layers are a ``lax.scan`` (one compiled layer); each sees ``policy`` with only its own row of
-    gates. ``remat`` recomputes a layer's activations in the backward pass.
-    """
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    block = Block(cfg, 0)
-
-    def layer(x, xs):
-        p, gates = xs
-        pol = dataclasses.replace(policy, gates=gates[None])
-        x, _ = block.apply({"params": p}, x, positions, None, pol, False, 0)
-        return x, None
-
-    if remat:
-        layer = jax.checkpoint(layer)
-    x = stacked["embed"]["embedding"][tokens]
-    x, _ = jax.lax.scan(layer, x, (stacked["layers"], policy.gates))
-    return RMSNorm(cfg.rms_eps).apply({"params": stacked["final_norm"]}, x)
-
+# ------------------------------------------------------------------------------------- step
 
 def distill_loss(h_full: jax.Array, h_mixed: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean over masked positions of the mean over features of ``(h_full - h_mixed)^2``."""
@@ -160,13 +138,13 @@ def train_step(gates, opt_state, stacked, tokens, mask, *, cfg: ModelConfig, tc:
     import optax
 
     teacher = DuoMixed(jnp.ones_like(gates), tc.sink, tc.window, tc.block, True, impl)
-    h_full = jax.lax.stop_gradient(hidden_states(cfg, stacked, tokens, teacher, remat=False))
+    h_full = jax.lax.stop_gradient(forward_scanned(cfg, stacked, tokens, teacher, remat=False))
 
     def loss_fn(g):
         mixed = DuoMixed(g, tc.sink, tc.window, tc.block, False, impl)
-        d = distill_loss(h_full, hidden_states(cfg, stacked, tokens, mixed), mask)
+        d = distill_loss(h_full, forward_scanned(cfg, stacked, tokens, mixed), mask)
         reg = jnp.mean(jnp.abs(g))
-        return d + tc.lam * reg, (d, reg)
+        return d + tc.reg_weight * reg, (d, reg)
 
     (loss, (d, reg)), grad = jax.value_and_grad(loss_fn, has_aux=True)(gates)
     updates, opt_state = make_optimizer(tc).update(grad, opt_state, gates)
@@ -175,7 +153,7 @@ def train_step(gates, opt_state, stacked, tokens, mask, *, cfg: ModelConfig, tc:
                                   "grad_norm": jnp.linalg.norm(grad)}
 
 
-# ------------------------------------------------------------------------------------- loop
+# ------------------------------------------------------------------------------------ run
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
@@ -203,95 +181,52 @@ def train_gates(cfg: ModelConfig, params, data: PasskeyData, out_dir: str | os.P
                 tc: TrainConfig, *, resume: bool = False, attention: str = "auto",
                 progress: bool = True, on_step: Callable[[int], None] | None = None,
                 model_name: str = "", max_seconds: float | None = None) -> TrainResult:
-    """Train gates, checkpointing into ``out_dir``; see the module docstring.
+    """Train gates in the run directory ``out_dir`` (see :func:`longctx_jax.train.loop.run_loop`
+    for ``resume``, ``on_step``, ``max_seconds``), then write ``gates.npz``.
 
-    Without ``resume`` an ``out_dir`` that already holds checkpoints is an error (nothing is
-    overwritten); with it, training continues from the latest checkpoint, whose hyperparameters
-    must equal ``tc``. ``on_step(step)`` is called after each step (and its checkpoint, if any).
-    ``max_seconds`` stops early (with a checkpoint, so ``resume`` finishes the run later).
+    Under ``attention="auto"``, a cuDNN attention that cannot run falls back to XLA's.
     """
-    from tqdm.auto import tqdm
-
-    from longctx_jax.train.checkpoint import Checkpoints
-
     if (data.seed, data.num_passkeys, data.items_per_key, data.noise_fraction) != \
             (tc.seed, tc.num_passkeys, tc.passkey_items, tc.noise_fraction):
         raise LongctxError("the data's seed / num_passkeys / items_per_key / noise_fraction differ "
-                         "from the training config's")
-    out = pathlib.Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    dtype = params["embed"]["embedding"].dtype
+                           "from the training config's")
+    dtype = activation_dtype(params)
     impl = resolve_impl(attention, dtype)
-    meta = {"train": _jsonable(dataclasses.asdict(tc)),
-            "model": {"name": model_name, "num_layers": cfg.num_layers,
-                      "num_kv_heads": cfg.num_kv_heads, "num_heads": cfg.num_heads},
+    meta = {"train": dataclasses.asdict(tc),
+            "model": {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
+                      "num_heads": cfg.num_heads},
             "dtype": jnp.dtype(dtype).name}
-    ckpt = Checkpoints(out)
-    try:
-        gates, opt_state = init_state(cfg, tc)
-        latest = ckpt.latest_step()
-        start = 0
-        if latest is not None and not resume:
-            raise LongctxError(f"{out} already holds checkpoints (up to step {latest}); pass "
-                             "--resume to continue that run or choose another --out")
-        if latest is not None:
-            saved = ckpt.restore_meta(latest)
-            _check_same_run(saved, meta, out)
-            gates, opt_state, _ = ckpt.restore(latest, gates, opt_state)
-            gates = jnp.asarray(gates, jnp.float32)
-            start = latest
-        _truncate_metrics(metrics_path, start)
-        stacked = stack_layers(cfg, params)
-        t0 = time.perf_counter()
-        record: dict[str, Any] = {}
-        bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="train duo",
-                   unit="step", disable=not progress, dynamic_ncols=True)
-        done = start
-        for step in bar:
-            sample = sample_for_step(data, tc.buckets, step)
-            tokens = jnp.asarray(sample.tokens[None])
-            mask = jnp.asarray(sample.loss_mask[None])
-            try:
-                new = train_step(gates, opt_state, stacked, tokens, mask, cfg=cfg, tc=tc,
-                                 impl=impl)
-            except Exception as e:  # cuDNN attention unavailable for these shapes / this build
-                if impl != "cudnn" or attention != "auto":
-                    raise
-                print(f"note: cuDNN attention failed ({type(e).__name__}); using XLA attention",
-                      file=sys.stderr)
-                impl = None
-                new = train_step(gates, opt_state, stacked, tokens, mask, cfg=cfg, tc=tc,
-                                 impl=impl)
-            gates, opt_state, m = new
-            done = step + 1
-            record = {"step": step + 1, "context": int(tokens.shape[1]),
-                      **{k: float(v) for k, v in m.items()},
-                      "mean_gate": float(jnp.mean(gates)),
-                      "seconds": round(time.perf_counter() - t0, 3)}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(ctx=record["context"], loss=f"{record['loss']:.4f}",
-                            gate=f"{record['mean_gate']:.3f}")
-            out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps or out_of_time:
-                ckpt.save(step + 1, gates, opt_state, meta)
-            if on_step is not None:
-                on_step(step + 1)
-            if out_of_time:
-                bar.close()
-                print(f"stopped after {max_seconds:.0f}s at step {done} of {tc.steps}; "
-                      "--resume continues", file=sys.stderr)
-                break
-        seconds = time.perf_counter() - t0
-    finally:
-        ckpt.close()
-    gates_np = np.asarray(gates, np.float32)
-    export_gates(out / "gates.npz", gates_np, meta, done)
-    if not record:  # nothing left to do: report the last logged step
-        record = _last_record(metrics_path)
-    return TrainResult(gates_np, done, start, seconds, record.get("loss", float("nan")),
-                       record.get("distill", float("nan")), out)
+    stacked = stack_layers(cfg, params)
+
+    def step_fn(state, step):
+        nonlocal impl
+        sample = sample_for_step(data, tc.buckets, step)
+        tokens, mask = jnp.asarray(sample.tokens[None]), jnp.asarray(sample.loss_mask[None])
+        try:
+            gates, opt_state, m = train_step(state["gates"], state["opt_state"], stacked, tokens,
+                                             mask, cfg=cfg, tc=tc, impl=impl)
+        except CUDNN_UNAVAILABLE as e:
+            if impl != "cudnn" or attention != "auto":
+                raise
+            print(f"note: cuDNN attention failed ({type(e).__name__}: {e}); using XLA attention",
+                  file=sys.stderr)
+            impl = None
+            return step_fn(state, step)
+        return ({"gates": gates, "opt_state": opt_state},
+                {"context": int(tokens.shape[1]), **m, "mean_gate": jnp.mean(gates)})
+
+    gates, opt_state = init_state(cfg, tc)
+    done = run_loop(out_dir, {"gates": gates, "opt_state": opt_state}, step_fn, tc.steps, meta,
+                    resume=resume, checkpoint_every=tc.checkpoint_every,
+                    max_seconds=max_seconds, progress=progress, desc="train duo",
+                    show=("context", "loss", "mean_gate"), on_step=on_step)
+    out = pathlib.Path(out_dir).expanduser()
+    gates_np = np.asarray(done.state["gates"], np.float32)
+    export_gates(out / "gates.npz", gates_np,
+                 {**meta, "model": {"name": model_name, **meta["model"]}}, done.steps)
+    return TrainResult(gates_np, done.steps, done.resumed_from, done.seconds,
+                       done.last.get("loss", float("nan")), done.last.get("distill", float("nan")),
+                       out)
 
 
 def export_gates(path: pathlib.Path, gates: np.ndarray, meta: dict, steps: int) -> None:
@@ -299,37 +234,6 @@ def export_gates(path: pathlib.Path, gates: np.ndarray, meta: dict, steps: int) 
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, gates=gates, meta=json.dumps({**meta, "steps_done": steps}))
     os.replace(tmp, path)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Keep the log lines of steps ``<= step`` (a resumed run rewrites what came after)."""
-    kept = [r for r in read_metrics(path) if r["step"] <= step] if path.exists() else []
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _last_record(path: pathlib.Path) -> dict:
-    records = read_metrics(path) if path.exists() else []
-    return records[-1] if records else {}
-
-
-def _check_same_run(saved: dict, meta: dict, out: pathlib.Path) -> None:
-    diffs = [f"{k}: checkpoint {saved['train'].get(k)!r} vs now {v!r}"
-             for k, v in meta["train"].items() if saved["train"].get(k) != v]
-    if saved["model"]["num_layers"] != meta["model"]["num_layers"] or \
-            saved["model"]["num_kv_heads"] != meta["model"]["num_kv_heads"]:
-        diffs.append(f"model shape: checkpoint {saved['model']} vs now {meta['model']}")
-    if diffs:
-        raise LongctxError(f"cannot resume {out}: the run differs from its checkpoint ("
-                         + "; ".join(diffs) + ")")
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -343,7 +247,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", default=",".join(map(str, d.contexts)),
                         help="training lengths in tokens: 'lo,hi' (doubling from lo), one value, "
                              "or a list of 3+ values")
-    parser.add_argument("--lambda", dest="lam", type=float, default=d.lam,
+    parser.add_argument("--lambda", dest="reg_weight", type=float, default=d.reg_weight,
                         help="weight of the mean |gate| penalty")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     parser.add_argument("--sink", type=int, default=d.sink, help="streaming heads' sink tokens")
@@ -377,23 +281,18 @@ def run(args: argparse.Namespace) -> int:
     """``longctx train duo``: check everything cheap first, then load the model and train."""
     from longctx_jax.weights import open_model
 
-    tc = TrainConfig(steps=args.steps, contexts=_ints(args.context, "--context"), lam=args.lam,
-                     lr=args.lr, sink=args.sink, window=args.window,
+    tc = TrainConfig(steps=args.steps, contexts=int_list(args.context, "--context"),
+                     reg_weight=args.reg_weight, lr=args.lr, sink=args.sink, window=args.window,
                      num_passkeys=args.passkeys, passkey_items=args.passkey_items,
                      noise_fraction=args.noise_fraction, seed=args.seed,
                      checkpoint_every=args.checkpoint_every)
-    if args.text_file is not None:
-        try:
-            text = args.text_file.read_text(encoding="utf-8")
-        except OSError as e:
-            raise LongctxError(f"cannot read {args.text_file}: {e.strerror}") from e
-    else:
-        text = synthetic_text(args.seed)
+    text = (read_text(args.text_file, "--text-file") if args.text_file is not None
+            else synthetic_text(args.seed))
     source = open_model(args.model)
     cfg = source.config
     if max(tc.buckets) > cfg.max_position:
         raise LongctxError(f"--context {max(tc.buckets)} exceeds the model's maximum position "
-                         f"{cfg.max_position}")
+                           f"{cfg.max_position}")
     if tc.sink + tc.window >= min(tc.buckets):
         print(f"note: sink + window ({tc.sink + tc.window}) covers contexts up to that length; "
               "streaming heads only differ from full ones beyond it", file=sys.stderr)
@@ -416,33 +315,6 @@ def run(args: argparse.Namespace) -> int:
           f"{float(result.gates.mean()):>9.3f}")
     print(f"gates: {result.out_dir / 'gates.npz'} (use --method duo --gates {result.out_dir})")
     return 0
-
-
-def synthetic_text(seed: int, paragraphs: int = 2000) -> str:
-    """Plain generated prose for a haystack when no text file is given."""
-    rng = np.random.default_rng([seed, 31337])
-    subjects = "the farmer|a traveller|the old clock|my neighbour|the river|a small bird|" \
-               "the council|the teacher|a quiet street|the ship".split("|")
-    verbs = "watched|carried|remembered|followed|painted|described|ignored|counted|" \
-            "repaired|visited".split("|")
-    objects = "the hills|a basket of apples|the morning light|an empty road|the harbour|" \
-              "seven lanterns|the winter fields|a letter|the market|the distant bells".split("|")
-    tails = "before noon|without a word|for many years|in the rain|as usual|at dusk|" \
-            "with great care|once again|far from home|while others slept".split("|")
-    out = []
-    for _ in range(paragraphs):
-        sentences = [f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} "
-                     f"{rng.choice(objects)} {rng.choice(tails)}."
-                     for _ in range(int(rng.integers(2, 7)))]
-        out.append(" ".join(sentences))
-    return "\n\n".join(out)
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in str(text).split(",")]
-    except ValueError:
-        raise LongctxError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""Where a jitted call's device time goes: a kernel summary from ``jax.profiler`` traces.
+"""Timing jitted calls: the median wall time of warm runs, and where device time goes.
+
+:func:`median_time` is the wall clock of whole calls (to ``block_until_ready``).
 
 ``kernel_summary(fn)`` runs ``fn`` once under ``jax.profiler.trace`` and reads the trace back with
 ``jax.profiler.ProfileData``: every kernel the GPU ran (name, HLO op, duration), grouped into
@@ -12,10 +14,26 @@ from __future__ import annotations
 import collections
 import glob
 import re
+import statistics
 import tempfile
+import time
 from typing import Callable
 
 import jax
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` (each to ``block_until_ready``), after one
+    untimed call (compilation, warm-up) unless ``warmup`` is false."""
+    if warmup:
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
 
 KINDS = (
     ("attention", re.compile(r"attention", re.I)),
