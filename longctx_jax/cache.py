@@ -47,6 +47,79 @@ class KV:
         return KV(jax.vmap(put)(self.k, slots, k), jax.vmap(put)(self.v, slots, v))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotKV:
+    """A cache whose slots are managed per (sequence, KV head): each slot stores its token's
+    position and a score, so methods that evict per head (by a learned or heuristic score) can
+    keep different tokens in every head.
+
+    ``k``/``v`` ``[B, Hkv, S, D]``; ``pos [B, Hkv, S]`` int32, ``-1`` = empty; ``score [B, Hkv,
+    S]`` float32 (meaningless where empty). Filled slots need not be contiguous; attention over
+    the cache reads ``pos >= 0`` as the mask, or the filled slots' indices
+    (``pallas_kernels.topk_decode_attention``).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    score: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, dtype) -> "SlotKV":
+        kv = KV.zeros(batch, kv_heads, slots, head_dim, dtype)
+        return cls(kv.k, kv.v, jnp.full((batch, kv_heads, slots), -1, jnp.int32),
+                   jnp.zeros((batch, kv_heads, slots), jnp.float32))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def filled(self) -> jax.Array:
+        """Filled slots per (sequence, KV head), ``[B, Hkv]`` int32."""
+        return jnp.sum(self.pos >= 0, axis=-1, dtype=jnp.int32)
+
+    def write(self, k: jax.Array, v: jax.Array, slots: jax.Array, positions: jax.Array,
+              score: jax.Array) -> "SlotKV":
+        """Store tokens ``k, v [B, T, Hkv, D]`` at per-head ``slots [B, Hkv, T]`` (``-1`` or out
+        of range: dropped) with ``positions [B, T]`` (``-1``, padding: dropped) and ``score [B,
+        Hkv, T]``. Slots must be unique per (sequence, head)."""
+        pos = jnp.broadcast_to(positions[:, None, :], slots.shape).astype(jnp.int32)
+        slots = jnp.where((slots < 0) | (slots >= self.slots) | (pos < 0), self.slots, slots)
+
+        def put(cache, s, x):  # cache [S, ...], s [T], x [T, ...]
+            return cache.at[s].set(x.astype(cache.dtype), mode="drop")
+
+        per_head = jax.vmap(jax.vmap(put))  # over batch, then KV heads
+        return SlotKV(per_head(self.k, slots, k.swapaxes(1, 2)),
+                      per_head(self.v, slots, v.swapaxes(1, 2)),
+                      per_head(self.pos, slots, pos),
+                      per_head(self.score, slots, jnp.broadcast_to(score, slots.shape)))
+
+    def free_slots(self, count: int) -> jax.Array:
+        """The first ``count`` empty slots of each (sequence, head), ``[B, Hkv, count]`` int32
+        (``-1`` where fewer are free): where :meth:`write` should put the next tokens."""
+        empty = self.pos < 0
+        order = jnp.argsort(~empty, axis=-1, stable=True)[..., :count]  # empty slots first
+        ok = jnp.take_along_axis(empty, order, axis=-1)
+        return jnp.where(ok, order, -1).astype(jnp.int32)
+
+    def retain(self, priority: jax.Array, keep: int) -> "SlotKV":
+        """Keep, per (sequence, head), the ``keep`` filled slots of highest ``priority [B, Hkv,
+        S]`` (ties: the lower slot) and empty the rest. Kept entries are packed into slots
+        ``0 .. keep - 1`` in priority order, so the free slots follow them."""
+        prio = jnp.where(self.pos >= 0, priority.astype(jnp.float32), -jnp.inf)
+        order = jnp.argsort(-prio, axis=-1, stable=True)
+
+        def take(x):
+            idx = order if x.ndim == 3 else order[..., None]
+            return jnp.take_along_axis(x, idx, axis=2)
+
+        pos = take(self.pos)
+        pos = jnp.where(jnp.arange(self.slots) < keep, pos, -1)
+        return SlotKV(take(self.k), take(self.v), pos, take(self.score))
+
+
 def ring_slots(positions: jax.Array, sink: int, window: int) -> jax.Array:
     """Slots of a sink+window ring buffer for the tokens that survive a write of ``positions [B, T]``.
 

@@ -1,13 +1,16 @@
-"""Chunked prefill and a ``lax.while_loop`` decode, so a whole generation is one jitted call.
+"""Chunked prefill and a ``lax.while_loop`` decode: a generation is two jitted calls.
 
 ``generate`` validates the request on the host (before any device work), pads a ragged batch of
-prompts on the right, and calls ``generate_tokens``: jitted once per (config, policy
-hyperparameters, shapes, sampling). ``score`` computes teacher-forced NLL chunk by chunk, with a
-progress bar, through the same prefill path.
+prompts on the right to a bucketed width, and calls ``generate_tokens``: a jitted prefill
+(``prefill_tokens``), the policy's host step (``after_prefill``), and a jitted decode loop with
+sampling inside (``decode_tokens``), each compiled once per (config, policy hyperparameters,
+bucketed shapes, sampling). ``score`` computes teacher-forced NLL chunk by chunk, with a progress
+bar, through the same prefill path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -18,6 +21,7 @@ from jax.experimental import io_callback
 import jax.numpy as jnp
 import numpy as np
 
+import host_offload
 from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
 from longctx_jax.model import Decoder
@@ -66,8 +70,16 @@ def check_request(cfg: ModelConfig, policy: AttentionPolicy, prompt_lengths: Seq
     longest = max(prompt_lengths)
     if longest + max_new_tokens > max_len:
         raise LongctxError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit "
-                         f"the cache of max_len={max_len} tokens")
+                           f"the cache of max_len={max_len} tokens")
     policy.validate(cfg, max_len)
+
+
+def bucket(n: int, quantum: int) -> int:
+    """The size that ``n`` is padded to so that nearby sizes share one compilation: a power of
+    two (at least 16) up to ``quantum``, a multiple of ``quantum`` above it."""
+    if n <= quantum:
+        return min(max(16, 1 << max(n - 1, 0).bit_length()), quantum)
+    return quantum * math.ceil(n / quantum)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int, pad_id: int = 0,
@@ -97,8 +109,8 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def prefill(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: jax.Array,
-            lengths: jax.Array, caches, chunk_size: int, gather: jax.Array):
+def prefill_chunks(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: jax.Array,
+                   lengths: jax.Array, caches, chunk_size: int, gather: jax.Array):
     """Run the prompt through the model chunk by chunk (a ``lax.scan``).
 
     ``tokens [B, P]`` with ``P`` a multiple of ``chunk_size``; ``gather [B, K]`` prompt indices
@@ -127,49 +139,98 @@ def prefill(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: jax.Array
     return picked, caches
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "max_len", "chunk_size",
-                                             "sampling", "stop_ids", "pad_id", "stream"))
-def generate_tokens(params, policy: AttentionPolicy, tokens: jax.Array, lengths: jax.Array,
-                    key: jax.Array, *, cfg: ModelConfig, max_new_tokens: int, max_len: int,
-                    chunk_size: int, sampling: Sampling = Sampling(),
-                    stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-                    stream: Callable[[np.ndarray], None] | None = None):
-    """Jitted generation: chunked prefill, then decode until ``max_new_tokens`` or all stopped.
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "chunk_size"))
+def prefill_tokens(params, policy: AttentionPolicy, tokens: jax.Array, lengths: jax.Array, *,
+                   cfg: ModelConfig, max_len: int, chunk_size: int):
+    """Jitted prefill of right-padded prompts ``tokens [B, P]`` (``P`` a multiple of
+    ``chunk_size``), ``lengths [B]``: ``(logits [B, V] float32 of each last token, caches)``."""
+    caches = policy.init_cache(cfg, tokens.shape[0], max_len, activation_dtype(params))
+    last, caches = prefill_chunks(cfg, params, policy, tokens, lengths, caches, chunk_size,
+                                  gather=(lengths - 1)[:, None])
+    return Decoder(cfg).apply({"params": params}, last[:, 0], method=Decoder.logits), caches
 
-    ``tokens [B, P]`` right-padded (``P`` a multiple of ``chunk_size``), ``lengths [B]``.
-    ``stream``, if given, is called on the host with each step's ids ``[B]`` in order.
-    Returns ``(ids [B, max_new_tokens], n_generated [B])``.
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "sampling", "stop_ids", "pad_id",
+                                             "streaming"), donate_argnames=("caches",))
+def decode_tokens(params, policy: AttentionPolicy, logits: jax.Array, caches, lengths: jax.Array,
+                  key: jax.Array, max_new_tokens: jax.Array, stream_handle: jax.Array, *,
+                  cfg: ModelConfig, capacity: int, sampling: Sampling = Sampling(),
+                  stop_ids: tuple[int, ...] = (), pad_id: int = 0, streaming: bool = False):
+    """Jitted decode loop: sample from ``logits [B, V]``, run a decode step, until
+    ``max_new_tokens`` (traced, ``<= capacity``) or every row stopped.
+
+    The loop runs ``policy.decode_period`` steps per iteration, the first with ``phase=0`` and
+    the rest with ``phase=1`` (see ``policies.base``). With ``streaming``, the host object
+    registered as ``stream_handle`` is called with each step's ids ``[B]``, in order.
+    Returns ``(ids [B, capacity], n_generated [B], caches)``: the caches come back so that the
+    donated input buffers are updated in place rather than copied into the loop.
     """
-    b = tokens.shape[0]
+    b = logits.shape[0]
     model = Decoder(cfg)
-    caches = policy.init_cache(cfg, b, max_len, activation_dtype(params))
-    last, caches = prefill(cfg, params, policy, tokens, lengths, caches, chunk_size,
-                           gather=(lengths - 1)[:, None])
-    logits = model.apply({"params": params}, last[:, 0], method=Decoder.logits)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    period = policy.decode_period
 
-    def cond(state):
-        i, _, _, _, done, _, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
+    def step(state, phase: int):
         i, logits, caches, out, done, count, key = state
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad_id, sample(logits, sub, sampling))
-        if stream is not None:
-            io_callback(stream, None, tok, ordered=True)
+        if streaming:
+            io_callback(_emit, None, stream_handle, tok, ordered=True)
         out = out.at[:, i].set(tok)
         count = count + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, stops)
         hidden, caches = model.apply({"params": params}, tok[:, None], (lengths + i)[:, None],
-                                     caches, policy, decode=True, step=i)
+                                     caches, policy, decode=True, step=i, phase=phase)
         logits = model.apply({"params": params}, hidden[:, 0], method=Decoder.logits)
         return i + 1, logits, caches, out, done, count, key
 
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    def cond(state):
+        i, done = state[0], state[4]
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        state = step(state, 0)
+        if period > 1:  # the period's other steps, never past max_new_tokens
+            trips = jnp.clip(max_new_tokens - state[0], 0, period - 1)
+            state = jax.lax.fori_loop(0, trips, lambda _, s: step(s, 1), state)
+        return state
+
+    out = jnp.full((b, capacity), pad_id, jnp.int32)
     state = (jnp.int32(0), logits, caches, out, jnp.zeros(b, bool), jnp.zeros(b, jnp.int32), key)
-    _, _, _, out, _, count, _ = jax.lax.while_loop(cond, body, state)
-    return out, count
+    _, _, caches, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+    return out, count, caches
+
+
+def _emit(handle, ids) -> None:
+    host_offload.lookup(handle)(np.asarray(ids))
+
+
+def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cfg: ModelConfig,
+                    max_new_tokens: int, max_len: int, chunk_size: int,
+                    sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = (),
+                    pad_id: int = 0, stream: Callable[[np.ndarray], None] | None = None):
+    """Chunked prefill, the policy's host step, then the decode loop: two jitted calls.
+
+    ``tokens [B, P]`` right-padded (``P`` a multiple of ``chunk_size``), ``lengths [B]``.
+    ``stream``, if given, is called on the host with each step's ids ``[B]`` in order; it is
+    passed to the compiled code as a handle, so a new callback does not recompile. The output
+    buffer is sized by :func:`bucket`, so nearby ``max_new_tokens`` share one compilation.
+    Returns ``(ids [B, max_new_tokens], n_generated [B])``.
+    """
+    capacity = bucket(max_new_tokens, 256)
+    with contextlib.ExitStack() as stack:
+        bound = stack.enter_context(policy.session(cfg, tokens.shape[0], max_len))
+        handle = 0 if stream is None else stack.enter_context(host_offload.registered(stream))
+        logits, caches = prefill_tokens(params, bound, tokens, lengths, cfg=cfg, max_len=max_len,
+                                        chunk_size=chunk_size)
+        caches = bound.after_prefill(caches)
+        out, count, _ = decode_tokens(params, bound, logits, caches, lengths, key,
+                                   jnp.int32(max_new_tokens), jnp.int32(handle), cfg=cfg,
+                                   capacity=capacity, sampling=sampling, stop_ids=stop_ids,
+                                   pad_id=pad_id, streaming=stream is not None)
+        if stream is not None:
+            jax.block_until_ready(out)  # every callback ran before the handle goes
+    return out[:, :max_new_tokens], count
 
 
 def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
@@ -179,18 +240,23 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
              stream: Callable[[np.ndarray], None] | None = None) -> Generation:
     """Generate for a batch of prompts (lists of ids, possibly of different lengths).
 
-    ``max_len`` (cache size) defaults to the longest prompt plus ``max_new_tokens``.
+    Shapes are bucketed so that a notebook's next prompt rarely compiles anew: prompts are
+    padded to :func:`bucket` of the longest (a power of two up to ``chunk_size``, a multiple of
+    it beyond), and ``max_len`` (the cache size) defaults to the padded width plus the bucketed
+    ``max_new_tokens``, bucketed again. An explicit ``max_len`` is used as given.
     """
     lengths = [len(p) for p in prompts]
+    longest = max(lengths, default=0)
+    width = bucket(longest, chunk_size) if longest else 0
     if max_len is None:
-        max_len = max(lengths, default=0) + max_new_tokens
+        max_len = bucket(width + bucket(max_new_tokens, 256), chunk_size) if width else 0
     check_request(cfg, policy, lengths, max_new_tokens, max_len, chunk_size)
-    chunk_size = min(chunk_size, max(lengths))
-    tokens, lengths = pad_prompts(prompts, chunk_size, pad_id)
+    tokens, lengths = pad_prompts(prompts, min(chunk_size, width), pad_id, min_width=width)
     out, count = generate_tokens(
         params, policy, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-        cfg=cfg, max_new_tokens=max_new_tokens, max_len=max_len, chunk_size=chunk_size,
-        sampling=sampling, stop_ids=tuple(sorted(set(stop_ids))), pad_id=pad_id, stream=stream)
+        cfg=cfg, max_new_tokens=max_new_tokens, max_len=max_len,
+        chunk_size=min(chunk_size, width), sampling=sampling,
+        stop_ids=tuple(sorted(set(stop_ids))), pad_id=pad_id, stream=stream)
     return Generation(np.asarray(out), np.asarray(count))
 
 
@@ -251,12 +317,14 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     n = len(ids)
     if n < 2:
         raise LongctxError(f"scoring needs at least 2 tokens, got {n}")
-    chunk_size = min(chunk_size, n)
     policies = (policy,) if reference is None else (policy, reference)
     for p in policies:
         p.validate(cfg, n)
-    caches = tuple(p.init_cache(cfg, 1, n, activation_dtype(params)) for p in policies)
-    padded = np.zeros(chunk_size * math.ceil(n / chunk_size), np.int32)
+    # Bucketed shapes: texts of nearby lengths share the compiled chunk.
+    max_len = bucket(n, chunk_size)
+    chunk_size = min(chunk_size, max_len)
+    caches = tuple(p.init_cache(cfg, 1, max_len, activation_dtype(params)) for p in policies)
+    padded = np.zeros(max_len, np.int32)
     padded[:n] = ids
     targets = np.full_like(padded, -1)
     targets[: n - 1] = ids[1:]

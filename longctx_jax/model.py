@@ -1,7 +1,9 @@
 """Llama-family decoder in Flax. Everything after q/k/v projection + RoPE belongs to a policy.
 
-The model never knows which attention method runs: each layer hands ``(q, k, v)`` of shape
-``[batch, tokens, heads, head_dim]`` and its own cache to ``policy.prefill`` or ``policy.decode``.
+The model never knows which attention method runs: each layer hands an
+:class:`~longctx_jax.attention.AttnInputs` (``q, k, v [batch, tokens, heads, head_dim]``,
+positions, and pre-RoPE ``q, k`` for a policy that asks) and its own cache to
+``policy.prefill`` or ``policy.decode``.
 Layers are a Python loop (not ``nn.scan``) because caches may differ in shape from layer to layer.
 """
 
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longctx_jax.attention import AttnInputs
 from longctx_jax.config import ModelConfig
 
 
@@ -71,42 +74,61 @@ def _dense(features: int, name: str, bias: bool = False) -> nn.Dense:
 class Block(nn.Module):
     """One decoder layer: pre-norm attention (via the policy) and a SwiGLU MLP.
 
-    Projections that read the same input are stored fused (``qkv``, ``gate_up``): one matrix
-    product each. Besides saving launches, at batch 1 XLA rewrites a vector-matrix product with a
-    small matrix (Llama-3-8B's separate k and v) into a multiply that materialises the whole
-    weight-sized product and a reduction, several times slower than reading the weights once.
+    Projections that read the same input are fused (one matrix product each) and stored
+    head-major, so that splitting a weight by KV heads (or by the MLP's intermediate dimension)
+    keeps each head's q, k and v together: ``qkv [d, Hkv, g + 2, D]`` holds, per KV head, its
+    ``g`` query heads, then its key and its value head; ``gate_up [d, 2, I]``.
     """
 
     cfg: ModelConfig
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache, policy, decode: bool, step):
+    def __call__(self, x, positions, cache, policy, decode: bool, step=0, phase: int = 0):
         cfg = self.cfg
         b, t, _ = x.shape
+        g = cfg.num_heads // cfg.num_kv_heads
         h = RMSNorm(cfg.rms_eps, name="input_norm")(x)
-        nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv = _dense(nq + 2 * nkv, "qkv", cfg.attention_bias)(h)
-        q, k, v = jnp.split(qkv, [nq, nq + nkv], axis=-1)
+        qkv = _DenseHeads((cfg.num_kv_heads, g + 2, cfg.head_dim), cfg.attention_bias,
+                          name="qkv")(h)  # [B, T, Hkv, g + 2, D]
+        q_raw = qkv[:, :, :, :g].reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k_raw, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        raw = getattr(policy, "needs_raw", False)
+        inputs = AttnInputs(apply_rope(q_raw, positions, inv_freq),
+                            apply_rope(k_raw, positions, inv_freq), v, positions,
+                            q_raw if raw else None, k_raw if raw else None)
         if decode:
-            out, cache = policy.decode(self.layer, q, k, v, cache, positions[:, 0], step)
+            out, cache = policy.decode(self.layer, inputs, cache, step=step, phase=phase)
         else:
-            out, cache = policy.prefill(self.layer, q, k, v, cache, positions)
+            out, cache = policy.prefill(self.layer, inputs, cache)
         x = x + _dense(cfg.hidden_size, "o")(out.astype(x.dtype).reshape(b, t, -1))
         h = RMSNorm(cfg.rms_eps, name="post_attn_norm")(x)
-        gate, up = jnp.split(_dense(2 * cfg.intermediate_size, "gate_up")(h), 2, axis=-1)
-        x = x + _dense(cfg.hidden_size, "down")(nn.silu(gate) * up)
+        gate_up = _DenseHeads((2, cfg.intermediate_size), False, name="gate_up")(h)
+        x = x + _dense(cfg.hidden_size, "down")(nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
         return x, cache
+
+
+class _DenseHeads(nn.Module):
+    """``x [..., d] -> [..., *shape]`` with a kernel ``[d, *shape]`` (one matrix product)."""
+
+    shape: tuple[int, ...]
+    bias: bool
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], *self.shape))
+        y = jnp.einsum("...d,dn->...n", x, kernel.reshape(x.shape[-1], -1).astype(x.dtype))
+        y = y.reshape(*x.shape[:-1], *self.shape)
+        if self.bias:
+            y = y + self.param("bias", nn.initializers.zeros, self.shape).astype(x.dtype)
+        return y
 
 
 class Decoder(nn.Module):
     """Token ids -> final hidden states; ``logits`` maps hidden states to the vocabulary.
 
-    ``__call__(tokens [B,T], positions [B,T], caches, policy, decode, step)`` returns
+    ``__call__(tokens [B,T], positions [B,T], caches, policy, decode, step, phase)`` returns
     ``(hidden [B,T,d], caches)``. Positions are absolute; ``-1`` marks padding (ragged batches),
     which policies neither attend to nor store.
     """
@@ -122,11 +144,12 @@ class Decoder(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg.vocab_size, "lm_head")
 
-    def __call__(self, tokens, positions, caches, policy, decode: bool = False, step=0):
+    def __call__(self, tokens, positions, caches, policy, decode: bool = False, step=0,
+                 phase: int = 0):
         x = self.embed.embedding[tokens]
         new_caches = []
         for layer, cache in zip(self.layers, caches):
-            x, cache = layer(x, positions, cache, policy, decode, step)
+            x, cache = layer(x, positions, cache, policy, decode, step, phase)
             new_caches.append(cache)
         return self.final_norm(x), tuple(new_caches)
 
@@ -146,15 +169,16 @@ def param_shapes(cfg: ModelConfig) -> dict:
     d, hd = cfg.hidden_size, cfg.head_dim
 
     def dense(n_in, n_out, bias=False):
-        return {"kernel": (n_in, n_out), **({"bias": (n_out,)} if bias else {})}
+        n_out = n_out if isinstance(n_out, tuple) else (n_out,)
+        return {"kernel": (n_in, *n_out), **({"bias": n_out} if bias else {})}
 
-    bias = cfg.attention_bias
+    g = cfg.num_heads // cfg.num_kv_heads
     layer = {
         "input_norm": {"scale": (d,)},
-        "qkv": dense(d, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias),
+        "qkv": dense(d, (cfg.num_kv_heads, g + 2, hd), cfg.attention_bias),
         "o": dense(cfg.num_heads * hd, d),
         "post_attn_norm": {"scale": (d,)},
-        "gate_up": dense(d, 2 * cfg.intermediate_size),
+        "gate_up": dense(d, (2, cfg.intermediate_size)),
         "down": dense(cfg.intermediate_size, d),
     }
     shapes: dict[str, Any] = {"embed": {"embedding": (cfg.vocab_size, d)}}
@@ -178,3 +202,46 @@ def random_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) ->
         # Norm scales sit near 1 (with noise, so tests notice a norm wired to the wrong place).
         arrays.append((noise + 1.0 if "norm" in path else noise).astype(dtype))
     return jax.tree.unflatten(treedef, arrays)
+
+
+# ------------------------------------------------------------------------- scanned forward
+
+def stack_layers(cfg: ModelConfig, params) -> dict:
+    """``{"embed", "final_norm", "layers"}`` with the per-layer parameter trees stacked on a
+    leading axis: the input of :func:`forward_scanned`."""
+    layers = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
+    return {"embed": params["embed"], "final_norm": params["final_norm"],
+            "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def forward_scanned(cfg: ModelConfig, stacked, tokens: jax.Array, policy,
+                    remat: bool = True) -> jax.Array:
+    """Final hidden states ``[B, T, d]`` of whole prompts ``tokens [B, T]`` (positions ``0..T-1``).
+
+    For training: the layers are one ``lax.scan`` (one layer compiled, whatever the depth), and
+    ``remat`` recomputes a layer's activations in the backward pass, so memory holds one layer's.
+    The policy is scanned with the layers: each of its array leaves has a leading layer axis
+    ``[layers, ...]``, and every layer sees the policy with only its own slice (leaves
+    ``[1, ...]``) as layer 0. Static fields are shared by all layers, so a policy whose static
+    fields differ per layer (``Duo``'s heads) cannot run here. There are no caches: ``prefill``
+    gets ``cache=None`` and must attend within the prompt (e.g. ``train.duo_forward.DuoMixed``).
+    """
+    for leaf in jax.tree.leaves(policy):
+        if leaf.shape[:1] != (cfg.num_layers,):
+            raise ValueError(f"policy leaves need a leading axis of {cfg.num_layers} layers, "
+                             f"got shape {leaf.shape}")
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    block = Block(cfg, 0)
+
+    def layer(x, xs):
+        params, own = xs  # own: the policy with this layer's slice of every leaf
+        x, _ = block.apply({"params": params}, x, positions, None,
+                           jax.tree.map(lambda a: a[None], own), False)
+        return x, None
+
+    if remat:
+        layer = jax.checkpoint(layer)
+    x = stacked["embed"]["embedding"][tokens]
+    x, _ = jax.lax.scan(layer, x, (stacked["layers"], policy))
+    return RMSNorm(cfg.rms_eps).apply({"params": stacked["final_norm"]}, x)

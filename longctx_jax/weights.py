@@ -218,11 +218,14 @@ def _assemble(cfg: ModelConfig, dtype, get: Callable[[str], np.ndarray], names: 
         pre = names["layer"].format(i=i)
         params[f"layer_{i}"] = {
             "input_norm": norm(pre + names["input_norm"]),
-            "qkv": dense((pre + names["q"], cfg.num_heads), (pre + names["k"], cfg.num_kv_heads),
-                         (pre + names["v"], None), bias=cfg.attention_bias),
+            "qkv": _qkv_head_major(cfg, dense(
+                (pre + names["q"], cfg.num_heads), (pre + names["k"], cfg.num_kv_heads),
+                (pre + names["v"], None), bias=cfg.attention_bias)),
             "o": dense((pre + names["o"], None)),
             "post_attn_norm": norm(pre + names["post_attn_norm"]),
-            "gate_up": dense((pre + names["gate"], None), (pre + names["up"], None)),
+            "gate_up": jax.tree.map(
+                lambda w: w.reshape(*w.shape[:-1], 2, cfg.intermediate_size),
+                dense((pre + names["gate"], None), (pre + names["up"], None))),
             "down": dense((pre + names["down"], None)),
         }
     params["final_norm"] = norm(names["final_norm"])
@@ -232,6 +235,22 @@ def _assemble(cfg: ModelConfig, dtype, get: Callable[[str], np.ndarray], names: 
         params["lm_head"] = {"kernel": get(names["lm_head"]).T}
     _check_shapes(cfg, params)
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+
+def _qkv_head_major(cfg: ModelConfig, p: dict) -> dict:
+    """``[..., (Hq + 2 Hkv) * D]`` (q heads, k heads, v heads side by side) -> ``[..., Hkv, g + 2,
+    D]`` (per KV head: its g query heads, its key head, its value head); see ``model.Block``."""
+    hkv, d = cfg.num_kv_heads, cfg.head_dim
+    g = cfg.num_heads // hkv
+
+    def reorder(w):
+        lead = w.shape[:-1]
+        q, k, v = np.split(w, [hkv * g * d, (hkv * g + hkv) * d], axis=-1)
+        parts = [q.reshape(*lead, hkv, g, d), k.reshape(*lead, hkv, 1, d),
+                 v.reshape(*lead, hkv, 1, d)]
+        return np.concatenate(parts, axis=-2)
+
+    return {name: reorder(w) for name, w in p.items()}
 
 
 def _check_shapes(cfg: ModelConfig, params: dict) -> None:

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from longctx_jax.cache import KV, ring_slot_positions, ring_slots
+from longctx_jax.cache import KV, SlotKV, ring_slot_positions, ring_slots
 
 
 def _values(positions, heads=2, dim=3):
@@ -60,3 +60,59 @@ def test_dense_write_drops_padding_and_out_of_range():
     v = _values(np.array([[10, 11, 12], [13, 14, 15]]), 1, 1)
     cache = cache.write(v, v, pos)
     np.testing.assert_array_equal(cache.k[:, 0, :, 0], [[10, 11, 12, 0, 0, 0], [0, 0, 0, 13, 0, 0]])
+
+
+# ------------------------------------------------------------------------ per-head slot cache
+
+def _slot_cache(rng, b, h, s, d, fill):
+    """A SlotKV with ``fill[b, h]`` random filled slots at random places."""
+    pos = np.full((b, h, s), -1, np.int32)
+    for i in range(b):
+        for j in range(h):
+            where = rng.choice(s, fill[i, j], replace=False)
+            pos[i, j, where] = rng.choice(1000, fill[i, j], replace=False)
+    return SlotKV(jnp.asarray(rng.normal(size=(b, h, s, d)), jnp.float32),
+                  jnp.asarray(rng.normal(size=(b, h, s, d)), jnp.float32), jnp.asarray(pos),
+                  jnp.asarray(rng.normal(size=(b, h, s)), jnp.float32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 12), st.integers(0, 14),
+       st.integers(0, 2**31 - 1))
+def test_slot_retain_keeps_exactly_the_top_filled_slots(b, h, s, keep, seed):
+    rng = np.random.default_rng(seed)
+    cache = _slot_cache(rng, b, h, s, 2, rng.integers(0, s + 1, (b, h)))
+    # Integer priorities: ties happen, and go to the lower slot.
+    prio = rng.integers(0, 4, (b, h, s)).astype(np.float32)
+    out = cache.retain(jnp.asarray(prio), keep)
+    pos, k = np.asarray(cache.pos), np.asarray(cache.k)
+    for i in range(b):
+        for j in range(h):
+            filled = [x for x in range(s) if pos[i, j, x] >= 0]
+            want = sorted(filled, key=lambda x: (-prio[i, j, x], x))[:keep]
+            n = len(want)
+            np.testing.assert_array_equal(np.asarray(out.pos)[i, j, :n], pos[i, j, want])
+            np.testing.assert_array_equal(np.asarray(out.k)[i, j, :n], k[i, j, want])
+            assert np.all(np.asarray(out.pos)[i, j, n:] == -1)
+    np.testing.assert_array_equal(out.filled(), np.minimum((pos >= 0).sum(-1), keep))
+
+
+def test_slot_write_and_free_slots_per_head():
+    cache = SlotKV.empty(2, 3, 5, 4, jnp.float32)
+    free = cache.free_slots(2)
+    np.testing.assert_array_equal(free, np.broadcast_to([0, 1], (2, 3, 2)))
+    k = jnp.arange(2 * 2 * 3 * 4, dtype=jnp.float32).reshape(2, 2, 3, 4)
+    # Head 1 of sequence 0 drops its second token (slot -1); sequence 1 writes slots 3 and 4,
+    # but its second token is padding (position -1): nothing is stored for it.
+    slots = jnp.array([[[0, 1], [2, -1], [0, 1]], [[3, 4], [3, 4], [3, 4]]])
+    positions = jnp.array([[7, 8], [5, -1]])
+    score = jnp.arange(12, dtype=jnp.float32).reshape(2, 3, 2)
+    out = cache.write(k, -k, slots, positions, score)
+    np.testing.assert_array_equal(out.pos[0, 1], [-1, -1, 7, -1, -1])
+    np.testing.assert_array_equal(out.k[0, 1, 2], k[0, 0, 1])
+    np.testing.assert_array_equal(out.v[1, 2, 3], -k[1, 0, 2])
+    np.testing.assert_array_equal(out.score[1, 0, 3:], [6.0, 0.0])
+    np.testing.assert_array_equal(out.filled(), [[2, 1, 2], [1, 1, 1]])
+    np.testing.assert_array_equal(out.free_slots(4)[0, 1], [0, 1, 3, 4])
+    np.testing.assert_array_equal(out.free_slots(5)[0, 0], [2, 3, 4, -1, -1])
+    np.testing.assert_array_equal(out.free_slots(4)[1, 0], [0, 1, 2, 4])

@@ -22,7 +22,7 @@ import numpy as np
 from longctx_jax.errors import LongctxError
 from longctx_jax.evals.tasks import Sample, answer_text, exact_match, make_samples
 from longctx_jax.generate import (activation_dtype, check_request, generate_tokens, pad_prompts,
-                                  prefill)
+                                  prefill_chunks)
 from longctx_jax.model import Decoder
 from longctx_jax.policies.base import AttentionPolicy
 
@@ -134,7 +134,7 @@ def _answer_scores(params, policy, tokens, lengths, prompt_len, answer_ids, answ
     caches = policy.init_cache(cfg, tokens.shape[0], max_len, activation_dtype(params))
     k = answer_ids.shape[1]
     gather = prompt_len[:, None] - 1 + jnp.arange(k)[None, :]  # positions predicting the answer
-    hidden, _ = prefill(cfg, params, policy, tokens, lengths, caches, chunk_size, gather)
+    hidden, _ = prefill_chunks(cfg, params, policy, tokens, lengths, caches, chunk_size, gather)
     logp = jax.nn.log_softmax(Decoder(cfg).apply({"params": params}, hidden,
                                                  method=Decoder.logits), axis=-1)
     valid = jnp.arange(k)[None, :] < answer_len[:, None]

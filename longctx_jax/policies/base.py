@@ -1,26 +1,50 @@
 """The attention-policy interface, the registry of methods, and shared helpers.
 
 A policy is a frozen dataclass registered as a pytree: hyperparameters are static (part of the
-tree structure, so ``jax.jit`` specialises on them) and trained arrays, if any, are leaves.
+tree structure, so ``jax.jit`` specialises on them); arrays (trained weights, host handles) are
+leaves, so new values of them never recompile.
 
-Contract (``q`` ``[B, T, Hq, D]``, ``k``/``v`` ``[B, T, Hkv, D]``, after projection and RoPE):
+Contract. Every call receives an :class:`~longctx_jax.attention.AttnInputs` ``x``: ``x.q [B, T,
+Hq, D]``, ``x.k``/``x.v`` ``[B, T, Hkv, D]`` after projection and RoPE, ``x.positions [B, T]``
+(absolute; ``-1`` marks right padding, never attended to nor stored) and, only when the class
+sets ``needs_raw = True``, ``x.q_raw``/``x.k_raw`` before RoPE (for learned scorers).
 
-- ``init_cache(cfg, batch, max_len, dtype) -> caches``: a tuple with one pytree per layer.
-- ``prefill(layer, q, k, v, cache, positions) -> (out [B, T, Hq, D], cache)``: one prompt chunk.
-  ``positions [B, T]`` are ``start + arange(T)`` for real tokens and ``-1`` for right padding;
-  the chunk's tokens attend to the cache and to each other causally.
-- ``decode(layer, q, k, v, cache, position, step) -> (out, cache)``: one token per sequence at
-  ``position [B]`` (= tokens already cached); ``step`` counts decode steps from 0.
+- ``init_cache(cfg, batch, max_len, dtype) -> caches``: a tuple with one pytree per layer. The
+  policy owns the layout; a bounded policy allocates bounded arrays, and layers may differ.
+  Slot caches with a stored position and score per (sequence, KV head, slot) are
+  :class:`~longctx_jax.cache.SlotKV`.
+- ``prefill(layer, x, cache) -> (out [B, T, Hq, D], cache)``: one prompt chunk; its tokens attend
+  to the cache and to each other causally.
+- ``decode(layer, x, cache, *, step, phase) -> (out [B, 1, Hq, D], cache)``: one token per
+  sequence at ``x.positions[:, 0]`` (= tokens already cached). ``step`` (traced) counts decode
+  steps from 0. ``phase`` is static: the decode loop runs ``decode_period`` steps per iteration,
+  the first with ``phase = 0`` and the others with ``phase = 1``, so a periodic method (a full
+  step every S steps, partial steps between) compiles two step bodies and chooses nothing at
+  run time.
+- Host state (an index in host memory, say) lives outside jit. ``session(cfg, batch, max_len)``
+  is a context manager around one request that yields the policy to use inside it, typically
+  this one with an int32 handle leaf into host state (a leaf, so every session reuses the
+  compiled code); leaving it frees the state. Generation is two jitted calls, prefill then
+  decode, and ``after_prefill(caches) -> caches`` runs eagerly between them (build the index
+  from what prefill cached, hand the device a smaller cache). Both default to nothing.
+
+Properties the conformance suite (``tests/test_conformance.py``) checks for every registered
+policy, unless the class declares them false: ``chunk_invariant`` (prefill outputs do not depend
+on the chunk size: false for a method that evicts at chunk boundaries) and
+``decode_matches_prefill`` (a decode step gives what a prefill over the same tokens gives: false
+for a method whose decode steps see less than its prefill).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, ContextManager
 
 import jax
 import jax.numpy as jnp
 
+from longctx_jax.attention import AttnInputs
 from longctx_jax.cache import tree_bytes
 from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
@@ -28,9 +52,13 @@ from longctx_jax.errors import LongctxError
 _REGISTRY: dict[str, type["AttentionPolicy"]] = {}
 
 
-def static(default: Any) -> Any:
-    """A hyperparameter field: static in the pytree, so jit specialises on its value."""
-    return dataclasses.field(default=default, metadata={"static": True})
+def static(default: Any, help: str | None = None, cli: bool = True) -> Any:
+    """A hyperparameter field: static in the pytree, so jit specialises on its value.
+
+    ``help`` documents it on the command line, where every option field becomes a flag
+    (``retrieval_ratio`` -> ``--retrieval-ratio``); ``cli=False`` keeps an internal field off it.
+    """
+    return dataclasses.field(default=default, metadata={"static": True, "help": help, "cli": cli})
 
 
 def pytree_dataclass(cls: type) -> type:
@@ -60,16 +88,20 @@ def available() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def registered() -> tuple[str, ...]:
+    """The method names in the order they were registered (simplest first)."""
+    return tuple(_REGISTRY)
+
+
 def make_policy(name: str, **options) -> "AttentionPolicy":
-    """Build the policy registered as ``name``; unknown names and options raise ``ValueError``."""
-    if name not in _REGISTRY:
-        raise LongctxError(f"unknown attention method {name!r}; available: {', '.join(available())}")
-    cls = _REGISTRY[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(options) - known
+    """Build the policy registered as ``name``; unknown names and options raise
+    ``LongctxError``."""
+    cls = policy_class(name)
+    unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
+        known = [f.name for f in option_fields(cls)]
         raise LongctxError(f"method {name!r} takes no option(s) {sorted(unknown)}; "
-                         f"its options: {sorted(known) or 'none'}")
+                           f"its options: {', '.join(known) or 'none'}")
     return cls(**options)
 
 
@@ -101,22 +133,55 @@ class AttentionPolicy:
     """Base class of all policies; see the module docstring for the contract."""
 
     name: ClassVar[str]
+    needs_raw: ClassVar[bool] = False
+    chunk_invariant: ClassVar[bool] = True
+    decode_matches_prefill: ClassVar[bool] = True
+
+    @property
+    def decode_period(self) -> int:
+        """Decode steps per iteration of the decode loop (see ``phase``)."""
+        return 1
 
     def validate(self, cfg: ModelConfig, max_len: int) -> None:
-        """Raise ``ValueError`` if this policy cannot serve a cache of ``max_len`` tokens."""
+        """Raise ``LongctxError`` if this policy cannot serve a cache of ``max_len`` tokens."""
 
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype) -> tuple:
         raise NotImplementedError
 
-    def prefill(self, layer: int, q, k, v, cache, positions):
+    def prefill(self, layer: int, x: AttnInputs, cache):
         raise NotImplementedError
 
-    def decode(self, layer: int, q, k, v, cache, position, step):
+    def decode(self, layer: int, x: AttnInputs, cache, *, step: jax.Array, phase: int = 0):
         raise NotImplementedError
+
+    def session(self, cfg: ModelConfig, batch: int, max_len: int) -> ContextManager:
+        """Host state for one request; yields the policy to run inside it (default: this one)."""
+        return contextlib.nullcontext(self)
+
+    def after_prefill(self, caches: tuple) -> tuple:
+        """Host-side step between the jitted prefill and the jitted decode (default: none)."""
+        return caches
 
     def cache_bytes(self, cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
         """Bytes of this policy's cache arrays for ``max_len`` tokens (nothing is allocated)."""
         return tree_bytes(jax.eval_shape(lambda: self.init_cache(cfg, batch, max_len, dtype)))
+
+    def options(self) -> dict:
+        """The user-facing options and their values (what ``policy_from_spec`` takes)."""
+        return {f.name: getattr(self, f.name) for f in option_fields(type(self))}
+
+
+def option_fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    """The fields of a policy class that users set (static, not marked ``cli=False``)."""
+    return tuple(f for f in dataclasses.fields(cls)
+                 if f.metadata.get("static") and f.metadata.get("cli", True))
+
+
+def policy_class(name: str) -> type[AttentionPolicy]:
+    if name not in _REGISTRY:
+        raise LongctxError(f"unknown attention method {name!r}; available: "
+                           f"{', '.join(available())}")
+    return _REGISTRY[name]
 
 
 def heads_first(x: jax.Array) -> jax.Array:

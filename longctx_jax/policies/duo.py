@@ -5,18 +5,14 @@ Deployment (:class:`Duo`, method ``duo``) keeps the heads with the largest gates
 heads, or those above a threshold) as retrieval heads with a dense cache, and gives every other
 head a ``sink + window`` ring buffer. Caches are sized per layer, so memory really shrinks: a
 layer with ``r`` retrieval KV heads holds ``[B, r, max_len, D]`` and ``[B, Hkv - r, S + W, D]``.
-The selection is static, so ``jit`` specialises the shapes.
-
-Training (:class:`DuoMixed`, not a registered method) mixes both attentions per KV head,
-``alpha * full + (1 - alpha) * streaming``, over a one-shot prompt; gradients of a loss with
-respect to ``DuoMixed.gates`` train the gates (see :mod:`longctx_jax.train.duo`).
+The selection is static, so ``jit`` specialises the shapes. The gates are trained by
+:mod:`longctx_jax.train.duo`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import math
 import pathlib
 from typing import Sequence
 
@@ -25,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from longctx_jax.attention import AttnInputs
 from longctx_jax.cache import KV
 from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import AttentionPolicy, register, static
@@ -49,7 +46,7 @@ def load_gates(source: str | pathlib.Path | None = None) -> np.ndarray:
         with importlib.resources.as_file(ref) as path:
             if not path.is_file():
                 raise LongctxError(f"the shipped DuoAttention gates {SHIPPED_GATES} are missing from "
-                                 "the package; pass gates=DIR")
+                                   "the package; pass gates=DIR")
             return _read_npz(path)
     path = pathlib.Path(source).expanduser()
     if path.is_file():
@@ -63,7 +60,7 @@ def load_gates(source: str | pathlib.Path | None = None) -> np.ndarray:
         if gates is not None:
             return _check_gates(gates, str(path))
         raise LongctxError(f"no DuoAttention gates in {path}: expected gates.npz or an orbax "
-                         "checkpoint of `longctx train duo`")
+                           "checkpoint of `longctx train duo`")
     raise LongctxError(f"DuoAttention gates {str(source)!r} not found")
 
 
@@ -83,7 +80,8 @@ def _read_npz(path: pathlib.Path) -> np.ndarray:
 def _check_gates(gates: np.ndarray, where: str) -> np.ndarray:
     gates = np.asarray(gates, np.float32)
     if gates.ndim != 2 or 0 in gates.shape:
-        raise LongctxError(f"gates from {where} must be [layers, kv_heads], got shape {gates.shape}")
+        raise LongctxError(f"gates from {where} must be [layers, kv_heads], got shape "
+                           f"{gates.shape}")
     if not np.all(np.isfinite(gates)):
         raise LongctxError(f"gates from {where} contain non-finite values")
     return gates
@@ -139,13 +137,16 @@ class Duo(AttentionPolicy):
     layer) is resolved from those on construction, or given directly to skip the gates.
     """
 
-    retrieval_ratio: float | None = static(None)
-    threshold: float | None = static(None)
-    gates: str | None = static(None)
-    sink: int = static(64)
-    window: int = static(256)
-    heads: tuple[tuple[int, ...], ...] | None = static(None)
-    kv_heads: int | None = static(None)  # KV heads per layer of the model the gates are for
+    retrieval_ratio: float | None = static(
+        None, help=f"fraction of all KV heads kept as retrieval heads (default {DEFAULT_RATIO})")
+    threshold: float | None = static(None, help="retrieval heads are those with a gate above this")
+    gates: str | None = static(None, help="gates.npz, a training run's directory or its "
+                               "checkpoints (default: the gates shipped for SmolLM2)")
+    sink: int = static(64, help="attention-sink tokens kept from the start of the context "
+                       "(duo: by its streaming heads)")
+    window: int = static(256, help="most recent tokens kept (duo: by its streaming heads)")
+    heads: tuple[tuple[int, ...], ...] | None = static(None, cli=False)
+    kv_heads: int | None = static(None, cli=False)  # KV heads per layer the gates are for
 
     def __post_init__(self):
         if self.sink < 0:
@@ -181,13 +182,13 @@ class Duo(AttentionPolicy):
         if len(self.heads) != layers or (self.kv_heads is not None and self.kv_heads != hkv):
             shape = f"{len(self.heads)} layers x {self.kv_heads or '?'} KV heads"
             raise LongctxError(f"DuoAttention gates are shaped for another model ({shape}); this "
-                             f"model has {layers} layers x {hkv} KV heads")
+                               f"model has {layers} layers x {hkv} KV heads")
         if any(h >= hkv for layer in self.heads for h in layer):
             raise LongctxError(f"duo head ids must be < {hkv} (the model's KV heads), got "
-                             f"{self.heads}")
+                               f"{self.heads}")
         if self.num_streaming(hkv) and self.sink + self.window > max_len:
             raise LongctxError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
-                             f"length {max_len}")
+                               f"length {max_len}")
 
     def num_streaming(self, kv_heads: int) -> int:
         """Streaming KV heads summed over layers."""
@@ -203,42 +204,49 @@ class Duo(AttentionPolicy):
                 KV.zeros(batch, s, self.sink + self.window, cfg.head_dim, dtype) if s else None))
         return tuple(caches)
 
-    def prefill(self, layer, q, k, v, cache, positions):
-        return self._split(layer, q, k, v, cache,
-                           lambda p, *a: p.prefill(layer, *a, positions))
+    def prefill(self, layer, x, cache):
+        return self._split(layer, x, cache, lambda p, xs, c: p.prefill(layer, xs, c))
 
-    def decode(self, layer, q, k, v, cache, position, step):
-        retrieval = self.heads[layer]
+    def decode(self, layer, x, cache, *, step, phase=0):
         if cache.dense is None or cache.ring is None:  # one kind of head: that policy alone
-            return self._split(layer, q, k, v, cache,
-                               lambda p, *a: p.decode(layer, *a, position, step))
+            return self._split(layer, x, cache,
+                               lambda p, xs, c: p.decode(layer, xs, c, step=step, phase=phase))
         # Both kinds: one kernel appends to both caches and attends, outputs in head order.
         out, _, (dk, dv, rk, rv) = pk.duo_decode_attention(
-            q[:, 0], k[:, 0], v[:, 0], cache.dense.k, cache.dense.v, cache.ring.k, cache.ring.v,
-            (position + 1).astype(jnp.int32), retrieval, self.sink)
-        dense, ring = KV(dk, dv), KV(rk, rv)
-        return out[:, None], DuoCache(dense, ring)
+            x.q[:, 0], x.k[:, 0], x.v[:, 0], cache.dense.k, cache.dense.v, cache.ring.k,
+            cache.ring.v, (x.positions[:, 0] + 1).astype(jnp.int32),
+            jnp.asarray(self.heads[layer], jnp.int32), self.sink)
+        return out[:, None], DuoCache(KV(dk, dv), KV(rk, rv))
 
-    def _split(self, layer, q, k, v, cache: DuoCache, run):
+    def _split(self, layer, x: AttnInputs, cache: DuoCache, run):
         """Run ``Full`` on the retrieval heads and ``Streaming`` on the rest; restore head order."""
-        hkv = k.shape[2]
-        g = q.shape[2] // hkv
+        hkv = x.k.shape[2]
+        g = x.q.shape[2] // hkv
         retrieval = self.heads[layer]
         streaming = tuple(h for h in range(hkv) if h not in retrieval)
         full, ring = Full(), Streaming(self.sink, self.window)
         if not streaming:
-            out, dense = run(full, q, k, v, cache.dense)
+            out, dense = run(full, x, cache.dense)
             return out, DuoCache(dense, None)
         if not retrieval:
-            out, ring_cache = run(ring, q, k, v, cache.ring)
+            out, ring_cache = run(ring, x, cache.ring)
             return out, DuoCache(None, ring_cache)
         r_idx, s_idx = np.array(retrieval), np.array(streaming)
         q_r, q_s = (_group_heads(h, g) for h in (r_idx, s_idx))
-        out_r, dense = run(full, q[:, :, q_r], k[:, :, r_idx], v[:, :, r_idx], cache.dense)
-        out_s, ring_cache = run(ring, q[:, :, q_s], k[:, :, s_idx], v[:, :, s_idx], cache.ring)
+        out_r, dense = run(full, _heads(x, q_r, r_idx), cache.dense)
+        out_s, ring_cache = run(ring, _heads(x, q_s, s_idx), cache.ring)
         order = np.argsort(np.concatenate([q_r, q_s]))
         out = jnp.concatenate([out_r, out_s], axis=2)[:, :, order]
         return out, DuoCache(dense, ring_cache)
+
+
+def _heads(x: AttnInputs, q_heads: np.ndarray, kv_heads: np.ndarray) -> AttnInputs:
+    """The inputs of a subset of heads (query heads ``q_heads`` of KV heads ``kv_heads``)."""
+    def take(a, idx):
+        return None if a is None else a[:, :, idx]
+
+    return AttnInputs(take(x.q, q_heads), take(x.k, kv_heads), take(x.v, kv_heads), x.positions,
+                      take(x.q_raw, q_heads), take(x.k_raw, kv_heads))
 
 
 def _group_heads(kv_heads: np.ndarray, g: int) -> np.ndarray:
@@ -252,105 +260,3 @@ def duo_cache_bytes(heads: Sequence[Sequence[int]], kv_heads: int, head_dim: int
     slots = sum(len(r) * max_len + (kv_heads - len(r)) * (sink + window) for r in heads)
     return 2 * batch * head_dim * itemsize * slots
 
-
-# -------------------------------------------------------------------------------- training
-
-def _pytree_dataclass(cls):
-    """Frozen dataclass registered as a pytree (static fields from ``static()``), unregistered
-    as a method: training-only policies stay out of ``available()``."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = dataclasses.fields(cls)
-    jax.tree_util.register_dataclass(
-        cls, data_fields=[f.name for f in fields if not f.metadata.get("static")],
-        meta_fields=[f.name for f in fields if f.metadata.get("static")])
-    return cls
-
-
-@_pytree_dataclass
-class DuoMixed(AttentionPolicy):
-    """Training forward: each KV head's output is ``alpha * full + (1 - alpha) * streaming``.
-
-    ``gates [layers, kv_heads]`` (float32) is the pytree leaf to differentiate; the query heads of
-    a group share their KV head's gate. Only one-shot prefill of whole prompts starting at
-    position 0 (no cache, no decode): ``init_cache`` gives ``None`` per layer.
-    ``full_only`` skips the streaming half (the frozen teacher). ``impl`` picks
-    ``jax.nn.dot_product_attention``'s implementation for the full half (``None`` = XLA,
-    ``"cudnn"`` = flash attention on GPU, bf16 only). Neither half materialises more than
-    ``T x T`` scores per head, and the streaming half only ``T x (sink + 2 * block)``.
-    """
-
-    gates: jax.Array
-    sink: int = static(64)
-    window: int = static(256)
-    block: int = static(256)
-    full_only: bool = static(False)
-    impl: str | None = static(None)
-
-    name = "duo-mixed"
-
-    def init_cache(self, cfg, batch, max_len, dtype):
-        return (None,) * cfg.num_layers
-
-    def prefill(self, layer, q, k, v, cache, positions):
-        full = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
-        if self.full_only:
-            return full, cache
-        stream = band_attention_blockwise(q, k, v, self.sink, self.window, self.block)
-        alpha = jnp.repeat(self.gates[layer].astype(jnp.float32), q.shape[2] // k.shape[2])
-        alpha = alpha[None, None, :, None]
-        out = alpha * full.astype(jnp.float32) + (1.0 - alpha) * stream.astype(jnp.float32)
-        return out.astype(q.dtype), cache
-
-    def decode(self, layer, q, k, v, cache, position, step):
-        raise NotImplementedError("DuoMixed is a training forward over whole prompts; deploy "
-                                  "trained gates with the 'duo' policy")
-
-
-def band_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, sink: int, window: int,
-                             block: int = 256) -> jax.Array:
-    """Sink + window causal attention in plain jnp (differentiable), by query blocks.
-
-    ``q [B, T, Hq, D]``, ``k``/``v`` ``[B, T, Hkv, D]``, positions ``0..T-1``; key ``j`` is visible
-    to query ``i`` iff ``j <= i`` and (``j < sink`` or ``i - j < window``). Each block of
-    ``block`` queries scores the ``sink`` first keys and the keys of its own and the few previous
-    blocks that the window reaches, so memory is ``O(T * (sink + window + block))``.
-    Returns ``[B, T, Hq, D]`` in ``q``'s dtype.
-    """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    block = max(1, min(block, t))
-    nb = math.ceil(t / block)
-    tp = nb * block
-    prev = math.ceil(max(window - 1, 0) / block)  # earlier blocks the window reaches into
-    scale = d ** -0.5
-
-    def pad(x, front, back):
-        return jnp.pad(x, ((0, 0), (front, back), (0, 0), (0, 0)))
-
-    qb = pad(q, 0, tp - t).reshape(b, nb, block, hkv, g, d)
-    kb = pad(k, prev * block, tp - t).reshape(b, nb + prev, block, hkv, d)
-    vb = pad(v, prev * block, tp - t).reshape(b, nb + prev, block, hkv, d)
-    kw = jnp.concatenate([kb[:, j:j + nb] for j in range(prev + 1)], axis=2)  # [B, nb, L, Hkv, D]
-    vw = jnp.concatenate([vb[:, j:j + nb] for j in range(prev + 1)], axis=2)
-    qpos = (jnp.arange(nb)[:, None] * block + jnp.arange(block)[None, :])[:, :, None]
-    kpos = (jnp.arange(nb)[:, None] * block - prev * block
-            + jnp.arange((prev + 1) * block)[None, :])[:, None, :]
-    # Window part: keys past the sink (the sink part covers those before it), so the two are disjoint.
-    visible = (kpos >= sink) & (kpos <= qpos) & (qpos - kpos < window)  # [nb, block, L]
-    f32 = jnp.float32
-    s = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qb, kw, preferred_element_type=f32) * scale
-    s = jnp.where(visible[None, :, None, None], s, -jnp.inf)
-    if sink:
-        ks, vs = k[:, :sink], v[:, :sink]
-        s_sink = jnp.einsum("bnqhgd,bkhd->bnhgqk", qb, ks, preferred_element_type=f32) * scale
-        sink_visible = jnp.arange(ks.shape[1])[None, None, :] <= qpos  # [nb, block, S]
-        s_sink = jnp.where(sink_visible[None, :, None, None], s_sink, -jnp.inf)
-        s = jnp.concatenate([s_sink, s], axis=-1)
-    p = jax.nn.softmax(s, axis=-1)  # every real query sees at least itself
-    out = jnp.einsum("bnhgqk,bnkhd->bnqhgd", p[..., -kw.shape[2]:].astype(v.dtype), vw,
-                     preferred_element_type=f32)
-    if sink:
-        out = out + jnp.einsum("bnhgqk,bkhd->bnqhgd", p[..., :ks.shape[1]].astype(v.dtype), vs,
-                               preferred_element_type=f32)
-    return out.reshape(b, tp, hq, d)[:, :t].astype(q.dtype)

@@ -17,15 +17,16 @@ class Full(AttentionPolicy):
         return tuple(KV.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
                      for _ in range(cfg.num_layers))
 
-    def prefill(self, layer, q, k, v, cache, positions):
-        cache = cache.write(k, v, positions)
+    def prefill(self, layer, x, cache):
+        cache = cache.write(x.k, x.v, x.positions)
         # Causal attention over the whole cache is a band with no sink and an unbounded window.
-        out, _ = pk.band_prefill_attention(heads_first(q), cache.k, cache.v,
-                                           q_start=chunk_start(positions), k_start=0,
+        out, _ = pk.band_prefill_attention(heads_first(x.q), cache.k, cache.v,
+                                           q_start=chunk_start(x.positions), k_start=0,
                                            sink=0, window=cache.slots)
         return heads_first(out), cache
 
-    def decode(self, layer, q, k, v, cache, position, step):
+    def decode(self, layer, x, cache, *, step, phase=0):
         out, _, (k_cache, v_cache) = pk.decode_append_attention(
-            q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, (position + 1).astype(jnp.int32))
+            x.q[:, 0], x.k[:, 0], x.v[:, 0], cache.k, cache.v,
+            (x.positions[:, 0] + 1).astype(jnp.int32))
         return out[:, None], KV(k_cache, v_cache)

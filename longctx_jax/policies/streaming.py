@@ -19,8 +19,8 @@ class Streaming(AttentionPolicy):
     rotation of their original position.
     """
 
-    sink: int = static(64)
-    window: int = static(256)
+    sink: int = static(64, help="attention-sink tokens kept from the start of the context")
+    window: int = static(256, help="most recent tokens kept")
 
     def __post_init__(self):
         if self.sink < 0:
@@ -31,28 +31,29 @@ class Streaming(AttentionPolicy):
     def validate(self, cfg, max_len):
         if self.sink + self.window > max_len:
             raise LongctxError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
-                             f"length {max_len}")
+                               f"length {max_len}")
 
     def init_cache(self, cfg, batch, max_len, dtype):
         return tuple(KV.zeros(batch, cfg.num_kv_heads, self.sink + self.window, cfg.head_dim,
                               dtype) for _ in range(cfg.num_layers))
 
-    def prefill(self, layer, q, k, v, cache, positions):
-        start = chunk_start(positions)
-        qh = heads_first(q)
-        past = _attend_ring(qh, cache, start + jnp.arange(q.shape[1]),
+    def prefill(self, layer, x, cache):
+        start = chunk_start(x.positions)
+        qh = heads_first(x.q)
+        past = _attend_ring(qh, cache, start + jnp.arange(x.q.shape[1]),
                             ring_slot_positions(start, self.sink, self.window),
                             self.sink, self.window)
-        new = pk.band_prefill_attention(qh, heads_first(k), heads_first(v), q_start=start,
+        new = pk.band_prefill_attention(qh, heads_first(x.k), heads_first(x.v), q_start=start,
                                         k_start=start, sink=self.sink, window=self.window)
         out, _ = pk.merge_attention([past, new])
-        cache = cache.write(k, v, ring_slots(positions, self.sink, self.window))
+        cache = cache.write(x.k, x.v, ring_slots(x.positions, self.sink, self.window))
         return heads_first(out), cache
 
-    def decode(self, layer, q, k, v, cache, position, step):
-        cache = cache.write(k, v, ring_slots(position[:, None], self.sink, self.window),
+    def decode(self, layer, x, cache, *, step, phase=0):
+        position = x.positions[:, 0]
+        cache = cache.write(x.k, x.v, ring_slots(position[:, None], self.sink, self.window),
                             in_range=True)
-        out, _ = pk.window_decode_attention(q[:, 0], cache.k, cache.v,
+        out, _ = pk.window_decode_attention(x.q[:, 0], cache.k, cache.v,
                                             (position + 1).astype(jnp.int32))
         return out[:, None], cache
 

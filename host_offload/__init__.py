@@ -1,0 +1,12 @@
+"""Host-side state for jitted code: objects in host memory named by int32 handles.
+
+Jitted code cannot hold a Python object, and a Python callable passed as a static argument makes
+a new compilation per callable. So host state (a token-stream callback, a KV store and its
+index) is registered here and named by an int32 *handle* that travels through jit as an
+ordinary traced value; a host callback receives the handle and looks the object up. Nothing
+here imports the model or the methods.
+"""
+
+from host_offload.handles import lookup, registered, release, register
+
+__all__ = ["lookup", "register", "registered", "release"]
