@@ -102,3 +102,22 @@ def test_request_errors(tiny):
         make_policy("full", window=3)
     with pytest.raises(ValueError, match="window"):
         make_policy("streaming", window=0)
+
+
+def test_one_compilation_per_bucket(tiny):
+    """Five prompt lengths in one bucket, different max_new_tokens in one bucket, and a new
+    stream callback each call: the prefill and the decode loop compile once each."""
+    from longctx_jax.generate import decode_tokens, prefill_tokens
+
+    cfg, params = tiny
+    policy = make_policy("streaming", sink=2, window=6)
+    rng = np.random.default_rng(5)
+    before = prefill_tokens._cache_size(), decode_tokens._cache_size()
+    for n, new in zip((17, 20, 25, 29, 32), (5, 7, 6, 8, 3)):
+        seen = []
+        prompt = rng.integers(0, cfg.vocab_size, n).tolist()
+        out = generate(cfg, params, policy, [prompt], max_new_tokens=new, chunk_size=64,
+                       stream=lambda ids: seen.append(int(ids[0])))
+        assert seen == out.ids(0) and len(seen) == new
+    after = prefill_tokens._cache_size(), decode_tokens._cache_size()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)

@@ -1,0 +1,26 @@
+"""Instances of every registered policy for the tiny test model (2 layers, 4 query heads, 2 KV
+heads): the conformance suite runs each one. A new policy must add its cases here;
+``test_conformance.py`` fails, naming it, until it does."""
+
+# Small hyperparameters, so eviction (or whatever the method does) really happens in a test.
+SMALL = {
+    "full": {},
+    "streaming": dict(sink=2, window=5),
+    "duo": dict(heads=((0,), (1,)), sink=2, window=5),
+}
+
+# Options under which the method must equal full attention (a budget covering the 32-token
+# caches of the checks).
+UNLIMITED = {
+    "full": {},
+    "streaming": dict(sink=2, window=30),
+    "duo": dict(heads=((0,), (1,)), sink=2, window=30),
+}
+
+# Options that must be refused with a LongctxError (beyond an unknown option name).
+BAD = {
+    "full": [],
+    "streaming": [dict(window=0), dict(sink=-1)],
+    "duo": [dict(window=0), dict(sink=-1), dict(retrieval_ratio=1.5),
+            dict(retrieval_ratio=0.5, threshold=0.5), dict(heads=((0, 0), ()))],
+}
