@@ -14,7 +14,8 @@ import sys
 import time
 
 from longctx_jax.errors import LongctxError
-from longctx_jax.policies import available, make_policy
+from longctx_jax.policies import available, make_policy, policy_from_spec
+from longctx_jax.policies.base import option_fields, policy_class, registered
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -22,11 +23,27 @@ _DTYPES = ("float32", "bfloat16")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _persistent_compilation_cache()
     try:
         return args.run(args)
     except LongctxError as e:  # bad input (ModelLoadError too); a bug keeps its traceback
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _persistent_compilation_cache() -> None:
+    """Keep compiled programs on disk (``$LONGCTX_JAX_CACHE``, default
+    ``~/.cache/longctx_jax/xla``; empty to disable): each command is a new process, and the
+    same command with bucketed shapes then skips compilation on its next run."""
+    import os
+
+    import jax
+
+    path = os.environ.get("LONGCTX_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "longctx_jax"
+                                                   / "xla"))
+    if path and jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--max-len", type=int, default=None,
-                     help="cache length (default: prompt + new tokens)")
+                     help="cache length (default: prompt + new tokens, rounded up so that "
+                          "nearby requests share one compilation)")
     _add_common(gen)
     gen.set_defaults(run=_generate)
 
@@ -89,40 +107,62 @@ def _parser() -> argparse.ArgumentParser:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (bundled), a .gguf file, or an HF checkpoint directory")
-    p.add_argument("--method", default="full", choices=available(), help="attention policy")
-    p.add_argument("--sink", type=int, default=None,
-                   help="streaming, duo: attention-sink tokens")
-    p.add_argument("--window", type=int, default=None,
-                   help="streaming, duo: recent-window tokens")
-    p.add_argument("--retrieval-ratio", type=float, default=None,
-                   help="duo: fraction of KV heads kept as retrieval heads (default 0.25)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="duo: retrieval heads are those with a gate above this")
-    p.add_argument("--gates", default=None,
-                   help="duo: gates.npz, a training run's directory or its checkpoints "
-                        "(default: the gates shipped for SmolLM2)")
+    p.add_argument("--method", default="full", metavar="METHOD", type=_method_spec,
+                   help=f"attention policy: {', '.join(available())}; options by the flags "
+                        "below or inline, e.g. streaming:sink=64:window=256")
+    for flag, (field, methods) in _method_options().items():
+        default = "" if field.default is None else f"; default {field.default}"
+        p.add_argument(flag, dest=field.name, type=_option_type(field), default=None,
+                       help=f"{', '.join(methods)}: {field.metadata.get('help') or field.name}"
+                            f"{default}")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size")
     p.add_argument("--dtype", default="float32", choices=_DTYPES)
     p.add_argument("--json", type=pathlib.Path, default=None, help="write results as JSON here")
 
 
-# Method options on the command line and the methods that take them.
-_METHOD_OPTIONS = {"sink": ("streaming", "duo"), "window": ("streaming", "duo"),
-                   "retrieval_ratio": ("duo",), "threshold": ("duo",), "gates": ("duo",)}
+def _method_spec(text: str) -> str:
+    """``--method``'s type: a registered name, optionally with inline ``:option=value`` items."""
+    name = text.partition(":")[0]
+    if name not in available():
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from "
+                                         f"{', '.join(available())})")
+    return text
+
+
+def _method_options() -> dict:
+    """``{flag: (field, methods)}``: every policy's user options, from their dataclass fields,
+    so a new policy's options reach the command line without editing it."""
+    options: dict = {}
+    for name in registered():
+        for field in option_fields(policy_class(name)):
+            flag = "--" + field.name.replace("_", "-")
+            options.setdefault(flag, (field, []))[1].append(name)
+    return options
+
+
+def _option_type(field):
+    kind = str(field.type)
+    return float if "float" in kind else int if "int" in kind else str
 
 
 def _options(args) -> dict:
-    return {k: getattr(args, k) for k in _METHOD_OPTIONS if getattr(args, k) is not None}
+    return {field.name: getattr(args, field.name) for field, _ in _method_options().values()
+            if getattr(args, field.name) is not None}
 
 
 def _policy(args):
+    """The policy of ``--method NAME[:option=value...]`` plus the option flags."""
+    name, _, inline_spec = args.method.partition(":")
+    inline = policy_from_spec(args.method).options() if inline_spec else {}
+    inline = {k: v for k, v in inline.items() if f"{k}=" in inline_spec}
     options = _options(args)
-    for key in options:
-        if args.method not in _METHOD_OPTIONS[key]:
-            flag = "--" + key.replace("_", "-")
-            raise LongctxError(f"{flag} applies to --method {' or '.join(_METHOD_OPTIONS[key])}, "
-                             f"not {args.method!r}")
-    return make_policy(args.method, **options)
+    for flag, (field, methods) in _method_options().items():
+        if field.name in options and name not in methods:
+            raise LongctxError(f"{flag} applies to --method {' or '.join(methods)}, not {name!r}")
+        if field.name in options and field.name in inline:
+            raise LongctxError(f"{flag} is also given inline in --method {args.method}")
+    args.method = name
+    return make_policy(name, **inline, **options)
 
 
 def _open(args):
@@ -196,7 +236,7 @@ def _score(args) -> int:
     ids = source.tokenizer.encode(text)[: args.max_tokens]
     if len(ids) < args.max_tokens:
         raise LongctxError(f"{args.text_file} has only {len(ids)} tokens, fewer than "
-                         f"--max-tokens {args.max_tokens}")
+                           f"--max-tokens {args.max_tokens}")
     policy.validate(source.config, len(ids))
     model = _load(source, args)
     reference = make_policy(args.compare) if args.compare else None
