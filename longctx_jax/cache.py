@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels as pk
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +130,7 @@ def ring_slots(positions: jax.Array, sink: int, window: int) -> jax.Array:
     (the rest would be overwritten within the same write); the others get slot ``-1``.
     """
     last = jnp.max(positions, axis=-1, keepdims=True)
-    slot = jnp.where(positions < sink, positions,
-                     sink + jnp.mod(positions - sink, max(window, 1)))
+    slot = pk.ring_slot(positions, sink, max(window, 1))
     keep = (positions >= 0) & ((positions < sink) | (positions > last - window))
     return jnp.where(keep, slot, -1)
 

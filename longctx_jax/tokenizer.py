@@ -87,7 +87,7 @@ class Tokenizer:
         kind = fields.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise LongctxError(f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE "
-                             "('gpt2') is supported")
+                               "('gpt2') is supported")
         tokens = list(fields["tokenizer.ggml.tokens"])
         types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
         merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]

@@ -10,7 +10,7 @@ selection. ``default_impl(impl)`` is a context under which ``"auto"`` means ``im
 README.md beside this file for the contracts and timings.
 """
 
-from pallas_kernels._common import IMPLS, default_impl, masked_attention
+from pallas_kernels._common import IMPLS, default_impl, masked_attention, query_heads, ring_slot
 from pallas_kernels.band_blockwise import band_attention_blockwise  # noqa: F401  (training)
 from pallas_kernels.band_prefill import band_prefill_attention
 from pallas_kernels.decode import decode_append_attention, decode_attention
@@ -20,6 +20,7 @@ from pallas_kernels.scores import decode_scores
 from pallas_kernels.topk import topk_decode_attention
 from pallas_kernels.window import window_decode_attention
 
-__all__ = ["IMPLS", "band_prefill_attention", "decode_append_attention", "decode_attention",
-           "decode_scores", "default_impl", "duo_decode_attention", "masked_attention",
-           "merge_attention", "topk_decode_attention", "window_decode_attention"]
+__all__ = ["IMPLS", "band_attention_blockwise", "band_prefill_attention",
+           "decode_append_attention", "decode_attention", "decode_scores", "default_impl",
+           "duo_decode_attention", "masked_attention", "merge_attention", "query_heads",
+           "ring_slot", "topk_decode_attention", "window_decode_attention"]

@@ -7,13 +7,16 @@ checks catch it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import host_offload
 import pallas_kernels as pk
 from longctx_jax import LongctxError
 from longctx_jax.cache import KV
@@ -177,3 +180,110 @@ def test_checks_catch_a_broken_policy(tiny, broken, caught_by):
     with pytest.raises(AssertionError):
         caught_by(cfg, params, broken)
     assert broken.name not in available()
+
+
+# ------------------------------------------------------------- interface v2: schedule, raw, host
+
+@pytree_dataclass
+class EveryThird(Full):
+    """Full attention that records which phase each decode step ran with (on the host)."""
+
+    name = "every-third"
+    log: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(0))  # host handle
+
+    @property
+    def decode_period(self):
+        return 3
+
+    def decode(self, layer, x, cache, *, step, phase=0):
+        if layer == 0:
+            jax.experimental.io_callback(
+                lambda h, s: host_offload.lookup(h).append((int(s), phase)), None, self.log,
+                step, ordered=True)
+        return super().decode(layer, x, cache, step=step, phase=phase)
+
+
+def test_periodic_schedule_runs_phase_0_then_period_minus_1_partial_steps(tiny):
+    cfg, params = tiny
+    prompt = [3, 1, 4, 1, 5]
+    want = generate(cfg, params, Full(), [prompt], max_new_tokens=7, chunk_size=4)
+    seen = []
+    with host_offload.registered(seen) as handle:
+        got = generate(cfg, params, EveryThird(jnp.int32(handle)), [prompt], max_new_tokens=7,
+                       chunk_size=4)
+    assert got.ids(0) == want.ids(0)
+    assert seen == [(0, 0), (1, 1), (2, 1), (3, 0), (4, 1), (5, 1), (6, 0)]
+
+
+@pytree_dataclass
+class RawChecker(Full):
+    """Asks for pre-RoPE q and k, and checks that RoPE of them is what the model passes."""
+
+    name = "raw-checker"
+    needs_raw = True
+
+    def prefill(self, layer, x, cache):
+        from longctx_jax.model import apply_rope, rope_inv_freq
+
+        inv = rope_inv_freq(self.cfg)
+        err = jnp.maximum(jnp.max(jnp.abs(apply_rope(x.q_raw, x.positions, inv) - x.q)),
+                          jnp.max(jnp.abs(apply_rope(x.k_raw, x.positions, inv) - x.k)))
+        out, cache = super().prefill(layer, x, cache)
+        return out + 0 * err + jnp.where(err < 1e-5, 0.0, jnp.nan), cache
+
+    cfg: object = dataclasses.field(default=None, metadata={"static": True})
+
+
+def test_raw_inputs_reach_a_policy_that_asks(tiny):
+    cfg, params = tiny
+    tokens = np.arange(1, 12)[None]
+    got, _ = check.forward_hidden(cfg, params, RawChecker(cfg=cfg), tokens, chunk_size=4)
+    want, _ = check.forward_hidden(cfg, params, Full(), tokens, chunk_size=4)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytree_dataclass
+class HostMirror(Full):
+    """A host policy: its session registers a host list, ``after_prefill`` copies the prefilled
+    caches' sizes there and hands the device back the caches, decode appends each step."""
+
+    name = "host-mirror"
+    handle: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(-1))
+
+    @contextlib.contextmanager
+    def session(self, cfg, batch, max_len):
+        state = []
+        with host_offload.registered(state) as handle:
+            HostMirror.sessions.append(state)
+            yield dataclasses.replace(self, handle=jnp.int32(handle))
+
+    def after_prefill(self, caches):
+        host_offload.lookup(self.handle).append(("prefilled", len(caches)))
+        return caches
+
+    def decode(self, layer, x, cache, *, step, phase=0):
+        if layer == 0:
+            jax.experimental.io_callback(
+                lambda h, s: host_offload.lookup(h).append(int(s)), None, self.handle, step,
+                ordered=True)
+        return super().decode(layer, x, cache, step=step, phase=phase)
+
+
+HostMirror.sessions = []
+
+
+def test_host_lifecycle_sessions_reuse_one_compilation(tiny):
+    from longctx_jax.generate import decode_tokens, prefill_tokens
+
+    cfg, params = tiny
+    policy = HostMirror()
+    want = generate(cfg, params, Full(), [[2, 7, 1, 8]], max_new_tokens=4, chunk_size=4)
+    got = generate(cfg, params, policy, [[2, 7, 1, 8]], max_new_tokens=4, chunk_size=4)
+    sizes = prefill_tokens._cache_size(), decode_tokens._cache_size()
+    again = generate(cfg, params, policy, [[2, 7, 1, 8]], max_new_tokens=4, chunk_size=4)
+    assert (prefill_tokens._cache_size(), decode_tokens._cache_size()) == sizes
+    assert got.ids(0) == again.ids(0) == want.ids(0)
+    first, second = HostMirror.sessions[-2:]
+    assert first == second == [("prefilled", cfg.num_layers), 0, 1, 2, 3]
+    with pytest.raises(KeyError):  # the session freed its host state
+        host_offload.lookup(int(1e9))

@@ -1,6 +1,7 @@
 """DuoAttention: the mixed training forward, the deployed policy, its caches and its gates."""
 
 import dataclasses
+from typing import Sequence
 
 import chex
 import jax
@@ -12,7 +13,7 @@ from longctx_jax.config import preset
 from longctx_jax.generate import generate
 from longctx_jax.model import Decoder, forward_scanned, random_params, stack_layers
 from longctx_jax.policies import make_policy, policy_from_spec
-from longctx_jax.policies.duo import Duo, duo_cache_bytes, load_gates, select_heads
+from longctx_jax.policies.duo import Duo, load_gates, select_heads
 from longctx_jax.train.checkpoint import Checkpoints
 from longctx_jax.train.duo import init_state, TrainConfig
 from longctx_jax.train.duo_forward import DuoMixed
@@ -21,6 +22,15 @@ from pallas_kernels import band_attention_blockwise
 from conftest import forward_hidden, logits_of, tiny_config
 
 SMOLLM2_SHAPE = preset("smollm2-135m")
+
+
+
+def duo_cache_bytes(heads: Sequence[Sequence[int]], kv_heads: int, head_dim: int, batch: int,
+                    max_len: int, sink: int, window: int, itemsize: int) -> int:
+    """Expected bytes of a :class:`Duo` cache: K and V of ``r`` dense and ``Hkv - r`` ring heads."""
+    slots = sum(len(r) * max_len + (kv_heads - len(r)) * (sink + window) for r in heads)
+    return 2 * batch * head_dim * itemsize * slots
+
 
 
 @pytest.fixture(scope="module")

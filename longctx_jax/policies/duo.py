@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import pathlib
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -232,7 +231,7 @@ class Duo(AttentionPolicy):
             out, ring_cache = run(ring, x, cache.ring)
             return out, DuoCache(None, ring_cache)
         r_idx, s_idx = np.array(retrieval), np.array(streaming)
-        q_r, q_s = (_group_heads(h, g) for h in (r_idx, s_idx))
+        q_r, q_s = (pk.query_heads(h, g) for h in (r_idx, s_idx))
         out_r, dense = run(full, _heads(x, q_r, r_idx), cache.dense)
         out_s, ring_cache = run(ring, _heads(x, q_s, s_idx), cache.ring)
         order = np.argsort(np.concatenate([q_r, q_s]))
@@ -247,16 +246,3 @@ def _heads(x: AttnInputs, q_heads: np.ndarray, kv_heads: np.ndarray) -> AttnInpu
 
     return AttnInputs(take(x.q, q_heads), take(x.k, kv_heads), take(x.v, kv_heads), x.positions,
                       take(x.q_raw, q_heads), take(x.k_raw, kv_heads))
-
-
-def _group_heads(kv_heads: np.ndarray, g: int) -> np.ndarray:
-    """Query heads ``[len * g]`` of the given KV heads (query head ``h`` reads KV head ``h // g``)."""
-    return (kv_heads[:, None] * g + np.arange(g)[None, :]).reshape(-1)
-
-
-def duo_cache_bytes(heads: Sequence[Sequence[int]], kv_heads: int, head_dim: int, batch: int,
-                    max_len: int, sink: int, window: int, itemsize: int) -> int:
-    """Expected bytes of a :class:`Duo` cache: K and V of ``r`` dense and ``Hkv - r`` ring heads."""
-    slots = sum(len(r) * max_len + (kv_heads - len(r)) * (sink + window) for r in heads)
-    return 2 * batch * head_dim * itemsize * slots
-
