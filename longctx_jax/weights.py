@@ -111,10 +111,23 @@ def open_gguf(path: str | os.PathLike):
     """Parse a GGUF header: ``(config, metadata fields, read_params(dtype))``."""
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        """Every read of the file goes through ``_get``: one past its end means a cut file
+        (the plain reader fails later, on a reshape of the short array)."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = offset + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise ModelLoadError(f"cannot read GGUF file {path}: truncated (it has "
+                                     f"{len(self.data)} bytes, its contents need at least {end})")
+            return super()._get(offset, dtype, count, override_order)
+
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = Reader(str(path))
         fields = {name: field.contents() for name, field in reader.fields.items()}
         tensors = {t.name: t for t in reader.tensors}
+    except ModelLoadError:
+        raise
     except Exception as e:  # gguf raises ValueError, struct.error, IndexError, ... on bad files
         raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
     cfg = ModelConfig.from_gguf(fields, has_output_weight="output.weight" in tensors)

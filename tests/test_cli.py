@@ -20,7 +20,7 @@ def _run(capsys, *argv):
     (["generate", "--prompt", "hi", "--method", "streaming", "--window", "0"], "window must be"),
     (["score", "--text-file", "/nonexistent.txt", "--max-tokens", "8"], "cannot read"),
     (["generate", "--prompt", "hi", "--method", "duo", "--retrieval-ratio", "1.5"],
-     "retrieval_ratio must be in [0, 1]"),
+     "--retrieval-ratio must be in [0, 1]"),
     (["generate", "--prompt", "hi", "--method", "duo", "--gates", "/nonexistent/run"],
      "not found"),
     (["generate", "--prompt", "hi", "--method", "full", "--gates", "x.npz"],
@@ -52,9 +52,10 @@ def test_truncated_real_gguf_is_a_clear_error(tmp_path, capsys):
 
     data = find_smollm2_gguf().read_bytes()
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(data[: len(data) // 2])
-    code, _, err = _run(capsys, "generate", "--prompt", "hi", "--model", str(cut))
-    assert code == 2 and "GGUF" in err
+    for size in (len(data) // 2, 3000):
+        cut.write_bytes(data[:size])
+        code, _, err = _run(capsys, "generate", "--prompt", "hi", "--model", str(cut))
+        assert code == 2 and f"GGUF file {cut}: truncated" in err
 
 
 def test_prompt_longer_than_cache(capsys):
@@ -64,10 +65,116 @@ def test_prompt_longer_than_cache(capsys):
 
 
 def test_sink_plus_window_larger_than_cache(capsys):
-    code, _, err = _run(capsys, "generate", "--prompt", "hello", "--method", "streaming",
-                        "--sink", "16", "--window", "64", "--max-len", "40",
-                        "--max-new-tokens", "4")
-    assert code == 2 and "exceeds the maximum length" in err
+    """The cache gets max_len slots and streaming equals full attention."""
+    code, streamed, err = _run(capsys, "generate", "--prompt", "hello", "--method", "streaming",
+                               "--sink", "16", "--window", "64", "--max-len", "40",
+                               "--max-new-tokens", "4", "--greedy")
+    assert code == 0 and "KV cache" in err
+    code, full, _ = _run(capsys, "generate", "--prompt", "hello", "--max-len", "40",
+                         "--max-new-tokens", "4", "--greedy")
+    assert code == 0 and streamed == full
+
+
+def test_score_streaming_on_a_text_shorter_than_its_window(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 8)
+    code, out, _ = _run(capsys, "score", "--text-file", str(text), "--max-tokens", "48",
+                        "--method", "streaming", "--chunk-size", "16")
+    assert code == 0 and "streaming" in out
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command gets as far as loading the weights."""
+    import longctx_jax.cli as cli
+
+    def refuse(*_):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "_load", refuse)
+
+
+def _text(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("It was the best of times, it was the worst of times. " * 8)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["score", "--max-tokens", "16", "--chunk-size", "0"], "--chunk-size must be >= 1"),
+    (["score", "--max-tokens", "16", "--chunk-size", "-8"], "--chunk-size must be >= 1"),
+    (["eval", "--task", "kv", "--lengths", "160", "--chunk-size", "0"], "--chunk-size must be"),
+    (["score", "--max-tokens", "16", "--json", "{tmp}"], "is a directory"),
+    (["score", "--max-tokens", "16", "--json", "{text}/out.json"], "--json: cannot write"),
+    (["eval", "--task", "kv", "--lengths", "160", "--json", "{tmp}"], "--json"),
+    (["eval", "--task", "kv", "--lengths", "160", "--plot", "{tmp}/map.xyz"],
+     "--plot {tmp}/map.xyz: unsupported file type '.xyz'"),
+    (["eval", "--task", "kv", "--lengths", "160", "--depths", "half"], "--depths takes"),
+    (["eval", "--task", "passkey", "--lengths", "16"], "--lengths: a prompt of 16 tokens"),
+    (["eval", "--task", "kv", "--lengths", "8192"], "exceeds the model's maximum of 8192"),
+    (["score", "--max-tokens", "9000"], "--max-tokens 9000 (9000 positions) exceeds"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "9000"], "--max-new-tokens 9000"),
+    (["generate", "--prompt", "hi", "--greedy", "--temperature", "0.7"], "--greedy contradicts"),
+    (["generate", "--prompt", "hi", "--method", "duo", "--threshold", "2"],
+     "--threshold must be in [0, 1], got 2.0"),
+    (["generate", "--prompt", "hi", "--method", "duo", "--gates", "{text}"],
+     "not an .npz file"),
+])
+def test_bad_input_exits_2_before_the_model_runs(tmp_path, capsys, no_model, argv, message):
+    text = _text(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{text}", text) for a in argv]
+    if argv[0] == "score":
+        argv += ["--text-file", text]
+    code, _, err = _run(capsys, *argv)
+    message = message.replace("{tmp}", str(tmp_path))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "pickle" not in err
+
+
+def test_non_utf8_file_names_the_flag_and_the_file(tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    for flag, argv in (("--text-file", ["score", "--max-tokens", "8"]),
+                       ("--prompt-file", ["generate"]),
+                       ("--haystack-file", ["eval", "--task", "niah"])):
+        code, _, err = _run(capsys, *argv, flag, str(bad))
+        assert code == 2 and f"{flag}: {bad} is not UTF-8" in err
+
+
+def test_help_shows_defaults_and_every_option_has_help():
+    import argparse
+
+    from longctx_jax.cli import _parser
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for p in parsers(_parser()):
+        for action in p._actions:
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{p.prog} {action.option_strings[0]} has no help"
+    gen = next(p for p in parsers(_parser()) if p.prog.endswith("generate")).format_help()
+    flat = " ".join(gen.split())
+    assert "prefill chunk size (default: 512)" in flat
+    assert "(default: 64)" in flat and "(default: float32)" in flat
+    assert "(default: None)" not in flat
+
+
+def test_generate_summary_shows_cache_bytes_and_times(tmp_path, capsys):
+    out_json = tmp_path / "g.json"
+    code, _, err = _run(capsys, "generate", "--prompt", "The capital of France is",
+                        "--max-new-tokens", "4", "--greedy", "--method", "duo",
+                        "--retrieval-ratio", "0.5", "--sink", "4", "--window", "8",
+                        "--chunk-size", "4", "--json", str(out_json))
+    record = json.loads(out_json.read_text())
+    assert code == 0
+    assert "prefill" in err and "decode" in err and "tok/s" in err
+    assert "KV cache" in err and "45 of 90 KV heads are retrieval heads" in err
+    assert record["cache_bytes"] > 0 and record["prefill_seconds"] > 0
 
 
 def test_generate_streams_and_writes_json(tmp_path, capsys):
@@ -117,8 +224,10 @@ def test_eval_command(tmp_path, capsys):
                         "--mode", "teacher-forced", "--json", str(out_json), "--plot", str(plot))
     record = json.loads(out_json.read_text())
     assert code == 0 and record["task"] == "kv" and record["results"][0]["n"] == 1
-    assert set(record["results"][0]) >= {"length", "depth", "accuracy", "n"}
+    assert set(record["results"][0]) >= {"length", "depth", "accuracy", "n", "prompt_tokens"}
+    assert abs(record["results"][0]["prompt_tokens"] - 160) <= 4
     assert "cache_bytes" in record and plot.exists() and "kv [full" in out
+    assert "cache" in out and "MiB" in out
     code, _, err = _run(capsys, "eval", "--task", "kv", "--depths", "2", "--lengths", "64")
     assert code == 2 and "--depths" in err
 

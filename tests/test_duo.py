@@ -293,10 +293,17 @@ def test_bad_inputs_raise(tmp_path, wide):
         Duo(heads=((0,), (4,), ()), sink=1, window=2).validate(cfg, 64)
     with pytest.raises(ValueError, match="distinct"):
         Duo(heads=((0, 0), (), ()))
-    with pytest.raises(ValueError, match="exceeds the maximum"):
-        generate(cfg, random_params(cfg, jax.random.key(0)),
-                 Duo(heads=((0,),) * 3, sink=8, window=32), [[1] * 5], max_new_tokens=4,
-                 max_len=32)
+    # sink + window beyond the cache: the streaming heads' ring is cut to max_len slots and
+    # the policy is full attention (decode through the one-kernel path with both head kinds).
+    params = random_params(cfg, jax.random.key(0))
+    duo = Duo(heads=((0,),) * 3, sink=8, window=32)
+    prompt = [[1, 5, 9, 2, 7]]
+    got, want = (generate(cfg, params, p, prompt, max_new_tokens=12, max_len=32, chunk_size=4)
+                 for p in (duo, make_policy("full")))
+    assert got.ids(0) == want.ids(0)
+    assert all(layer.ring.slots == 32 for layer in duo.init_cache(cfg, 1, 32, jnp.float32))
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        Duo(threshold=2.0)
 
 
 def test_policy_is_a_pytree_with_static_heads():

@@ -55,7 +55,7 @@ def test_samples_are_deterministic_and_distinct(tok):
 
 
 def test_scoring():
-    s = make_samples("niah", None or _CountTok(), 64, 0.5, 1, variant="multivalue")[0]
+    s = make_samples("niah", None or _CountTok(), 128, 0.5, 1, variant="multivalue")[0]
     assert exact_match(s, " ".join(s.answers)) == 1.0
     assert exact_match(s, s.answers[0]) == pytest.approx(1 / 3)
     assert exact_match(s, "no idea") == 0.0
@@ -95,3 +95,39 @@ def test_runner_on_real_model(smollm2, tmp_path, mode):
     heatmap(full, str(tmp_path / "map.png"))
     assert (tmp_path / "map.png").stat().st_size > 1000
     json.dumps(full)
+
+
+def test_lengths_below_the_fixed_text_are_refused(tok):
+    with pytest.raises(ValueError, match="cannot hold the task's fixed text"):
+        make_samples("passkey", tok, 16, 0.5, 1)
+
+
+def test_batches_are_no_wider_than_the_samples(smollm2, monkeypatch):
+    """Two samples run as a batch of two, not padded to batch_size."""
+    import longctx_jax.evals.runner as runner
+
+    widths = []
+    real = runner.generate_tokens
+
+    def spy(params, policy, tokens, *args, **kwargs):
+        widths.append(tokens.shape[0])
+        return real(params, policy, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_tokens", spy)
+    record = run_eval(smollm2, make_policy("full"), "kv", [160], [0.5], 2, batch_size=8,
+                      chunk_size=64, progress=False)
+    assert widths == [2] and record["results"][0]["n"] == 2
+
+
+def test_table_and_heatmap_title_carry_options_cache_and_samples():
+    from longctx_jax.evals.plots import heatmap_title
+
+    record = {"task": "niah", "method": "streaming", "mode": "generate",
+              "method_options": {"sink": 64, "window": 256}, "policy": "",
+              "results": [{"length": 1024, "depth": 0.5, "accuracy": 0.5, "n": 20}],
+              "cache_bytes": {"1024": 3 * 2 ** 20}}
+    assert heatmap_title(record) == ("niah: streaming sink=64 window=256\n"
+                                     "(generate, 20 samples per cell)")
+    table = format_table(record)
+    assert table.splitlines()[0] == "niah [streaming sink=64 window=256, generate]"
+    assert table.splitlines()[-1].split() == ["cache", "3.0", "MiB"]

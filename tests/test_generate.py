@@ -1,5 +1,7 @@
 """Generation: ragged batches, sampling, stop tokens, bounded streaming memory, request checks."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,9 +95,6 @@ def test_request_errors(tiny):
         generate(cfg, params, make_policy("full"), [[1, 2], []], max_new_tokens=4)
     with pytest.raises(ValueError, match="does not fit"):
         generate(cfg, params, make_policy("full"), [[1] * 30], max_new_tokens=4, max_len=32)
-    with pytest.raises(ValueError, match="exceeds the maximum"):
-        generate(cfg, params, make_policy("streaming", sink=8, window=32), [[1] * 5],
-                 max_new_tokens=4, max_len=32)
     with pytest.raises(ValueError, match="unknown attention method"):
         make_policy("nope")
     with pytest.raises(ValueError, match="no option"):
@@ -121,3 +120,75 @@ def test_one_compilation_per_bucket(tiny):
         assert seen == out.ids(0) and len(seen) == new
     after = prefill_tokens._cache_size(), decode_tokens._cache_size()
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+
+
+def test_window_longer_than_the_cache_is_full_attention(tiny):
+    """sink + window beyond max_len: the ring is cut to max_len slots and equals full attention."""
+    cfg, params = tiny
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, 21).tolist()
+    streaming = make_policy("streaming", sink=8, window=32)
+    full = make_policy("full")
+    got, want = (generate(cfg, params, p, [prompt], max_new_tokens=9, max_len=32, chunk_size=8)
+                 for p in (streaming, full))
+    assert got.ids(0) == want.ids(0)
+    assert streaming.cache_bytes(cfg, 1, 32, jnp.float32) == full.cache_bytes(cfg, 1, 32,
+                                                                               jnp.float32)
+    # A sink alone longer than the cache too.
+    assert generate(cfg, params, make_policy("streaming", sink=40, window=4), [prompt],
+                    max_new_tokens=9, max_len=32, chunk_size=8).ids(0) == want.ids(0)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.9, top_p=0.8)])
+def test_checking_the_stop_once_per_block_gives_the_same_tokens(tiny, monkeypatch, sampling):
+    """The decode loop checks its stop condition once per block of steps; blocks of 1, 4 and 16
+    give the same tokens, lengths and streamed ids, with stop tokens and max_new_tokens that are
+    not a multiple of the block."""
+    gen = importlib.import_module("longctx_jax.generate")  # the package exports a function of that name
+
+    cfg, params = tiny
+    prompts = [[5, 6, 7], [9, 9], [1, 2, 3, 4, 5]]
+    policy = make_policy("streaming", sink=2, window=6)
+    free = generate(cfg, params, policy, prompts, max_new_tokens=23, sampling=sampling, seed=3)
+    runs = []
+    for block in (1, 4, 16):
+        monkeypatch.setattr(gen, "CHECK_EVERY", block)
+        streamed = []
+        out = generate(cfg, params, policy, prompts, max_new_tokens=23,
+                       stop_ids=[free.ids(0)[5]], sampling=sampling, seed=3,
+                       stream=lambda ids: streamed.append(ids.tolist()))
+        runs.append((out.tokens.tolist(), out.lengths.tolist(), streamed))
+    assert runs[0] == runs[1] == runs[2]
+    assert min(runs[0][1]) < 23  # a row stopped early
+
+
+def test_positions_past_the_model_are_refused(tiny):
+    """tiny_config has 512 positions: a request needing more is an error, not a silent run."""
+    from longctx_jax.generate import score
+
+    cfg, params = tiny
+    with pytest.raises(ValueError, match="maximum of 512 positions"):
+        generate(cfg, params, make_policy("full"), [[1] * 500], max_new_tokens=20)
+    with pytest.raises(ValueError, match="maximum of 512 positions"):
+        score(cfg, params, make_policy("full"), [1] * 513, progress=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        score(cfg, params, make_policy("full"), [1] * 8, chunk_size=0, progress=False)
+
+
+def test_prefill_reports_progress_per_chunk_and_times(tiny):
+    """A handle passed to the prefill is called once per chunk (the CLI's progress bar), and a
+    generation reports its prefill and decode times and cache bytes."""
+    import host_offload
+    from longctx_jax.generate import prefill_tokens
+
+    cfg, params = tiny
+    ticks = []
+    tokens = jnp.ones((1, 64), jnp.int32)
+    with host_offload.registered(lambda: ticks.append(1)) as handle:
+        logits, _ = prefill_tokens(params, make_policy("full"), tokens, jnp.array([60]),
+                                   jnp.int32(handle), cfg=cfg, max_len=80, chunk_size=16)
+        jax.block_until_ready(logits)
+    assert len(ticks) == 4
+    out = generate(cfg, params, make_policy("full"), [[1] * 40], max_new_tokens=4, chunk_size=8,
+                   max_len=64, progress=True)
+    assert out.prefill_seconds > 0 and out.decode_seconds > 0
+    assert out.cache_bytes == make_policy("full").cache_bytes(cfg, 1, 64, jnp.float32)

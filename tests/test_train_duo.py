@@ -258,3 +258,12 @@ def test_cli_trains_smollm2_briefly(tmp_path):
         assert (out / name).is_file()
     policy = make_policy("duo", gates=str(out))
     assert len(policy.heads) == 30
+
+
+def test_resume_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
+    from longctx_jax.train.loop import run_loop
+
+    done = run_loop(tmp_path / "run", {"x": jnp.zeros(())}, lambda s, i: (s, {}), 2, {},
+                    resume=True, progress=False)
+    assert done.steps == 2 and done.resumed_from == 0
+    assert "nothing to resume" in capsys.readouterr().err

@@ -28,8 +28,18 @@ def heatmap(record: dict, path: str, title: str | None = None) -> None:
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(title or f"{record['task']}: {record['method']} ({record['mode']})")
+    ax.set_title(title or heatmap_title(record), fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def heatmap_title(record: dict) -> str:
+    """Task, method with its options, mode and samples per cell: enough to tell two maps apart."""
+    from longctx_jax.evals.runner import method_label
+
+    n = sorted({r["n"] for r in record["results"]})
+    per_cell = str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
+    return (f"{record['task']}: {method_label(record)}\n"
+            f"({record['mode']}, {per_cell} samples per cell)")

@@ -3,8 +3,8 @@
 Two modes: ``generate`` (greedy decoding, exact match of the answer in the output, as RULER)
 and ``teacher-forced`` (the answer is appended to the prompt; a sample counts as right when every
 answer token is the model's top-1 choice, and its log-likelihood is recorded: far more sensitive
-for a small model). Samples of a cell run as one batch (padded to ``batch_size``), so each
-(length, batch) shape compiles once.
+for a small model). Samples of a cell run in batches of ``min(batch_size, samples)`` (a short
+last batch padded), so each (length, batch) shape compiles once.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longctx_jax.cache import human_bytes
 from longctx_jax.errors import LongctxError
 from longctx_jax.evals.tasks import Sample, answer_text, exact_match, make_samples
 from longctx_jax.generate import (activation_dtype, check_request, generate_tokens, pad_prompts,
@@ -32,11 +33,17 @@ _NEW_TOKENS = {"passkey": 16, "niah": 16, "kv": 48}  # equal where possible: sha
 
 @dataclasses.dataclass(frozen=True)
 class CellResult:
-    length: int
+    length: int               # requested prompt length
     depth: float
     accuracy: float
     n: int
     mean_answer_logprob: float | None = None  # teacher-forced mode only
+    prompt_tokens: float | None = None        # mean real prompt length of the cell's samples
+
+
+def answer_tokens(task: str, variant: str = "single") -> int:
+    """Tokens generated per sample in ``generate`` mode."""
+    return _NEW_TOKENS[task] * (3 if variant == "multivalue" else 1)
 
 
 def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
@@ -50,8 +57,9 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
         raise LongctxError(f"unknown mode {mode!r}; available: {', '.join(MODES)}")
     if samples < 1 or batch_size < 1:
         raise LongctxError("samples and batch_size must be >= 1")
+    batch_size = min(batch_size, samples)  # padding rows past the samples would be pure waste
     tok = model.tokenizer
-    new_tokens = _NEW_TOKENS[task] * (3 if variant == "multivalue" else 1)
+    new_tokens = answer_tokens(task, variant)
     # One cache size per length (prompts vary by a few tokens), so each length compiles once.
     max_lens = {n: chunk_size * math.ceil((int(n * 1.02) + 8 + new_tokens) / chunk_size)
                 for n in lengths}
@@ -77,9 +85,12 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
                 logps += lp
             bar.update(len(batch))
         results.append(CellResult(n, d, float(np.mean(scores)), len(scores),
-                                  float(np.mean(logps)) if logps else None))
+                                  float(np.mean(logps)) if logps else None,
+                                  float(np.mean([len(tok.encode(s.prompt)) for s in data]))))
     bar.close()
-    return dict(task=task, variant=variant, method=policy.name, mode=mode,
+    return dict(task=task, variant=variant, method=policy.name,
+                method_options={k: v for k, v in policy.options().items() if v is not None},
+                policy=policy.describe(model.config), mode=mode,
                 results=[dataclasses.asdict(r) for r in results],
                 cache_bytes={str(n): policy.cache_bytes(model.config, 1, max_lens[n],
                                                         activation_dtype(model.params))
@@ -145,15 +156,28 @@ def _answer_scores(params, policy, tokens, lengths, prompt_len, answer_ids, answ
 
 
 def format_table(record: dict) -> str:
-    """Accuracy by depth (rows) and length (columns), plus the mean per length."""
+    """Accuracy by depth (rows) and length (columns), the mean per length, and the KV cache
+    bytes (batch 1) per length."""
     results = record["results"]
     lengths = sorted({r["length"] for r in results})
     depths = sorted({r["depth"] for r in results})
     acc = {(r["length"], r["depth"]): r["accuracy"] for r in results}
-    head = f"{record['task']} [{record['method']}, {record['mode']}]"
-    lines = [head, f"{'depth':>6} " + " ".join(f"{n:>7}" for n in lengths)]
+    lines = [f"{record['task']} [{method_label(record)}, {record['mode']}]"]
+    if record.get("policy"):
+        lines.append(record["policy"])
+    lines.append(f"{'depth':>6} " + " ".join(f"{n:>10}" for n in lengths))
     for d in depths:
-        lines.append(f"{d:>6.2f} " + " ".join(f"{acc[(n, d)]:>7.2f}" for n in lengths))
+        lines.append(f"{d:>6.2f} " + " ".join(f"{acc[(n, d)]:>10.2f}" for n in lengths))
     lines.append(f"{'mean':>6} " + " ".join(
-        f"{np.mean([acc[(n, d)] for d in depths]):>7.2f}" for n in lengths))
+        f"{np.mean([acc[(n, d)] for d in depths]):>10.2f}" for n in lengths))
+    cache = record.get("cache_bytes", {})
+    if cache:
+        lines.append(f"{'cache':>6} " + " ".join(f"{human_bytes(cache[str(n)]):>10}"
+                                                 for n in lengths))
     return "\n".join(lines)
+
+
+def method_label(record: dict) -> str:
+    """``streaming sink=64 window=256``: the method with the options it ran with."""
+    options = record.get("method_options") or {}
+    return " ".join([record["method"]] + [f"{k}={v}" for k, v in options.items()])

@@ -134,6 +134,9 @@ def _assemble(tok, rng, length: int, depth: float, head: str,
         return len(tok.encode(text))
 
     fixed = count(head) + count(tail) + sum(map(count, needles)) + sum(map(count, distractors))
+    if length < fixed:
+        raise LongctxError(f"a prompt of {length} tokens cannot hold the task's fixed text "
+                           f"({fixed} tokens of instructions, needles and question)")
     budget, layout_seed = length - fixed, rng.random()
     best, best_error = "", None
     for _ in range(6):

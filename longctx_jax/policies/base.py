@@ -145,6 +145,10 @@ class AttentionPolicy:
     def validate(self, cfg: ModelConfig, max_len: int) -> None:
         """Raise ``LongctxError`` if this policy cannot serve a cache of ``max_len`` tokens."""
 
+    def describe(self, cfg: ModelConfig) -> str:
+        """What the policy chose for this model (shown in summaries), if anything."""
+        return ""
+
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype) -> tuple:
         raise NotImplementedError
 

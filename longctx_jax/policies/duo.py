@@ -4,7 +4,8 @@ One trained gate ``alpha`` per (layer, KV head) says how much a head needs the w
 Deployment (:class:`Duo`, method ``duo``) keeps the heads with the largest gates (a ratio of all
 heads, or those above a threshold) as retrieval heads with a dense cache, and gives every other
 head a ``sink + window`` ring buffer. Caches are sized per layer, so memory really shrinks: a
-layer with ``r`` retrieval KV heads holds ``[B, r, max_len, D]`` and ``[B, Hkv - r, S + W, D]``.
+layer with ``r`` retrieval KV heads holds ``[B, r, max_len, D]`` and ``[B, Hkv - r, S + W, D]``
+(``max_len`` slots when that is fewer: a window longer than the cache is full attention).
 The selection is static, so ``jit`` specialises the shapes. The gates are trained by
 :mod:`longctx_jax.train.duo`.
 """
@@ -25,7 +26,7 @@ from longctx_jax.cache import KV
 from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import AttentionPolicy, register, static
 from longctx_jax.policies.full import Full
-from longctx_jax.policies.streaming import Streaming
+from longctx_jax.policies.streaming import Streaming, ring_size
 
 SHIPPED_GATES = "duo_gates_smollm2.npz"
 DEFAULT_RATIO = 0.25
@@ -65,6 +66,15 @@ def load_gates(source: str | pathlib.Path | None = None) -> np.ndarray:
 
 def _read_npz(path: pathlib.Path) -> np.ndarray:
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise LongctxError(f"cannot read DuoAttention gates from {path}: {e.strerror}") from e
+    # np.load falls back to unpickling anything else (refused, with advice to allow pickles).
+    if not magic.startswith((b"PK\x03\x04", b"\x93NUMPY")):
+        raise LongctxError(f"cannot read DuoAttention gates from {path}: not an .npz file "
+                           "(expected gates.npz of `longctx train duo`)")
+    try:
         data = np.load(path)
     except (OSError, EOFError, ValueError) as e:
         raise LongctxError(f"cannot read DuoAttention gates from {path}: {e}") from e
@@ -97,6 +107,7 @@ def select_heads(gates: np.ndarray, retrieval_ratio: float | None = None,
     if retrieval_ratio is not None and threshold is not None:
         raise LongctxError("give either retrieval_ratio or threshold, not both")
     if threshold is not None:
+        _check_unit("threshold", threshold)
         chosen = gates > threshold
     else:
         ratio = DEFAULT_RATIO if retrieval_ratio is None else retrieval_ratio
@@ -110,8 +121,13 @@ def select_heads(gates: np.ndarray, retrieval_ratio: float | None = None,
 
 
 def _check_ratio(ratio: float) -> None:
-    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
-        raise LongctxError(f"retrieval_ratio must be in [0, 1], got {ratio!r}")
+    _check_unit("retrieval_ratio", ratio)
+
+
+def _check_unit(name: str, value: float) -> None:
+    """Gates lie in [0, 1], so a ratio or threshold outside it selects all or nothing silently."""
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise LongctxError(f"{name} must be in [0, 1], got {value!r}")
 
 
 # ------------------------------------------------------------------------------ deployment
@@ -120,7 +136,8 @@ def _check_ratio(ratio: float) -> None:
 @dataclasses.dataclass(frozen=True)
 class DuoCache:
     """One layer's cache: ``dense`` ``[B, r, max_len, D]`` for its ``r`` retrieval heads and
-    ``ring`` ``[B, Hkv - r, S + W, D]`` for the rest; either is ``None`` when it has no heads."""
+    ``ring`` ``[B, Hkv - r, min(S + W, max_len), D]`` for the rest; either is ``None`` when it
+    has no heads."""
 
     dense: KV | None
     ring: KV | None
@@ -138,7 +155,8 @@ class Duo(AttentionPolicy):
 
     retrieval_ratio: float | None = static(
         None, help=f"fraction of all KV heads kept as retrieval heads (default {DEFAULT_RATIO})")
-    threshold: float | None = static(None, help="retrieval heads are those with a gate above this")
+    threshold: float | None = static(None, help="retrieval heads are those with a gate above "
+                                   "this, in [0, 1]")
     gates: str | None = static(None, help="gates.npz, a training run's directory or its "
                                "checkpoints (default: the gates shipped for SmolLM2)")
     sink: int = static(64, help="attention-sink tokens kept from the start of the context "
@@ -154,6 +172,8 @@ class Duo(AttentionPolicy):
             raise LongctxError(f"duo window must be >= 1, got {self.window}")
         if self.retrieval_ratio is not None:
             _check_ratio(self.retrieval_ratio)
+        if self.threshold is not None:
+            _check_unit("threshold", self.threshold)
         if self.retrieval_ratio is not None and self.threshold is not None:
             raise LongctxError("give either retrieval_ratio or threshold, not both")
         if self.heads is None:
@@ -185,22 +205,24 @@ class Duo(AttentionPolicy):
         if any(h >= hkv for layer in self.heads for h in layer):
             raise LongctxError(f"duo head ids must be < {hkv} (the model's KV heads), got "
                                f"{self.heads}")
-        if self.num_streaming(hkv) and self.sink + self.window > max_len:
-            raise LongctxError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
-                               f"length {max_len}")
+
+    def describe(self, cfg) -> str:
+        chosen = sum(len(layer) for layer in self.heads)
+        return f"{chosen} of {cfg.num_layers * cfg.num_kv_heads} KV heads are retrieval heads"
 
     def num_streaming(self, kv_heads: int) -> int:
         """Streaming KV heads summed over layers."""
         return sum(kv_heads - len(layer) for layer in self.heads)
 
     def init_cache(self, cfg, batch, max_len, dtype):
-        self.validate(cfg, max(max_len, self.sink + self.window))
+        self.validate(cfg, max_len)
         caches = []
         for retrieval in self.heads:
             r, s = len(retrieval), cfg.num_kv_heads - len(retrieval)
             caches.append(DuoCache(
                 KV.zeros(batch, r, max_len, cfg.head_dim, dtype) if r else None,
-                KV.zeros(batch, s, self.sink + self.window, cfg.head_dim, dtype) if s else None))
+                KV.zeros(batch, s, ring_size(self.sink, self.window, max_len), cfg.head_dim,
+                         dtype) if s else None))
         return tuple(caches)
 
     def prefill(self, layer, x, cache):
@@ -210,11 +232,13 @@ class Duo(AttentionPolicy):
         if cache.dense is None or cache.ring is None:  # one kind of head: that policy alone
             return self._split(layer, x, cache,
                                lambda p, xs, c: p.decode(layer, xs, c, step=step, phase=phase))
-        # Both kinds: one kernel appends to both caches and attends, outputs in head order.
+        # Both kinds: one kernel appends to both caches and attends, outputs in head order. The
+        # kernel's window is ``slots - sink``; a ring cut to ``max_len`` slots holds every
+        # position in its own slot, which any sink below the slot count reproduces.
         out, _, (dk, dv, rk, rv) = pk.duo_decode_attention(
             x.q[:, 0], x.k[:, 0], x.v[:, 0], cache.dense.k, cache.dense.v, cache.ring.k,
             cache.ring.v, (x.positions[:, 0] + 1).astype(jnp.int32),
-            jnp.asarray(self.heads[layer], jnp.int32), self.sink)
+            jnp.asarray(self.heads[layer], jnp.int32), min(self.sink, cache.ring.slots - 1))
         return out[:, None], DuoCache(KV(dk, dv), KV(rk, rv))
 
     def _split(self, layer, x: AttnInputs, cache: DuoCache, run):

@@ -15,8 +15,9 @@ from longctx_jax.policies.base import (AttentionPolicy, chunk_start, heads_first
 class Streaming(AttentionPolicy):
     """Each token sees the first ``sink`` tokens and the last ``window`` tokens (itself included).
 
-    Memory is ``sink + window`` slots per layer whatever the context length; keys keep the RoPE
-    rotation of their original position.
+    Memory is ``min(sink + window, max_len)`` slots per layer whatever the context length (a
+    window longer than the cache sees everything: full attention); keys keep the RoPE rotation
+    of their original position.
     """
 
     sink: int = static(64, help="attention-sink tokens kept from the start of the context")
@@ -28,20 +29,15 @@ class Streaming(AttentionPolicy):
         if self.window < 1:
             raise LongctxError(f"streaming window must be >= 1, got {self.window}")
 
-    def validate(self, cfg, max_len):
-        if self.sink + self.window > max_len:
-            raise LongctxError(f"sink + window ({self.sink} + {self.window}) exceeds the maximum "
-                               f"length {max_len}")
-
     def init_cache(self, cfg, batch, max_len, dtype):
-        return tuple(KV.zeros(batch, cfg.num_kv_heads, self.sink + self.window, cfg.head_dim,
-                              dtype) for _ in range(cfg.num_layers))
+        return tuple(KV.zeros(batch, cfg.num_kv_heads, ring_size(self.sink, self.window, max_len),
+                              cfg.head_dim, dtype) for _ in range(cfg.num_layers))
 
     def prefill(self, layer, x, cache):
         start = chunk_start(x.positions)
         qh = heads_first(x.q)
         past = _attend_ring(qh, cache, start + jnp.arange(x.q.shape[1]),
-                            ring_slot_positions(start, self.sink, self.window),
+                            ring_slot_positions(start, self.sink, self.window)[:cache.slots],
                             self.sink, self.window)
         new = pk.band_prefill_attention(qh, heads_first(x.k), heads_first(x.v), q_start=start,
                                         k_start=start, sink=self.sink, window=self.window)
@@ -56,6 +52,12 @@ class Streaming(AttentionPolicy):
         out, _ = pk.window_decode_attention(x.q[:, 0], cache.k, cache.v,
                                             (position + 1).astype(jnp.int32))
         return out[:, None], cache
+
+
+def ring_size(sink: int, window: int, max_len: int) -> int:
+    """Ring slots for a cache of ``max_len`` tokens: ``sink + window``, or ``max_len`` when that is
+    smaller (every position then keeps its own slot, ``ring_slot(p) = p``)."""
+    return min(sink + window, max_len)
 
 
 def _attend_ring(q, cache: KV, q_pos, k_pos, sink: int, window: int):

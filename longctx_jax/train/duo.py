@@ -243,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--out", type=pathlib.Path, required=True,
                         help="run directory: checkpoints, metrics.jsonl, gates.npz, plots")
-    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all")
     parser.add_argument("--context", default=",".join(map(str, d.contexts)),
                         help="training lengths in tokens: 'lo,hi' (doubling from lo), one value, "
                              "or a list of 3+ values")
@@ -260,8 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-fraction", type=float, default=d.noise_fraction,
                         help="fraction of samples whose haystack is a few sentences repeated "
                              "(the classic passkey test's noise) instead of the text")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the training samples")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help="save a checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out")
     parser.add_argument("--text-file", type=pathlib.Path, default=None,

@@ -62,6 +62,9 @@ def run_loop(out_dir: str | os.PathLike, state, step_fn: Callable[[Any, int], tu
         if start and not resume:
             raise LongctxError(f"{out} already holds checkpoints (up to step {start}); pass "
                                "--resume to continue that run or choose another --out")
+        if resume and not start:
+            print(f"note: nothing to resume: {out} holds no checkpoint; starting a new run",
+                  file=sys.stderr)
         if start:
             check_same_run(ckpt.restore_meta(start), meta, out)
             state = ckpt.restore(start, state)
