@@ -34,10 +34,12 @@ _LAYER_AXES = {
     "down": {"kernel": ("mlp", "embed")},
 }
 
-# Cache arrays by field name: KV's k/v, SlotKV's pos/score (Duo's caches hold KVs).
+# Cache arrays by field name: KV's k/v, SlotKV's pos/score, Recycled's idx/score (Duo's and
+# Recycled's caches hold KVs).
 _CACHE_AXES = {"k": ("batch", "kv_heads", "seq", "head_dim"),
                "v": ("batch", "kv_heads", "seq", "head_dim"),
-               "pos": ("batch", "kv_heads", "seq"), "score": ("batch", "kv_heads", "seq")}
+               "pos": ("batch", "kv_heads", "seq"), "score": ("batch", "kv_heads", "seq"),
+               "idx": ("batch", "kv_heads", "seq")}
 
 
 def param_axes(cfg: ModelConfig) -> dict:

@@ -7,6 +7,7 @@ SMALL = {
     "full": {},
     "streaming": dict(sink=2, window=5),
     "duo": dict(heads=((0,), (1,)), sink=2, window=5),
+    "recycled": dict(topk=4, stride=3),
 }
 
 # Options under which the method must equal full attention: a budget far beyond the 32-token
@@ -15,6 +16,7 @@ UNLIMITED = {
     "full": {},
     "streaming": dict(sink=2, window=10_000),
     "duo": dict(heads=((0,), (1,)), sink=2, window=10_000),
+    "recycled": dict(topk=4, stride=1),  # every step a full step
 }
 
 # Options that must be refused with a LongctxError (beyond an unknown option name).
@@ -23,4 +25,6 @@ BAD = {
     "streaming": [dict(window=0), dict(sink=-1)],
     "duo": [dict(window=0), dict(sink=-1), dict(retrieval_ratio=1.5),
             dict(retrieval_ratio=0.5, threshold=0.5), dict(heads=((0, 0), ()))],
+    "recycled": [dict(topk=0), dict(topk=-0.5), dict(topk=2.5), dict(stride=0), dict(pool=2),
+                 dict(pool=0)],
 }

@@ -4,5 +4,6 @@ from longctx_jax.policies.base import AttentionPolicy, available, make_policy, p
 from longctx_jax.policies.full import Full
 from longctx_jax.policies.streaming import Streaming
 from longctx_jax.policies.duo import Duo  # noqa: F401  (registers "duo")
+from longctx_jax.policies.recycled import Recycled  # noqa: F401  (registers "recycled")
 
 __all__ = ["AttentionPolicy", "Full", "Streaming", "available", "make_policy", "policy_from_spec"]

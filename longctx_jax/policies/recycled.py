@@ -1,0 +1,132 @@
+"""Recycled Attention (RefreshKV): the whole cache is kept, but most decode steps read only a
+small subset of it, refreshed by the occasional full step.
+
+Per layer the cache holds every token (``kv``, as full attention) and, per KV head, the indices
+of ``K`` of them with their scores (``idx``, ``score``: a partial cache of row ids, no second
+copy of keys and values). The decode loop runs ``stride`` steps per period (see
+``policies.base``):
+
+- a *full step* (``phase=0``) attends to the whole cache (the dense decode kernel, new token
+  appended in place), scores every key by the largest attention probability its query group
+  gives it (``pallas_kernels.decode_scores`` from the step's ``lse``), max-pools the scores over
+  ``pool`` neighbouring positions, and keeps the top ``K`` per KV head;
+- a *partial step* (``phase=1``) appends the new token to the whole cache, puts it in the
+  partial cache in place of the entry the last full step scored lowest (new tokens survive
+  until the next refresh), and attends to the ``K`` rows only (the gathered top-K kernel).
+
+Prefill is full attention. The paper selects the first partial cache with the last prompt
+token's query; here the first decode step is a full step and selects with its own query (the
+token right after the prompt), so the prefill stays exactly full attention's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from longctx_jax.cache import KV
+from longctx_jax.errors import LongctxError
+from longctx_jax.policies.base import AttentionPolicy, register, static
+from longctx_jax.policies.full import Full
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RecycledCache:
+    """``kv`` ``[B, Hkv, max_len, D]`` (every token); ``idx [B, Hkv, K]`` int32 rows of the
+    partial cache (``-1`` = empty) and their ``score [B, Hkv, K]`` float32 from the last full
+    step (``+inf`` for tokens appended since)."""
+
+    kv: KV
+    idx: jax.Array
+    score: jax.Array
+
+
+@register("recycled")
+class Recycled(AttentionPolicy):
+    """A full step every ``stride`` decode steps; in between, attention over the top ``topk``
+    tokens per KV head that the last full step found (see the module docstring)."""
+
+    topk: float = static(0.125, help="tokens per KV head that partial steps attend to: a count "
+                                     "(>= 1), or a fraction of the cache (< 1)")
+    stride: int = static(10, help="decode steps per full step (1: always full attention)")
+    pool: int = static(7, help="max-pool width over positions when scoring keys")
+
+    decode_matches_prefill = False  # partial steps see fewer tokens than a prefill would
+
+    def __post_init__(self):
+        if not (isinstance(self.topk, (int, float)) and self.topk > 0):
+            raise LongctxError(f"recycled topk must be a count >= 1 or a fraction in (0, 1), "
+                               f"got {self.topk!r}")
+        if self.topk >= 1 and self.topk != int(self.topk):
+            raise LongctxError(f"recycled topk above 1 must be a whole count, got {self.topk}")
+        if not (isinstance(self.stride, int) and self.stride >= 1):
+            raise LongctxError(f"recycled stride must be >= 1, got {self.stride!r}")
+        if not (isinstance(self.pool, int) and self.pool >= 1 and self.pool % 2 == 1):
+            raise LongctxError(f"recycled pool must be an odd width >= 1, got {self.pool!r}")
+
+    @property
+    def decode_period(self) -> int:
+        return self.stride
+
+    def budget(self, max_len: int) -> int:
+        """``K``: the partial cache's size for a cache of ``max_len`` tokens."""
+        k = int(self.topk) if self.topk >= 1 else round(self.topk * max_len)
+        return max(1, min(k, max_len))
+
+    def validate(self, cfg, max_len):
+        if self.topk >= 1 and self.topk > max_len:
+            raise LongctxError(f"recycled topk {int(self.topk)} exceeds the cache of "
+                               f"{max_len} tokens")
+
+    def init_cache(self, cfg, batch, max_len, dtype):
+        k = self.budget(max_len)
+        shape = (batch, cfg.num_kv_heads, k)
+        return tuple(RecycledCache(KV.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype),
+                                   jnp.full(shape, -1, jnp.int32),
+                                   jnp.full(shape, -jnp.inf, jnp.float32))
+                     for _ in range(cfg.num_layers))
+
+    def prefill(self, layer, x, cache):
+        out, kv = Full().prefill(layer, x, cache.kv)
+        return out, dataclasses.replace(cache, kv=kv)
+
+    def decode(self, layer, x, cache, *, step, phase=0):
+        lengths = (x.positions[:, 0] + 1).astype(jnp.int32)
+        q = x.q[:, 0]
+        if phase == 0:
+            out, lse, (k_cache, v_cache) = pk.decode_append_attention(
+                q, x.k[:, 0], x.v[:, 0], cache.kv.k, cache.kv.v, lengths)
+            idx, score = select_top(pk.decode_scores(q, k_cache, lengths, lse), self.pool,
+                                    cache.idx.shape[-1])
+            return out[:, None], RecycledCache(KV(k_cache, v_cache), idx, score)
+        kv = cache.kv.write(x.k, x.v, x.positions, in_range=True)
+        idx, score = recycle(cache.idx, cache.score, x.positions[:, 0])
+        out, _ = pk.topk_decode_attention(q, kv.k, kv.v, idx)
+        return out[:, None], RecycledCache(kv, idx, score)
+
+
+def select_top(scores: jax.Array, pool: int, k: int):
+    """The partial cache from per-key ``scores [B, Hkv, T]`` (``-inf`` = no key): max-pool over
+    ``pool`` neighbouring positions, then the top ``k`` per KV head. Returns ``(idx, score)``,
+    each ``[B, Hkv, k]``, with ``idx = -1`` where fewer than ``k`` keys exist."""
+    if pool > 1:
+        pooled = jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, (1, 1, pool), (1, 1, 1),
+                                       "SAME")
+        # Pooling spreads a score onto neighbours; rows that hold no key stay out.
+        scores = jnp.where(scores == -jnp.inf, -jnp.inf, pooled)
+    score, idx = jax.lax.top_k(scores, k)
+    return jnp.where(score == -jnp.inf, -1, idx).astype(jnp.int32), score
+
+
+def recycle(idx: jax.Array, score: jax.Array, position: jax.Array):
+    """Put the new token at ``position [B]`` into the partial cache of every KV head, in place of
+    the entry with the lowest score (an empty slot first); it scores ``+inf`` until the next
+    full step."""
+    out = jnp.argmin(jnp.where(idx < 0, -jnp.inf, score), axis=-1)  # [B, Hkv]
+    replace = jnp.arange(idx.shape[-1]) == out[..., None]
+    return (jnp.where(replace, position[:, None, None].astype(jnp.int32), idx),
+            jnp.where(replace, jnp.inf, score))

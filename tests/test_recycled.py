@@ -1,0 +1,118 @@
+"""Recycled Attention: the partial cache's selection, its recycling, and the partial step's
+attention against numpy; a budget covering the cache equals full attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longctx_jax.attention import AttnInputs
+from longctx_jax.cache import KV
+from longctx_jax.generate import generate
+from longctx_jax.policies import Full, make_policy
+from longctx_jax.policies.recycled import RecycledCache, recycle, select_top
+
+
+def _softmax_attend(q, k, v, rows):
+    """float64 attention of query heads ``q [g, D]`` over ``k, v [T, D]`` rows ``rows``."""
+    s = q @ k[rows].T / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v[rows]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_select_top_is_max_pool_then_top_k(seed):
+    rng = np.random.default_rng(seed)
+    b, h, t, k, pool = 2, 3, 40, 6, 7
+    scores = rng.normal(size=(b, h, t)).astype(np.float32)
+    lengths = rng.integers(k + 1, t, b)
+    scores[np.broadcast_to(np.arange(t)[None, None, :] >= lengths[:, None, None], scores.shape)] \
+        = -np.inf
+    idx, score = select_top(jnp.asarray(scores), pool, k)
+    for i in range(b):
+        for j in range(h):
+            n = lengths[i]
+            pooled = np.array([scores[i, j, max(0, p - pool // 2):p + pool // 2 + 1].max()
+                               for p in range(n)])
+            want = np.argsort(-pooled, kind="stable")[:k]
+            np.testing.assert_array_equal(np.sort(idx[i, j]), np.sort(want))
+            np.testing.assert_allclose(np.sort(score[i, j]), np.sort(pooled[want]))
+
+
+def test_select_top_marks_missing_keys_empty():
+    scores = jnp.array([[[0.5, 0.1, -jnp.inf, -jnp.inf]]])
+    idx, score = select_top(scores, 1, 3)
+    assert idx.tolist() == [[[0, 1, -1]]]
+    assert score[0, 0, 2] == -jnp.inf
+
+
+def test_recycle_fills_empty_slots_then_evicts_the_lowest_score():
+    idx = jnp.array([[[4, -1, 9]]], jnp.int32)
+    score = jnp.array([[[0.3, -jnp.inf, 0.1]]])
+    idx, score = recycle(idx, score, jnp.array([20]))
+    assert idx.tolist() == [[[4, 20, 9]]]            # the empty slot first
+    idx, score = recycle(idx, score, jnp.array([21]))
+    assert idx.tolist() == [[[4, 20, 21]]]           # then the lowest score (0.1)
+    idx, score = recycle(idx, score, jnp.array([22]))
+    assert idx.tolist() == [[[22, 20, 21]]]          # new tokens (+inf) survive until a refresh
+    assert np.isinf(score[0, 0]).all()
+
+
+def test_partial_step_attends_to_the_recycled_rows_only():
+    """A partial step writes the new token to the whole cache, puts it into the partial cache in
+    place of the lowest-scored entry, and attends to exactly those rows (numpy, float64)."""
+    rng = np.random.default_rng(0)
+    b, hq, hkv, d, t, k = 2, 4, 2, 16, 24, 5
+    g = hq // hkv
+    kv = KV(jnp.asarray(rng.normal(size=(b, hkv, t, d)), jnp.float32),
+            jnp.asarray(rng.normal(size=(b, hkv, t, d)), jnp.float32))
+    position = np.array([13, 17])
+    idx = np.stack([np.stack([rng.choice(position[i], k, replace=False) for _ in range(hkv)])
+                    for i in range(b)]).astype(np.int32)
+    score = rng.normal(size=(b, hkv, k)).astype(np.float32)
+    cache = RecycledCache(kv, jnp.asarray(idx), jnp.asarray(score))
+    q = rng.normal(size=(b, 1, hq, d)).astype(np.float32)
+    new_k, new_v = (rng.normal(size=(b, 1, hkv, d)).astype(np.float32) for _ in range(2))
+    x = AttnInputs(jnp.asarray(q), jnp.asarray(new_k), jnp.asarray(new_v),
+                   jnp.asarray(position[:, None], jnp.int32))
+    policy = make_policy("recycled", topk=k, stride=4)
+    out, new = policy.decode(0, x, cache, step=jnp.int32(1), phase=1)
+    for i in range(b):
+        for h in range(hkv):
+            rows = idx[i, h].copy()
+            rows[np.argmin(score[i, h])] = position[i]
+            keys = np.array(kv.k[i, h], np.float64)
+            vals = np.array(kv.v[i, h], np.float64)
+            keys[position[i]], vals[position[i]] = new_k[i, 0, h], new_v[i, 0, h]
+            want = _softmax_attend(q[i, 0, h * g:(h + 1) * g].astype(np.float64), keys, vals, rows)
+            np.testing.assert_allclose(out[i, 0, h * g:(h + 1) * g], want, rtol=1e-5, atol=1e-5)
+            assert sorted(new.idx[i, h].tolist()) == sorted(rows.tolist())
+            np.testing.assert_array_equal(new.kv.k[i, h, position[i]], new_k[i, 0, h])
+
+
+@pytest.mark.parametrize("stride", [2, 5])
+def test_a_budget_covering_the_cache_equals_full_attention(tiny, stride):
+    cfg, params = tiny
+    prompt = np.random.default_rng(3).integers(0, cfg.vocab_size, 14).tolist()
+    want = generate(cfg, params, Full(), [prompt], max_new_tokens=12, chunk_size=8, max_len=32)
+    got = generate(cfg, params, make_policy("recycled", topk=32, stride=stride), [prompt],
+                   max_new_tokens=12, chunk_size=8, max_len=32)
+    assert got.ids(0) == want.ids(0)
+
+
+def test_small_budget_changes_partial_steps_only(tiny):
+    """With a small partial cache the first decode step (a full step) still matches full
+    attention; later partial steps may differ."""
+    cfg, params = tiny
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, 20).tolist()
+    want = generate(cfg, params, Full(), [prompt], max_new_tokens=2, chunk_size=8, max_len=32)
+    got = generate(cfg, params, make_policy("recycled", topk=2, stride=8), [prompt],
+                   max_new_tokens=2, chunk_size=8, max_len=32)
+    assert got.ids(0)[0] == want.ids(0)[0]
+
+
+def test_bad_budget_for_the_cache_is_refused(tiny):
+    cfg, params = tiny
+    with pytest.raises(ValueError, match="topk 64 exceeds"):
+        generate(cfg, params, make_policy("recycled", topk=64), [[1, 2, 3]], max_new_tokens=2,
+                 max_len=32)
