@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="score the first N tokens of the text")
     score.add_argument("--compare", choices=available(), default=None,
                        help="also report KL(compare || method) and top-1 agreement")
+    score.add_argument("--decode-from", type=int, default=None,
+                       help="prefill the first N tokens, feed the rest one at a time through "
+                            "the decode step, and score only those predictions (where a "
+                            "decode-time method such as recycled differs)")
     _add_common(score)
     score.set_defaults(run=_score)
 
@@ -322,6 +326,9 @@ def _score(args) -> int:
     text = read_text(args.text_file, "--text-file")
     if args.max_tokens < 2:
         raise LongctxError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    if args.decode_from is not None and not 1 <= args.decode_from <= args.max_tokens - 2:
+        raise LongctxError(f"--decode-from must be in [1, --max-tokens - 2 = "
+                           f"{args.max_tokens - 2}], got {args.decode_from}")
     _check_common(args)
     policy = _policy(args)
     source = _open(args)
@@ -334,9 +341,13 @@ def _score(args) -> int:
     model = _load(source, args)
     reference = make_policy(args.compare) if args.compare else None
     result = score(model.config, model.params, policy, ids, chunk_size=args.chunk_size,
-                   reference=reference)
+                   reference=reference, decode_from=args.decode_from)
     record = {"n_tokens": result.n_tokens, "mean_nll": result.mean_nll, "ppl": result.ppl,
-              "method": args.method, "method_options": _options(args), "dtype": args.dtype}
+              "decode_from": args.decode_from, "method": args.method,
+              "method_options": _options(args), "dtype": args.dtype}
+    if args.decode_from is not None:
+        print(f"scored the {result.n_tokens - 1 - args.decode_from} predictions made by decode "
+              f"steps (tokens {args.decode_from + 1}-{result.n_tokens - 1})")
     header = f"{'method':<10} {'tokens':>7} {'mean_nll':>9} {'ppl':>9}"
     print(header + (f" {'KL':>8} {'top1':>6}" if reference is not None else ""))
     if reference is not None:

@@ -344,7 +344,8 @@ class Score:
     """Teacher-forced NLL over a text of ``n_tokens`` tokens (``n_tokens - 1`` predictions).
 
     With a reference policy: its NLL, the mean KL(reference || policy) of the next-token
-    distributions, and how often both put the same token first.
+    distributions, and how often both put the same token first. With ``decode_from``, every
+    number covers only the predictions made by decode steps (tokens ``decode_from + 1`` on).
     """
 
     n_tokens: int
@@ -352,6 +353,7 @@ class Score:
     reference_nll: float | None = None
     kl: float | None = None
     top1_agreement: float | None = None
+    decode_from: int | None = None
 
     @property
     def ppl(self) -> float:
@@ -387,9 +389,14 @@ def _score_chunk(params, policies, caches, tokens, positions, targets, *, cfg):
 
 def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence[int], *,
           chunk_size: int = 512, reference: AttentionPolicy | None = None,
-          progress: bool = True) -> Score:
+          decode_from: int | None = None, progress: bool = True) -> Score:
     """Mean NLL of tokens ``1..N-1`` of ``token_ids`` given their prefixes, under ``policy``
-    (and, if given, ``reference``, compared token by token)."""
+    (and, if given, ``reference``, compared token by token).
+
+    ``decode_from``: prefill only the first ``decode_from`` tokens, then feed the others one at
+    a time through each policy's decode step (its schedule included), and score only the
+    predictions those steps make: where a decode-time method (Recycled Attention, say) differs
+    from its prefill."""
     from tqdm.auto import tqdm
 
     ids = np.asarray(token_ids, np.int32)
@@ -406,23 +413,80 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     max_len = bucket(n, chunk_size)
     chunk_size = min(chunk_size, max_len)
     caches = tuple(p.init_cache(cfg, 1, max_len, activation_dtype(params)) for p in policies)
+    if decode_from is not None and not 1 <= decode_from <= n - 2:
+        raise LongctxError(f"decode_from must be in [1, {n - 2}] for a text of {n} tokens, got "
+                           f"{decode_from}")
+    prompt = n if decode_from is None else decode_from
     padded = np.zeros(max_len, np.int32)
     padded[:n] = ids
     targets = np.full_like(padded, -1)
-    targets[: n - 1] = ids[1:]
+    if decode_from is None:
+        targets[: n - 1] = ids[1:]
     totals: dict = {}
-    for start in tqdm(range(0, len(padded), chunk_size), desc=f"score[{policy.name}]",
-                      disable=not progress, unit="chunk"):
+    for start in tqdm(range(0, bucket(prompt, chunk_size), chunk_size),
+                      desc=f"score[{policy.name}]", disable=not progress, unit="chunk"):
         pos = np.arange(start, start + chunk_size, dtype=np.int32)
-        positions = np.where(pos < n, pos, -1)[None]
+        positions = np.where(pos < prompt, pos, -1)[None]
         sums, caches = _score_chunk(params, policies, caches, padded[None, start:start + chunk_size],
                                     positions, targets[None, start:start + chunk_size], cfg=cfg)
         totals = jax.tree.map(lambda a, b: a + float(b), totals, sums) if totals else \
             jax.tree.map(float, sums)
-    m = n - 1
+    if decode_from is not None:
+        totals = _score_decoded(cfg, params, policies, caches, ids, decode_from, max_len)
+    m = n - 1 if decode_from is None else n - 1 - decode_from
+    nll = [x / m for x in totals["nll"]]
     if reference is None:
-        return Score(n, totals["nll"][0] / m)
-    return Score(n, totals["nll"][0] / m, totals["nll"][1] / m, totals["kl"] / m, totals["top1"] / m)
+        return Score(n, nll[0], decode_from=decode_from)
+    return Score(n, nll[0], nll[1], totals["kl"] / m, totals["top1"] / m, decode_from)
+
+
+def _score_decoded(cfg, params, policies, caches, ids: np.ndarray, decode_from: int,
+                   max_len: int) -> dict:
+    """Sums like ``_score_chunk``'s over the predictions made by decode steps: prefill cached
+    the tokens before ``decode_from``; decode step ``i`` feeds token ``decode_from + i`` and
+    predicts the next."""
+    feed = ids[decode_from:-1]
+    targets = ids[decode_from + 1:]
+    logps = [np.asarray(_decode_logprobs(params, p, c, jnp.asarray(feed), jnp.int32(decode_from),
+                                         cfg=cfg, max_len=max_len)[0])[:len(feed)]
+             for p, c in zip(policies, caches)]
+    nll = [float(-np.sum(lp[np.arange(len(targets)), targets])) for lp in logps]
+    sums = {"nll": nll}
+    if len(logps) == 2:
+        method, ref = logps
+        sums["kl"] = float(np.sum(np.exp(ref) * (ref - method)))
+        sums["top1"] = float(np.sum(np.argmax(ref, -1) == np.argmax(method, -1)))
+    return sums
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"), donate_argnames=("cache",))
+def _decode_logprobs(params, policy: AttentionPolicy, cache, tokens: jax.Array, start: jax.Array,
+                     *, cfg: ModelConfig, max_len: int):
+    """Log-probabilities ``[T', V]`` (``T'``: ``T`` rounded up to the policy's period) of the
+    next token after each of ``tokens [T]``, fed one at a time through the policy's decode
+    step at positions ``start, start + 1, ...`` with its schedule's phases; and the cache."""
+    model = Decoder(cfg)
+    period = policy.decode_period
+    periods = -(-tokens.shape[0] // period)
+    tokens = jnp.pad(tokens, (0, periods * period - tokens.shape[0]))
+
+    def step(cache, i, phase):
+        pos = jnp.minimum(start + i, max_len - 1)[None, None]
+        hidden, cache = model.apply({"params": params}, tokens[i][None, None], pos, cache, policy,
+                                    decode=True, step=i, phase=phase)
+        logits = model.apply({"params": params}, hidden[0, 0], method=Decoder.logits)
+        return cache, jax.nn.log_softmax(logits)
+
+    def one_period(cache, j):
+        cache, first = step(cache, j * period, 0)
+        if period == 1:
+            return cache, first[None]
+        cache, rest = jax.lax.scan(lambda c, i: step(c, i, 1), cache,
+                                   j * period + jnp.arange(1, period))
+        return cache, jnp.concatenate([first[None], rest])
+
+    cache, logps = jax.lax.scan(one_period, cache, jnp.arange(periods))
+    return logps.reshape(periods * period, -1), cache  # the cache back: donated, updated in place
 
 
 def activation_dtype(params):

@@ -103,6 +103,7 @@ def _text(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["score", "--max-tokens", "16", "--chunk-size", "0"], "--chunk-size must be >= 1"),
     (["score", "--max-tokens", "16", "--chunk-size", "-8"], "--chunk-size must be >= 1"),
+    (["score", "--max-tokens", "16", "--decode-from", "15"], "--decode-from must be in [1"),
     (["eval", "--task", "kv", "--lengths", "160", "--chunk-size", "0"], "--chunk-size must be"),
     (["score", "--max-tokens", "16", "--json", "{tmp}"], "is a directory"),
     (["score", "--max-tokens", "16", "--json", "{text}/out.json"], "--json: cannot write"),

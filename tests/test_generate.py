@@ -192,3 +192,23 @@ def test_prefill_reports_progress_per_chunk_and_times(tiny):
                    max_len=64, progress=True)
     assert out.prefill_seconds > 0 and out.decode_seconds > 0
     assert out.cache_bytes == make_policy("full").cache_bytes(cfg, 1, 64, jnp.float32)
+
+
+@pytest.mark.parametrize("method, opts", [("full", {}), ("streaming", dict(sink=2, window=6))])
+def test_decode_from_scores_the_decode_steps_like_teacher_forcing(tiny, method, opts):
+    """For a policy whose decode matches its prefill, scoring through decode steps gives the
+    teacher-forced NLL of the same predictions, and KL 0 against itself."""
+    from longctx_jax.generate import score
+
+    cfg, params = tiny
+    policy = make_policy(method, **opts)
+    ids = np.random.default_rng(8).integers(0, cfg.vocab_size, 40)
+    hidden, _ = forward_hidden(cfg, params, policy, ids[None])
+    logp = jax.nn.log_softmax(logits_of(cfg, params, hidden)[0], -1)
+    nll = -np.asarray(logp)[np.arange(39), ids[1:]]
+    got = score(cfg, params, policy, ids.tolist(), chunk_size=8, decode_from=15,
+                reference=policy, progress=False)
+    np.testing.assert_allclose(got.mean_nll, nll[15:].mean(), rtol=1e-5)
+    assert got.kl == pytest.approx(0.0, abs=1e-6) and got.top1_agreement == 1.0
+    with pytest.raises(ValueError, match="decode_from"):
+        score(cfg, params, policy, ids.tolist(), decode_from=39, progress=False)
