@@ -196,10 +196,10 @@ def decode_tokens(params, policy: AttentionPolicy, logits: jax.Array, caches, le
     On a GPU, XLA copies a while loop's predicate to the host and waits for it on every
     iteration unless the trip count is known. So the loop checks whether to stop only once per
     ``check_every`` iterations, which run as a counted loop, while a whole such block still fits
-    in ``max_new_tokens``; the rest runs one checked iteration at a time. A stop token therefore
-    ends the loop at most ``check_every`` iterations late; those extra steps, like the rest of a
-    period that overshoots ``max_new_tokens``, record nothing and write only inside the cache
-    (their position is clamped to ``max_len - 1``), after the generation is over.
+    in ``max_new_tokens``; the rest runs one checked iteration at a time and stops at
+    ``max_new_tokens``. A stop token therefore ends the loop at most ``check_every`` iterations
+    late; those extra steps record nothing and write only inside the cache (their position is
+    clamped to ``max_len - 1``), after the generation is over.
     Returns ``(ids [B, capacity], n_generated [B], caches)``: the caches come back so that the
     donated input buffers are updated in place rather than copied into the loop.
     """
@@ -224,14 +224,15 @@ def decode_tokens(params, policy: AttentionPolicy, logits: jax.Array, caches, le
         logits = model.apply({"params": params}, hidden[:, 0], method=Decoder.logits)
         return i + 1, logits, caches, out, done, count, key
 
-    def one_period(state):
+    def one_period(state, counted: bool = False):
         state = step(state, 0)
-        if period > 1:
-            state = jax.lax.fori_loop(0, period - 1, lambda _, s: step(s, 1), state)
+        if period > 1:  # counted: the whole period fits; else stop at max_new_tokens
+            trips = period - 1 if counted else jnp.clip(max_new_tokens - state[0], 0, period - 1)
+            state = jax.lax.fori_loop(0, trips, lambda _, s: step(s, 1), state)
         return state
 
     def block(state):
-        return jax.lax.fori_loop(0, check_every, lambda _, s: one_period(s), state)
+        return jax.lax.fori_loop(0, check_every, lambda _, s: one_period(s, True), state)
 
     def block_fits(state):
         i, done = state[0], state[4]

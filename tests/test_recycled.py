@@ -70,7 +70,7 @@ def test_partial_step_attends_to_the_recycled_rows_only():
     idx = np.stack([np.stack([rng.choice(position[i], k, replace=False) for _ in range(hkv)])
                     for i in range(b)]).astype(np.int32)
     score = rng.normal(size=(b, hkv, k)).astype(np.float32)
-    cache = RecycledCache(kv, jnp.asarray(idx), jnp.asarray(score))
+    cache = RecycledCache(kv, jnp.asarray(idx), jnp.asarray(score), jnp.zeros((b, d)))
     q = rng.normal(size=(b, 1, hq, d)).astype(np.float32)
     new_k, new_v = (rng.normal(size=(b, 1, hkv, d)).astype(np.float32) for _ in range(2))
     x = AttnInputs(jnp.asarray(q), jnp.asarray(new_k), jnp.asarray(new_v),
@@ -116,3 +116,30 @@ def test_bad_budget_for_the_cache_is_refused(tiny):
     with pytest.raises(ValueError, match="topk 64 exceeds"):
         generate(cfg, params, make_policy("recycled", topk=64), [[1, 2, 3]], max_new_tokens=2,
                  max_len=32)
+
+
+def test_query_driven_schedule_at_its_limits(tiny):
+    """A similarity threshold that never fires is a stride longer than the generation; one that
+    always fires, checked every step, is a full step every step: full attention."""
+    cfg, params = tiny
+    prompt = np.random.default_rng(5).integers(0, cfg.vocab_size, 20).tolist()
+
+    def run(**opts):
+        return generate(cfg, params, make_policy("recycled", topk=3, **opts), [prompt],
+                        max_new_tokens=11, chunk_size=8, max_len=32).ids(0)
+
+    assert run(similarity=-1.0, check_every=4) == run(stride=1000)
+    full = generate(cfg, params, Full(), [prompt], max_new_tokens=11, chunk_size=8,
+                    max_len=32).ids(0)
+    assert run(similarity=1.0, check_every=1) == run(stride=1) == full
+    assert run(stride=1000) != full  # a budget of 3 does differ from full attention
+
+
+def test_query_driven_schedule_fires_when_the_query_turns():
+    """The check compares the mean pre-RoPE query with the last full step's (cosine)."""
+    from longctx_jax.policies.recycled import _cosine
+
+    a = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+    b = jnp.array([[1.0, 0.0], [-1.0, -1.0]])
+    np.testing.assert_allclose(_cosine(a, b), [1.0, -1.0], atol=1e-6)
+    assert float(_cosine(a[:1], jnp.zeros((1, 2)))[0]) == 0.0

@@ -7,7 +7,8 @@ leaves, so new values of them never recompile.
 Contract. Every call receives an :class:`~longctx_jax.attention.AttnInputs` ``x``: ``x.q [B, T,
 Hq, D]``, ``x.k``/``x.v`` ``[B, T, Hkv, D]`` after projection and RoPE, ``x.positions [B, T]``
 (absolute; ``-1`` marks right padding, never attended to nor stored) and, only when the class
-sets ``needs_raw = True``, ``x.q_raw``/``x.k_raw`` before RoPE (for learned scorers).
+sets ``needs_raw`` (a class attribute, or a property of its options), ``x.q_raw``/``x.k_raw``
+before RoPE (for learned scorers).
 
 - ``init_cache(cfg, batch, max_len, dtype) -> caches``: a tuple with one pytree per layer. The
   policy owns the layout; a bounded policy allocates bounded arrays, and layers may differ.

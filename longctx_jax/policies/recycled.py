@@ -14,6 +14,12 @@ copy of keys and values). The decode loop runs ``stride`` steps per period (see
   partial cache in place of the entry the last full step scored lowest (new tokens survive
   until the next refresh), and attends to the ``K`` rows only (the gathered top-K kernel).
 
+The schedule is a fixed ``stride``, or, with ``similarity`` set, query-driven (the paper's v2):
+every ``check_every`` steps each layer compares its current query (averaged over its query
+heads, before RoPE so that position alone moves nothing) with the one of its last full step,
+and takes a full step when their cosine similarity falls below ``similarity``. The choice is a
+``lax.cond`` per layer, one for the whole batch (a full step when any sequence asks for one).
+
 Prefill is full attention. The paper selects the first partial cache with the last prompt
 token's query; here the first decode step is a full step and selects with its own query (the
 token right after the prompt), so the prefill stays exactly full attention's.
@@ -38,11 +44,13 @@ from longctx_jax.policies.full import Full
 class RecycledCache:
     """``kv`` ``[B, Hkv, max_len, D]`` (every token); ``idx [B, Hkv, K]`` int32 rows of the
     partial cache (``-1`` = empty) and their ``score [B, Hkv, K]`` float32 from the last full
-    step (``+inf`` for tokens appended since)."""
+    step (``+inf`` for tokens appended since); ``query [B, D]`` float32, the mean pre-RoPE query
+    of the last full step (for the query-driven schedule)."""
 
     kv: KV
     idx: jax.Array
     score: jax.Array
+    query: jax.Array
 
 
 @register("recycled")
@@ -54,6 +62,11 @@ class Recycled(AttentionPolicy):
                                      "(>= 1), or a fraction of the cache (< 1)")
     stride: int = static(10, help="decode steps per full step (1: always full attention)")
     pool: int = static(7, help="max-pool width over positions when scoring keys")
+    similarity: float | None = static(
+        None, help="query-driven schedule: a full step when the cosine similarity of a layer's "
+                   "query to its last full step's falls below this (in [-1, 1]; the paper: 0.85 "
+                   "for Llama); replaces --stride")
+    check_every: int = static(5, help="query-driven schedule: steps between similarity checks")
 
     decode_matches_prefill = False  # partial steps see fewer tokens than a prefill would
 
@@ -67,10 +80,18 @@ class Recycled(AttentionPolicy):
             raise LongctxError(f"recycled stride must be >= 1, got {self.stride!r}")
         if not (isinstance(self.pool, int) and self.pool >= 1 and self.pool % 2 == 1):
             raise LongctxError(f"recycled pool must be an odd width >= 1, got {self.pool!r}")
+        if self.similarity is not None and not -1.0 <= self.similarity <= 1.0:
+            raise LongctxError(f"recycled similarity must be in [-1, 1], got {self.similarity}")
+        if not (isinstance(self.check_every, int) and self.check_every >= 1):
+            raise LongctxError(f"recycled check_every must be >= 1, got {self.check_every!r}")
 
     @property
     def decode_period(self) -> int:
-        return self.stride
+        return self.stride if self.similarity is None else self.check_every
+
+    @property
+    def needs_raw(self) -> bool:
+        return self.similarity is not None
 
     def budget(self, max_len: int) -> int:
         """``K``: the partial cache's size for a cache of ``max_len`` tokens."""
@@ -87,7 +108,8 @@ class Recycled(AttentionPolicy):
         shape = (batch, cfg.num_kv_heads, k)
         return tuple(RecycledCache(KV.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype),
                                    jnp.full(shape, -1, jnp.int32),
-                                   jnp.full(shape, -jnp.inf, jnp.float32))
+                                   jnp.full(shape, -jnp.inf, jnp.float32),
+                                   jnp.zeros((batch, cfg.head_dim), jnp.float32))
                      for _ in range(cfg.num_layers))
 
     def prefill(self, layer, x, cache):
@@ -95,18 +117,38 @@ class Recycled(AttentionPolicy):
         return out, dataclasses.replace(cache, kv=kv)
 
     def decode(self, layer, x, cache, *, step, phase=0):
+        if phase == 1:
+            return self._partial(x, cache)
+        if self.similarity is None:
+            return self._full(x, cache)
+        query = jnp.mean(x.q_raw[:, 0].astype(jnp.float32), axis=1)  # [B, D]
+        fire = (step == 0) | jnp.any(_cosine(query, cache.query) < self.similarity)
+        return jax.lax.cond(fire, self._full, self._partial, x, cache)
+
+    def _full(self, x, cache):
+        """Attend to the whole cache; rebuild the partial cache from this query's scores."""
         lengths = (x.positions[:, 0] + 1).astype(jnp.int32)
         q = x.q[:, 0]
-        if phase == 0:
-            out, lse, (k_cache, v_cache) = pk.decode_append_attention(
-                q, x.k[:, 0], x.v[:, 0], cache.kv.k, cache.kv.v, lengths)
-            idx, score = select_top(pk.decode_scores(q, k_cache, lengths, lse), self.pool,
-                                    cache.idx.shape[-1])
-            return out[:, None], RecycledCache(KV(k_cache, v_cache), idx, score)
+        out, lse, (k_cache, v_cache) = pk.decode_append_attention(
+            q, x.k[:, 0], x.v[:, 0], cache.kv.k, cache.kv.v, lengths)
+        idx, score = select_top(pk.decode_scores(q, k_cache, lengths, lse), self.pool,
+                                cache.idx.shape[-1])
+        query = cache.query if x.q_raw is None else \
+            jnp.mean(x.q_raw[:, 0].astype(jnp.float32), axis=1)
+        return out[:, None], RecycledCache(KV(k_cache, v_cache), idx, score, query)
+
+    def _partial(self, x, cache):
+        """Append the new token, recycle it into the partial cache, attend to that."""
         kv = cache.kv.write(x.k, x.v, x.positions, in_range=True)
         idx, score = recycle(cache.idx, cache.score, x.positions[:, 0])
-        out, _ = pk.topk_decode_attention(q, kv.k, kv.v, idx)
-        return out[:, None], RecycledCache(kv, idx, score)
+        out, _ = pk.topk_decode_attention(x.q[:, 0], kv.k, kv.v, idx)
+        return out[:, None].astype(x.q.dtype), RecycledCache(kv, idx, score, cache.query)
+
+
+def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Cosine similarity of the rows of ``a, b [B, D]`` (0 against a zero vector)."""
+    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    return jnp.sum(a * b, axis=-1) / jnp.where(norms > 0, norms, 1.0)
 
 
 def select_top(scores: jax.Array, pool: int, k: int):
