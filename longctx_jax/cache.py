@@ -8,6 +8,7 @@ tokens' absolute positions ``[batch, tokens]``; ``-1`` marks padding, which is n
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,9 @@ class KV:
 
     k: jax.Array
     v: jax.Array
+
+    logical_axes: ClassVar[dict] = {"k": ("batch", "kv_heads", "seq", "head_dim"),
+                                    "v": ("batch", "kv_heads", "seq", "head_dim")}
 
     @classmethod
     def zeros(cls, batch: int, kv_heads: int, slots: int, head_dim: int, dtype) -> "KV":
@@ -66,6 +70,9 @@ class SlotKV:
     v: jax.Array
     pos: jax.Array
     score: jax.Array
+
+    logical_axes: ClassVar[dict] = {**KV.logical_axes, "pos": ("batch", "kv_heads", "seq"),
+                                    "score": ("batch", "kv_heads", "seq")}
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, dtype) -> "SlotKV":

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import re
 import sys
 
 from longctx_jax.args import int_list, read_text
-from longctx_jax.errors import LongctxError
 from longctx_jax.cache import human_bytes
+from longctx_jax.errors import LongctxError
 from longctx_jax.policies import available, make_policy, policy_from_spec
-from longctx_jax.policies.base import option_fields, policy_class, registered
+from longctx_jax.policies.base import option_fields, policy_class
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -48,6 +49,13 @@ def _persistent_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other bad input (``--help`` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except where there is none to show (unset, a switch)."""
 
@@ -58,8 +66,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="longctx", description=__doc__.splitlines()[0],
+                    formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a prompt",
@@ -163,7 +171,7 @@ def _method_options() -> dict:
     """``{flag: (field, methods)}``: every policy's user options, from their dataclass fields,
     so a new policy's options reach the command line without editing it."""
     options: dict = {}
-    for name in registered():
+    for name in available():
         for field in option_fields(policy_class(name)):
             flag = "--" + field.name.replace("_", "-")
             options.setdefault(flag, (field, []))[1].append(name)
@@ -196,8 +204,9 @@ def _policy(args):
         return make_policy(name, **inline, **options)
     except LongctxError as e:  # name the flags the user typed, not the fields behind them
         message = str(e)
-        for option in options:
-            message = re.sub(rf"\b{option}\b", "--" + option.replace("_", "-"), message)
+        for option in options:  # the option's name as a word, not inside a path or a word
+            message = re.sub(rf"(?<![\w/.-]){option}(?![\w/.-])", "--" + option.replace("_", "-"),
+                             message)
         raise LongctxError(message) from None
 
 
@@ -218,15 +227,15 @@ def _check_output(path: pathlib.Path | None, flag: str, kinds: tuple[str, ...] =
                            f"use one of {', '.join('.' + k for k in kinds)}")
     if path.is_dir():
         raise LongctxError(f"{flag} {path} is a directory, not a file")
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise LongctxError(f"{flag}: cannot write {path}: {e.strerror}") from e
-    if not existed:
-        path.unlink()
+    if path.exists():
+        writable = os.access(path, os.W_OK)
+    else:  # the directories to create go below the nearest one that exists: it must be writable
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        writable = parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise LongctxError(f"{flag}: cannot write {path}: permission denied")
 
 
 def _open(args):
@@ -244,9 +253,13 @@ def _load(source, args):
 def _sampling(args):
     from longctx_jax.generate import Sampling
 
-    if args.greedy and (args.temperature or args.top_p not in (None, 1.0)):
-        raise LongctxError(f"--greedy contradicts --temperature {args.temperature} / --top-p "
-                           f"{args.top_p}: give one or the other")
+    sampled = [f"{flag} {value}" for flag, value in (("--temperature", args.temperature),
+                                                      ("--top-p", args.top_p))
+               if value is not None]
+    if args.greedy and sampled:
+        raise LongctxError(f"--greedy contradicts {' and '.join(sampled)}: give one or the other")
+    if args.top_p is not None and not args.temperature:
+        raise LongctxError("--top-p applies to sampling: give --temperature > 0 with it")
     if args.temperature is not None and args.temperature < 0:
         raise LongctxError(f"--temperature must be >= 0, got {args.temperature}")
     top_p = 1.0 if args.top_p is None else args.top_p

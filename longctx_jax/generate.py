@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import host_offload
+from longctx_jax.cache import tree_bytes
 from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
 from longctx_jax.model import Decoder
@@ -49,7 +50,8 @@ class Generation:
 
     A sequence's length counts its tokens up to and including the stop token. Also: wall times
     of the prefill (with the policy's host step) and of the decode loop, compilation included,
-    and the bytes of the KV cache the request allocated (what a policy exists to shrink).
+    and the bytes of the device KV cache the decode loop ran on (what a policy exists to
+    shrink; host memory a policy keeps is not counted).
     """
 
     tokens: np.ndarray
@@ -64,7 +66,7 @@ class Generation:
 
 def check_request(cfg: ModelConfig, policy: AttentionPolicy, prompt_lengths: Sequence[int],
                   max_new_tokens: int, max_len: int, chunk_size: int) -> None:
-    """Raise ``ValueError`` for a request that cannot run, before anything touches the device."""
+    """Raise ``LongctxError`` for a request that cannot run, before anything touches the device."""
     if not len(prompt_lengths):
         raise LongctxError("no prompts given")
     if min(prompt_lengths) < 1:
@@ -263,7 +265,7 @@ def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cf
                     max_new_tokens: int, max_len: int, chunk_size: int,
                     sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = (),
                     pad_id: int = 0, stream: Callable[[np.ndarray], None] | None = None,
-                    progress: bool = False, times: dict | None = None):
+                    progress: bool = False, stats: dict | None = None):
     """Chunked prefill, the policy's host step, then the decode loop: two jitted calls.
 
     ``tokens [B, P]`` right-padded (``P`` a multiple of ``chunk_size``), ``lengths [B]``.
@@ -271,8 +273,9 @@ def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cf
     passed to the compiled code as a handle, so a new callback does not recompile. The output
     buffer is sized by :func:`bucket`, so nearby ``max_new_tokens`` share one compilation.
     ``progress`` shows a bar (stderr) over a prefill of several chunks that takes over a second;
-    ``times``, if given, receives the ``"prefill"`` and ``"decode"`` wall times (each waits for
-    its result, so the two calls no longer overlap).
+    ``stats``, if given, receives the ``"prefill"`` and ``"decode"`` wall times (each waits for
+    its result, so the two calls no longer overlap) and ``"cache_bytes"``, the device cache the
+    decode loop runs on (after the policy's host step, which may shrink it).
     Returns ``(ids [B, max_new_tokens], n_generated [B])``.
     """
     capacity = bucket(max_new_tokens, 256)
@@ -290,19 +293,21 @@ def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cf
         t0 = time.perf_counter()
         logits, caches = prefill_tokens(params, bound, tokens, lengths, ticker, cfg=cfg,
                                         max_len=max_len, chunk_size=chunk_size)
-        caches = bound.after_prefill(caches)
-        if times is not None or ticker is not None:
+        caches = bound.after_prefill(caches, lengths)
+        if stats is not None or ticker is not None:
             jax.block_until_ready((logits, caches))  # the bar's callbacks ran, too
         t1 = time.perf_counter()
+        if stats is not None:
+            stats["cache_bytes"] = tree_bytes(caches)
         out, count, _ = decode_tokens(params, bound, logits, caches, lengths, key,
                                    jnp.int32(max_new_tokens), jnp.int32(handle), cfg=cfg,
                                    capacity=capacity, max_len=max_len, sampling=sampling,
                                    stop_ids=stop_ids, pad_id=pad_id,
                                    streaming=stream is not None, check_every=CHECK_EVERY)
-        if stream is not None or times is not None:
+        if stream is not None or stats is not None:
             jax.block_until_ready(out)  # every callback ran before the handle goes
-        if times is not None:
-            times.update(prefill=t1 - t0, decode=time.perf_counter() - t1)
+        if stats is not None:
+            stats.update(prefill=t1 - t0, decode=time.perf_counter() - t1)
     return out[:, :max_new_tokens], count
 
 
@@ -329,15 +334,15 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
     check_positions(cfg, longest + max_new_tokens, f"a prompt of {longest} tokens plus "
                     f"{max_new_tokens} new tokens")
     tokens, lengths = pad_prompts(prompts, min(chunk_size, width), pad_id, min_width=width)
-    times: dict = {}
+    stats: dict = {}
     out, count = generate_tokens(
         params, policy, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, max_new_tokens=max_new_tokens, max_len=max_len,
         chunk_size=min(chunk_size, width), sampling=sampling,
         stop_ids=tuple(sorted(set(stop_ids))), pad_id=pad_id, stream=stream, progress=progress,
-        times=times)
-    return Generation(np.asarray(out), np.asarray(count), times["prefill"], times["decode"],
-                      policy.cache_bytes(cfg, len(prompts), max_len, activation_dtype(params)))
+        stats=stats)
+    return Generation(np.asarray(out), np.asarray(count), stats["prefill"], stats["decode"],
+                      stats["cache_bytes"])
 
 
 @dataclasses.dataclass(frozen=True)

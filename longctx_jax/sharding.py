@@ -12,9 +12,11 @@ its blocks line up with them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from longctx_jax.config import ModelConfig
@@ -34,14 +36,6 @@ _LAYER_AXES = {
     "down": {"kernel": ("mlp", "embed")},
 }
 
-# Cache arrays by field name: KV's k/v, SlotKV's pos/score, Recycled's idx/score (Duo's and
-# Recycled's caches hold KVs).
-_CACHE_AXES = {"k": ("batch", "kv_heads", "seq", "head_dim"),
-               "v": ("batch", "kv_heads", "seq", "head_dim"),
-               "pos": ("batch", "kv_heads", "seq"), "score": ("batch", "kv_heads", "seq"),
-               "idx": ("batch", "kv_heads", "seq")}
-
-
 def param_axes(cfg: ModelConfig) -> dict:
     """Logical axes of every parameter: the tree of ``model.param_shapes(cfg)`` with a tuple of
     names (one per dimension) at each leaf."""
@@ -59,15 +53,20 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 
 def cache_axes(caches):
-    """Logical axes of every array of a cache tree (any policy's), by its field name."""
-    def names(path, leaf):
-        field = getattr(path[-1], "name", None)
-        if field not in _CACHE_AXES or len(_CACHE_AXES[field]) != leaf.ndim:
-            raise ValueError(f"no logical axes for cache array {jax.tree_util.keystr(path)} "
-                             f"of shape {leaf.shape}")
-        return _CACHE_AXES[field]
-
-    return jax.tree_util.tree_map_with_path(names, caches)
+    """Logical axes of every array of a cache tree (any policy's): each cache dataclass names
+    its arrays' axes in a ``logical_axes`` class attribute ``{field: names}``; fields it does not
+    name hold nested caches (Duo's two ``KV``s)."""
+    if caches is None:
+        return None
+    if isinstance(caches, (tuple, list)):
+        return type(caches)(cache_axes(c) for c in caches)
+    if not dataclasses.is_dataclass(caches):
+        raise ValueError(f"no logical axes for a cache array of shape {np.shape(caches)}: "
+                         "its dataclass must name them in `logical_axes`")
+    named = getattr(type(caches), "logical_axes", {})
+    return dataclasses.replace(caches, **{
+        f.name: named[f.name] if f.name in named else cache_axes(getattr(caches, f.name))
+        for f in dataclasses.fields(caches)})
 
 
 def partition_specs(axes, rules: Mapping[str, str | None] = RULES):

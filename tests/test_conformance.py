@@ -254,11 +254,11 @@ class HostMirror(Full):
     def session(self, cfg, batch, max_len):
         state = []
         with host_offload.registered(state) as handle:
-            HostMirror.sessions.append(state)
+            HostMirror.sessions.append((handle, state))
             yield dataclasses.replace(self, handle=jnp.int32(handle))
 
-    def after_prefill(self, caches):
-        host_offload.lookup(self.handle).append(("prefilled", len(caches)))
+    def after_prefill(self, caches, lengths):
+        host_offload.lookup(self.handle).append(("prefilled", len(caches), lengths.tolist()))
         return caches
 
     def decode(self, layer, x, cache, *, step, phase=0):
@@ -283,7 +283,8 @@ def test_host_lifecycle_sessions_reuse_one_compilation(tiny):
     again = generate(cfg, params, policy, [[2, 7, 1, 8]], max_new_tokens=4, chunk_size=4)
     assert (prefill_tokens._cache_size(), decode_tokens._cache_size()) == sizes
     assert got.ids(0) == again.ids(0) == want.ids(0)
-    first, second = HostMirror.sessions[-2:]
-    assert first == second == [("prefilled", cfg.num_layers), 0, 1, 2, 3]
-    with pytest.raises(KeyError):  # the session freed its host state
-        host_offload.lookup(int(1e9))
+    (h1, first), (h2, second) = HostMirror.sessions[-2:]
+    assert first == second == [("prefilled", cfg.num_layers, [4]), 0, 1, 2, 3]
+    for handle in (h1, h2):
+        with pytest.raises(KeyError):  # each session freed its host state
+            host_offload.lookup(handle)

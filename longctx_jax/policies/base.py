@@ -26,8 +26,9 @@ before RoPE (for learned scorers).
   is a context manager around one request that yields the policy to use inside it, typically
   this one with an int32 handle leaf into host state (a leaf, so every session reuses the
   compiled code); leaving it frees the state. Generation is two jitted calls, prefill then
-  decode, and ``after_prefill(caches) -> caches`` runs eagerly between them (build the index
-  from what prefill cached, hand the device a smaller cache). Both default to nothing.
+  decode, and ``after_prefill(caches, lengths) -> caches`` runs eagerly between them (build
+  the index from what prefill cached, hand the device a smaller cache; keep copies: the decode
+  loop consumes the returned buffers). Both default to nothing.
 
 Properties the conformance suite (``tests/test_conformance.py``) checks for every registered
 policy, unless the class declares them false: ``chunk_invariant`` (prefill outputs do not depend
@@ -86,11 +87,7 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def available() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
-
-
-def registered() -> tuple[str, ...]:
-    """The method names in the order they were registered (simplest first)."""
+    """The method names, in the order they were registered (simplest first)."""
     return tuple(_REGISTRY)
 
 
@@ -103,7 +100,25 @@ def make_policy(name: str, **options) -> "AttentionPolicy":
         known = [f.name for f in option_fields(cls)]
         raise LongctxError(f"method {name!r} takes no option(s) {sorted(unknown)}; "
                            f"its options: {', '.join(known) or 'none'}")
+    for field in option_fields(cls):
+        if field.name in options:
+            _check_type(name, field, options[field.name])
     return cls(**options)
+
+
+def _check_type(method: str, field: dataclasses.Field, value) -> None:
+    """An option's value against its annotation (``int``, ``float``, ``str``, ``X | None``), so
+    ``sink=1e1`` or ``sink=abc`` is refused here rather than failing inside the model."""
+    kinds = str(field.type).replace(" ", "").split("|")
+    if value is None and "None" in kinds:
+        return
+    ok = (("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
+          or ("float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
+          or ("str" in kinds and isinstance(value, str))
+          or not {"int", "float", "str"} & set(kinds))
+    if not ok:
+        want = " or ".join(k for k in kinds if k != "None")
+        raise LongctxError(f"method {method!r} option {field.name} takes {want}, got {value!r}")
 
 
 def policy_from_spec(spec: str) -> "AttentionPolicy":
@@ -117,6 +132,8 @@ def policy_from_spec(spec: str) -> "AttentionPolicy":
         key, sep, value = item.partition("=")
         if not sep:
             raise LongctxError(f"bad option {item!r} in {spec!r}: expected option=value")
+        if key in options:
+            raise LongctxError(f"option {key} given twice in {spec!r}")
         options[key] = _parse_value(value)
     return make_policy(name, **options)
 
@@ -163,8 +180,13 @@ class AttentionPolicy:
         """Host state for one request; yields the policy to run inside it (default: this one)."""
         return contextlib.nullcontext(self)
 
-    def after_prefill(self, caches: tuple) -> tuple:
-        """Host-side step between the jitted prefill and the jitted decode (default: none)."""
+    def after_prefill(self, caches: tuple, lengths: jax.Array) -> tuple:
+        """Host-side step between the jitted prefill and the jitted decode (default: none).
+
+        ``lengths [B]``: the prompt tokens cached per sequence. The decode loop takes the
+        returned caches as donated buffers, so whatever the host keeps must be a copy
+        (``np.asarray``), not a reference to a returned array.
+        """
         return caches
 
     def cache_bytes(self, cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:

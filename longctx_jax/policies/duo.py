@@ -39,7 +39,7 @@ def load_gates(source: str | pathlib.Path | None = None) -> np.ndarray:
 
     ``None``: the gates shipped for SmolLM2-135M. A ``.npz`` file (key ``gates``); a directory
     holding ``gates.npz`` (a training run's output); or an orbax checkpoint directory of a
-    training run (its latest step). Anything else raises ``ValueError``.
+    training run (its latest step). Anything else raises ``LongctxError``.
     """
     if source is None:
         ref = importlib.resources.files("longctx_jax") / "assets" / SHIPPED_GATES

@@ -28,6 +28,7 @@ token right after the prompt), so the prefill stays exactly full attention's.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,10 @@ class RecycledCache:
     idx: jax.Array
     score: jax.Array
     query: jax.Array
+
+    logical_axes: ClassVar[dict] = {"idx": ("batch", "kv_heads", "seq"),
+                                    "score": ("batch", "kv_heads", "seq"),
+                                    "query": ("batch", "head_dim")}
 
 
 @register("recycled")
