@@ -240,3 +240,38 @@ def test_duo_gates_for_another_model_are_rejected(capsys, tmp_path):
     code, _, err = _run(capsys, "generate", "--prompt", "hi", "--method", "duo",
                         "--gates", str(tmp_path))
     assert code == 2 and "shaped for another model" in err
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--method", "nope"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "invalid choice: 'nope'" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "streaming:sink=1e1"], "option sink takes int, got 10.0"),
+    (["--method", "streaming:sink=abc"], "option sink takes int, got 'abc'"),
+    (["--method", "streaming:window=4:window=8"], "option window given twice"),
+    (["--top-p", "0.9"], "--top-p applies to sampling"),
+    (["--greedy", "--top-p", "0.9"], "--greedy contradicts --top-p 0.9"),
+])
+def test_option_mixups_are_refused(capsys, argv, message):
+    code, _, err = _run(capsys, "generate", "--prompt", "hi", *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_gates_error_keeps_the_path(tmp_path, capsys):
+    bad = tmp_path / "gates.txt"
+    bad.write_text("not gates")
+    code, _, err = _run(capsys, "generate", "--prompt", "hi", "--method", "duo", "--gates",
+                        str(bad))
+    assert code == 2 and f"from {bad}: not an .npz file" in err
+
+
+def test_output_check_creates_no_directories(tmp_path):
+    from longctx_jax.cli import _check_output
+
+    target = tmp_path / "new" / "dir" / "out.json"
+    _check_output(target, "--json")
+    assert not (tmp_path / "new").exists()

@@ -288,3 +288,18 @@ def test_host_lifecycle_sessions_reuse_one_compilation(tiny):
     for handle in (h1, h2):
         with pytest.raises(KeyError):  # each session freed its host state
             host_offload.lookup(handle)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_option_values_are_checked_against_their_types(name):
+    from longctx_jax.policies.base import option_fields, policy_class
+
+    for field in option_fields(policy_class(name)):
+        kinds = str(field.type)
+        if "str" in kinds:
+            continue
+        with pytest.raises(LongctxError, match=f"option {field.name} takes"):
+            make_policy(name, **{field.name: "abc"})
+        if "float" not in kinds:
+            with pytest.raises(LongctxError, match=f"option {field.name} takes int"):
+                make_policy(name, **{field.name: 2.5})
