@@ -454,7 +454,7 @@ def _score_decoded(cfg, params, policies, caches, ids: np.ndarray, decode_from: 
     feed = ids[decode_from:-1]
     targets = ids[decode_from + 1:]
     logps = [np.asarray(_decode_logprobs(params, p, c, jnp.asarray(feed), jnp.int32(decode_from),
-                                         cfg=cfg, max_len=max_len)[0])[:len(feed)]
+                                         cfg=cfg, max_len=max_len)[0])
              for p, c in zip(policies, caches)]
     nll = [float(-np.sum(lp[np.arange(len(targets)), targets])) for lp in logps]
     sums = {"nll": nll}
@@ -468,13 +468,12 @@ def _score_decoded(cfg, params, policies, caches, ids: np.ndarray, decode_from: 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"), donate_argnames=("cache",))
 def _decode_logprobs(params, policy: AttentionPolicy, cache, tokens: jax.Array, start: jax.Array,
                      *, cfg: ModelConfig, max_len: int):
-    """Log-probabilities ``[T', V]`` (``T'``: ``T`` rounded up to the policy's period) of the
-    next token after each of ``tokens [T]``, fed one at a time through the policy's decode
-    step at positions ``start, start + 1, ...`` with its schedule's phases; and the cache."""
+    """Log-probabilities ``[T, V]`` of the next token after each of ``tokens [T]``, fed one at
+    a time through the policy's decode step at positions ``start, start + 1, ...`` with its
+    schedule's phases (the last period cut short); and the cache."""
     model = Decoder(cfg)
     period = policy.decode_period
-    periods = -(-tokens.shape[0] // period)
-    tokens = jnp.pad(tokens, (0, periods * period - tokens.shape[0]))
+    whole, rest = divmod(tokens.shape[0], period)
 
     def step(cache, i, phase):
         pos = jnp.minimum(start + i, max_len - 1)[None, None]
@@ -483,16 +482,24 @@ def _decode_logprobs(params, policy: AttentionPolicy, cache, tokens: jax.Array, 
         logits = model.apply({"params": params}, hidden[0, 0], method=Decoder.logits)
         return cache, jax.nn.log_softmax(logits)
 
-    def one_period(cache, j):
-        cache, first = step(cache, j * period, 0)
-        if period == 1:
-            return cache, first[None]
-        cache, rest = jax.lax.scan(lambda c, i: step(c, i, 1), cache,
-                                   j * period + jnp.arange(1, period))
-        return cache, jnp.concatenate([first[None], rest])
+    def steps(n):  # one period of n steps (n <= period), starting at step j * period
+        def run(cache, j):
+            cache, first = step(cache, j * period, 0)
+            if n == 1:
+                return cache, first[None]
+            cache, others = jax.lax.scan(lambda c, i: step(c, i, 1), cache,
+                                         j * period + jnp.arange(1, n))
+            return cache, jnp.concatenate([first[None], others])
+        return run
 
-    cache, logps = jax.lax.scan(one_period, cache, jnp.arange(periods))
-    return logps.reshape(periods * period, -1), cache  # the cache back: donated, updated in place
+    parts = []
+    if whole:
+        cache, logps = jax.lax.scan(steps(period), cache, jnp.arange(whole))
+        parts.append(logps.reshape(whole * period, logps.shape[-1]))
+    if rest:
+        cache, tail = steps(rest)(cache, whole)
+        parts.append(tail)
+    return jnp.concatenate(parts), cache  # the cache back: donated, updated in place
 
 
 def activation_dtype(params):

@@ -143,3 +143,15 @@ def test_query_driven_schedule_fires_when_the_query_turns():
     b = jnp.array([[1.0, 0.0], [-1.0, -1.0]])
     np.testing.assert_allclose(_cosine(a, b), [1.0, -1.0], atol=1e-6)
     assert float(_cosine(a[:1], jnp.zeros((1, 2)))[0]) == 0.0
+
+
+def test_decode_scoring_runs_a_stride_longer_than_the_text(tiny):
+    """Scoring through decode steps cuts the last period short (a stride of a million is a
+    static top-K, not a million steps)."""
+    from longctx_jax.generate import score
+
+    cfg, params = tiny
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 40).tolist()
+    runs = [score(cfg, params, make_policy("recycled", topk=4, stride=s), ids, chunk_size=8,
+                  decode_from=12, progress=False).mean_nll for s in (10**6, 30)]
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)
