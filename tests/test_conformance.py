@@ -49,20 +49,23 @@ def test_bad_options_are_refused(name):
             make_policy(name, **options)
 
 
+def _small_declaring(name, prop):
+    """The small instance of ``name``, skipping the test if the class declares ``prop`` false."""
+    policy = _small(name)
+    if not getattr(policy, prop):
+        pytest.skip(f"{name} declares {prop} = False")
+    return policy
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_chunked_prefill_equals_one_shot(tiny, name):
-    policy = _small(name)
-    if not policy.chunk_invariant:
-        pytest.skip(f"{name} declares chunk_invariant = False")
-    check.check_chunked_equals_one_shot(*tiny, policy)
+    check.check_chunked_equals_one_shot(*tiny, _small_declaring(name, "chunk_invariant"))
 
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_decode_matches_teacher_forcing(tiny, name):
-    policy = _small(name)
-    if not policy.decode_matches_prefill:
-        pytest.skip(f"{name} declares decode_matches_prefill = False")
-    check.check_decode_matches_teacher_forcing(*tiny, policy)
+    check.check_decode_matches_teacher_forcing(*tiny,
+                                               _small_declaring(name, "decode_matches_prefill"))
 
 
 @pytest.mark.parametrize("name", POLICIES)
