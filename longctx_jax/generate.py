@@ -196,12 +196,13 @@ def decode_tokens(params, policy: AttentionPolicy, logits: jax.Array, caches, le
     ``stream_handle`` is called with each step's ids ``[B]``, in order.
 
     On a GPU, XLA copies a while loop's predicate to the host and waits for it on every
-    iteration unless the trip count is known. So the loop checks whether to stop only once per
-    ``check_every`` iterations, which run as a counted loop, while a whole such block still fits
-    in ``max_new_tokens``; the rest runs one checked iteration at a time and stops at
-    ``max_new_tokens``. A stop token therefore ends the loop at most ``check_every`` iterations
-    late; those extra steps record nothing and write only inside the cache (their position is
-    clamped to ``max_len - 1``), after the generation is over.
+    iteration unless the trip count is known. With ``check_every > 1`` the loop therefore checks
+    whether to stop only once per ``check_every`` iterations, run as a counted loop, while a
+    whole such block still fits in ``max_new_tokens``; the rest runs one checked iteration at a
+    time and stops at ``max_new_tokens``. A stop token then ends the loop at most
+    ``check_every`` iterations late; those extra steps record nothing and write only inside the
+    cache (their position is clamped to ``max_len - 1``), after the generation is over. The
+    default is 1 (see ``CHECK_EVERY``: the counted blocks measured slower so far).
     Returns ``(ids [B, capacity], n_generated [B], caches)``: the caches come back so that the
     donated input buffers are updated in place rather than copied into the loop.
     """
