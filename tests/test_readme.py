@@ -25,7 +25,8 @@ def _commands() -> list[list[str]]:
 def _small(argv: list[str], tmp_path) -> list[str]:
     """The command at test sizes, its outputs in ``tmp_path``."""
     sizes = {"--max-new-tokens": "4", "--max-tokens": "64", "--lengths": "160",
-             "--depths": "0.5", "--samples": "1", "--steps": "1", "--context": "256"}
+             "--depths": "0.5", "--samples": "1", "--steps": "1", "--context": "256",
+             "--decode-from": "48"}
     argv = list(argv)
     for i, arg in enumerate(argv[:-1]):
         if arg in sizes:
