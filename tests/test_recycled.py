@@ -54,8 +54,12 @@ def test_recycle_fills_empty_slots_then_evicts_the_lowest_score():
     idx, score = recycle(idx, score, jnp.array([21]))
     assert idx.tolist() == [[[4, 20, 21]]]           # then the lowest score (0.1)
     idx, score = recycle(idx, score, jnp.array([22]))
-    assert idx.tolist() == [[[22, 20, 21]]]          # new tokens (+inf) survive until a refresh
-    assert np.isinf(score[0, 0]).all()
+    assert idx.tolist() == [[[22, 20, 21]]]          # scored keys go before any new token
+    idx, score = recycle(idx, score, jnp.array([23]))
+    assert idx.tolist() == [[[22, 23, 21]]]          # then the oldest new token
+    sinks = recycle(jnp.array([[[0, 5]]], jnp.int32), jnp.array([[[jnp.inf, 6.0]]]),
+                    jnp.array([9]))[0]
+    assert sinks.tolist() == [[[0, 9]]]              # a sink (+inf) stays
 
 
 def test_partial_step_attends_to_the_recycled_rows_only():
@@ -155,3 +159,21 @@ def test_decode_scoring_runs_a_stride_longer_than_the_text(tiny):
     runs = [score(cfg, params, make_policy("recycled", topk=4, stride=s), ids, chunk_size=8,
                   decode_from=12, progress=False).mean_nll for s in (10**6, 30)]
     assert runs[0] == pytest.approx(runs[1], rel=1e-6)
+
+
+def test_full_step_always_keeps_sink_and_recent_tokens():
+    """With ``sink``/``recent``, a full step keeps the first and the latest tokens whatever their
+    scores; the rest of the budget goes to the best-scored keys."""
+    rng = np.random.default_rng(9)
+    b, hq, hkv, d, t = 1, 2, 1, 16, 40
+    position = 29  # the new token; 30 tokens cached after it
+    kv = KV(jnp.asarray(rng.normal(size=(b, hkv, t, d)), jnp.float32),
+            jnp.asarray(rng.normal(size=(b, hkv, t, d)), jnp.float32))
+    cache = RecycledCache(kv, jnp.full((b, hkv, 8), -1, jnp.int32),
+                          jnp.full((b, hkv, 8), -jnp.inf), jnp.zeros((b, d)))
+    x = AttnInputs(*(jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+                     for h in (hq, hkv, hkv)), jnp.array([[position]], jnp.int32))
+    policy = make_policy("recycled", topk=8, stride=4, pool=1, sink=2, recent=3)
+    _, new = policy.decode(0, x, cache, step=jnp.int32(0), phase=0)
+    chosen = set(new.idx[0, 0].tolist())
+    assert {0, 1, 27, 28, 29} <= chosen and len(chosen) == 8 and max(chosen) <= position

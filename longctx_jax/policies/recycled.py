@@ -11,8 +11,12 @@ copy of keys and values). The decode loop runs ``stride`` steps per period (see
   gives it (``pallas_kernels.decode_scores`` from the step's ``lse``), max-pools the scores over
   ``pool`` neighbouring positions, and keeps the top ``K`` per KV head;
 - a *partial step* (``phase=1``) appends the new token to the whole cache, puts it in the
-  partial cache in place of the entry the last full step scored lowest (new tokens survive
-  until the next refresh), and attends to the ``K`` rows only (the gathered top-K kernel).
+  partial cache in place of the entry the last full step scored lowest (new tokens outrank
+  every scored key until the next refresh; when only they are left, the oldest goes), and
+  attends to the ``K`` rows only (the gathered top-K kernel).
+
+``sink`` and ``recent`` (counted in ``K``) make every full step keep the first and the latest
+tokens whatever their scores; sink tokens are never recycled.
 
 The schedule is a fixed ``stride``, or, with ``similarity`` set, query-driven (the paper's v2):
 every ``check_every`` steps each layer compares its current query (averaged over its query
@@ -45,8 +49,8 @@ from longctx_jax.policies.full import Full
 class RecycledCache:
     """``kv`` ``[B, Hkv, max_len, D]`` (every token); ``idx [B, Hkv, K]`` int32 rows of the
     partial cache (``-1`` = empty) and their ``score [B, Hkv, K]`` float32 from the last full
-    step (``+inf`` for tokens appended since); ``query [B, D]`` float32, the mean pre-RoPE query
-    of the last full step (for the query-driven schedule)."""
+    step (above 0 for recent and appended tokens, ``+inf`` for sinks); ``query [B, D]``, the
+    mean pre-RoPE query of the last full step (for the query-driven schedule)."""
 
     kv: KV
     idx: jax.Array
@@ -72,6 +76,9 @@ class Recycled(AttentionPolicy):
                    "query to its last full step's falls below this (in [-1, 1]; the paper: 0.85 "
                    "for Llama); replaces --stride")
     check_every: int = static(5, help="query-driven schedule: steps between similarity checks")
+    sink: int = static(0, help="first tokens always in the partial cache (counted in topk)")
+    recent: int = static(0, help="most recent tokens always in the partial cache at a full "
+                                 "step (counted in topk)")
 
     decode_matches_prefill = False  # partial steps see fewer tokens than a prefill would
 
@@ -89,6 +96,9 @@ class Recycled(AttentionPolicy):
             raise LongctxError(f"recycled similarity must be in [-1, 1], got {self.similarity}")
         if not (isinstance(self.check_every, int) and self.check_every >= 1):
             raise LongctxError(f"recycled check_every must be >= 1, got {self.check_every!r}")
+        if self.sink < 0 or self.recent < 0:
+            raise LongctxError(f"recycled sink and recent must be >= 0, got {self.sink}, "
+                               f"{self.recent}")
 
     @property
     def decode_period(self) -> int:
@@ -136,8 +146,15 @@ class Recycled(AttentionPolicy):
         q = x.q[:, 0]
         out, lse, (k_cache, v_cache) = pk.decode_append_attention(
             q, x.k[:, 0], x.v[:, 0], cache.kv.k, cache.kv.v, lengths)
-        idx, score = select_top(pk.decode_scores(q, k_cache, lengths, lse), self.pool,
-                                cache.idx.shape[-1])
+        scores = pk.decode_scores(q, k_cache, lengths, lse)
+        kept = None
+        if self.sink or self.recent:  # ranked above every scored key (see ``recycle``)
+            pos = jnp.arange(scores.shape[-1])
+            live = pos < lengths[:, None]
+            kept = jnp.where(live & (pos < self.sink), jnp.inf,
+                             jnp.where(live & (pos >= lengths[:, None] - self.recent),
+                                       recent_score(pos), -jnp.inf))[:, None, :]
+        idx, score = select_top(scores, self.pool, cache.idx.shape[-1], kept)
         query = cache.query if x.q_raw is None else \
             jnp.mean(x.q_raw[:, 0].astype(jnp.float32), axis=1)
         return out[:, None], RecycledCache(KV(k_cache, v_cache), idx, score, query)
@@ -156,24 +173,35 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(a * b, axis=-1) / jnp.where(norms > 0, norms, 1.0)
 
 
-def select_top(scores: jax.Array, pool: int, k: int):
+def recent_score(position: jax.Array) -> jax.Array:
+    """The score of a token kept for being recent: above any attention log-probability (which is
+    ``<= 0``) and growing with its position, so the oldest recent token leaves first."""
+    return 1.0 + position.astype(jnp.float32)
+
+
+def select_top(scores: jax.Array, pool: int, k: int, kept: jax.Array | None = None):
     """The partial cache from per-key ``scores [B, Hkv, T]`` (``-inf`` = no key): max-pool over
-    ``pool`` neighbouring positions, then the top ``k`` per KV head. Returns ``(idx, score)``,
-    each ``[B, Hkv, k]``, with ``idx = -1`` where fewer than ``k`` keys exist."""
+    ``pool`` neighbouring positions, then the top ``k`` per KV head. ``kept`` (broadcastable to
+    the scores, ``-inf`` elsewhere) overrides the pooled score of keys that must stay. Returns
+    ``(idx, score)``, each ``[B, Hkv, k]``, with ``idx = -1`` where fewer than ``k`` keys exist."""
     if pool > 1:
         pooled = jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, (1, 1, pool), (1, 1, 1),
                                        "SAME")
         # Pooling spreads a score onto neighbours; rows that hold no key stay out.
         scores = jnp.where(scores == -jnp.inf, -jnp.inf, pooled)
+    if kept is not None:
+        scores = jnp.where(kept > -jnp.inf, kept, scores)
     score, idx = jax.lax.top_k(scores, k)
     return jnp.where(score == -jnp.inf, -1, idx).astype(jnp.int32), score
 
 
 def recycle(idx: jax.Array, score: jax.Array, position: jax.Array):
     """Put the new token at ``position [B]`` into the partial cache of every KV head, in place of
-    the entry with the lowest score (an empty slot first); it scores ``+inf`` until the next
-    full step."""
+    the entry with the lowest score: an empty slot, else the lowest-scored key of the last full
+    step, else the oldest recent token (sink tokens, scored ``+inf``, stay). It scores as a
+    recent token (:func:`recent_score`) until the next full step."""
     out = jnp.argmin(jnp.where(idx < 0, -jnp.inf, score), axis=-1)  # [B, Hkv]
     replace = jnp.arange(idx.shape[-1]) == out[..., None]
+    new = recent_score(position)[:, None, None]
     return (jnp.where(replace, position[:, None, None].astype(jnp.int32), idx),
-            jnp.where(replace, jnp.inf, score))
+            jnp.where(replace, new, score))
