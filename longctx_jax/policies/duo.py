@@ -210,10 +210,6 @@ class Duo(AttentionPolicy):
         chosen = sum(len(layer) for layer in self.heads)
         return f"{chosen} of {cfg.num_layers * cfg.num_kv_heads} KV heads are retrieval heads"
 
-    def num_streaming(self, kv_heads: int) -> int:
-        """Streaming KV heads summed over layers."""
-        return sum(kv_heads - len(layer) for layer in self.heads)
-
     def init_cache(self, cfg, batch, max_len, dtype):
         self.validate(cfg, max_len)
         caches = []
