@@ -78,11 +78,19 @@ def random_caches(policy, cfg, batch, max_len, dtype, seed):
     """The policy's caches with every slot holding random values (never time on zeros)."""
     shapes = jax.eval_shape(lambda: policy.init_cache(cfg, batch, max_len, dtype))
     leaves, treedef = jax.tree.flatten(shapes)
-    out = []
-    for i, leaf in enumerate(leaves):
-        fill = jax.jit(functools.partial(jax.random.normal, shape=leaf.shape, dtype=leaf.dtype))
-        out.append(fill(jax.random.key(seed * 1000 + i)))
+    out = [_fill(jax.random.key(seed * 1000 + i), leaf.shape, leaf.dtype)
+           for i, leaf in enumerate(leaves)]
     return jax.tree.unflatten(treedef, out)
+
+
+# One compilation per leaf shape (a fresh ``jit(partial(...))`` per call would compile every
+# time, seconds that land inside whatever the caller times).
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fill(key, shape, dtype):
+    """Normal values, or for integer leaves (row ids, positions) valid rows ``[0, shape[-1])``."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jax.random.randint(key, shape, 0, shape[-1], dtype)
+    return jax.random.normal(key, shape, dtype)
 
 
 def main(argv=None) -> int:
