@@ -6,8 +6,10 @@ for CPU tests) or ``"reference"``. All are GQA-aware (query head ``h`` reads KV 
 ``h // (Hq // Hkv)``), take bf16 or float32, accumulate in float32 and return ``lse`` (natural
 log of the softmax denominator over the visible keys) in float32; no visible key gives
 ``out = 0`` and ``lse = -inf``. ``decode_scores`` returns per-key scores instead, for KV
-selection. ``default_impl(impl)`` is a context under which ``"auto"`` means ``impl``. See
-README.md beside this file for the contracts and timings.
+selection; ``decode_attention``/``decode_append_attention`` with ``with_scores=True`` return
+them too, from logits stored while streaming the cache (no second read of K).
+``default_impl(impl)`` is a context under which ``"auto"`` means ``impl``. See README.md beside
+this file for the contracts and timings.
 """
 
 from pallas_kernels._common import IMPLS, default_impl, masked_attention, query_heads, ring_slot

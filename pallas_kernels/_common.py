@@ -114,10 +114,16 @@ def online_softmax_step(s, v, o, m, l, precision):
     return o * corr[:, None] + pv, m_new, l
 
 
-def add_one_key(q, k, v, on, scale, o, m, l):
+def one_key_logit(q, k, scale):
+    """``scale * q @ k.T`` for one key ``k [1, D]``: ``[M]`` float32 on the vector units."""
+    return jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=1) * scale
+
+
+def add_one_key(q, k, v, on, scale, o, m, l, logit=None):
     """The online-softmax update for one more key ``k [1, D]`` and value ``v [1, D]`` (only where
-    ``on``), in float32 on the vector units: a decode step's new token, held in registers."""
-    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=1) * scale
+    ``on``), in float32 on the vector units: a decode step's new token, held in registers.
+    ``logit``: that key's :func:`one_key_logit`, where the caller has it already."""
+    s = one_key_logit(q, k, scale) if logit is None else logit
     s = jnp.where(on, s, -jnp.inf)
     m_new = jnp.maximum(m, s)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -190,17 +196,34 @@ def attend_block(q, kb, vb, ok, scale, precision, carry):
     return online_softmax_step(sc, vb, *carry, precision)
 
 
-def scan_blocks(q, k_ref, v_ref, first, end, block_k: int, scale, precision, carry, skip=None):
+def store_logits(logits_ref, s, cols, ok):
+    """Store rows ``0..g-1`` of ``s [gp, N]`` at columns ``cols [N]`` of ``logits_ref [g, T]``
+    where ``ok [N]``; rows >= g (the tile's padding) and the other columns are not written."""
+    rows = jnp.arange(s.shape[0])
+    plgpu.store(logits_ref.at[rows[:, None], cols[None, :]], s,
+                mask=(rows < logits_ref.shape[0])[:, None] & ok[None, :])
+
+
+def scan_blocks(q, k_ref, v_ref, first, end, block_k: int, scale, precision, carry, skip=None,
+                logits_ref=None):
     """The online softmax of ``q [gp, D]`` continued over rows ``first .. end - 1`` of
     ``k_ref``/``v_ref`` ``[T, D]`` in ``block_k``-row steps; rows at or past ``end`` (and row
-    ``skip``, if given) are masked and never read. ``end <= first`` runs no step."""
+    ``skip``, if given) are masked and never read. ``end <= first`` runs no step.
+
+    With ``logits_ref [g, T]`` (float32) each step also stores the scaled logits ``scale * q.k``
+    of the group's ``g`` rows at the columns it reads (see :func:`store_logits`); without it the
+    step is exactly :func:`attend_block`."""
     def body(i, carry):
         off = first + i * block_k
         idx = off + jnp.arange(block_k)
         ok = idx < end if skip is None else (idx < end) & (idx != skip)
         kb = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
         vb = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=ok[:, None], other=0.0)
-        return attend_block(q, kb, vb, ok, scale, precision, carry)
+        if logits_ref is None:
+            return attend_block(q, kb, vb, ok, scale, precision, carry)
+        sc = jnp.where(ok[None, :], qk_scores(q, kb, scale, precision), -jnp.inf)
+        store_logits(logits_ref, sc, idx, ok)
+        return online_softmax_step(sc, vb, *carry, precision)
 
     return lax.fori_loop(0, pl.cdiv(jnp.maximum(end - first, 0), block_k), body, carry)
 

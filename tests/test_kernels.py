@@ -478,6 +478,96 @@ def test_scores_scale_and_checks():
         pk.decode_scores(q[:, :, 0], k, lengths, jnp.zeros((2, 4)))
 
 
+# --------------------------------------------------------------------------- decode + scores
+# b, hq, hkv, t, d, dtype, block_k, num_splits, lengths (None = kernel defaults)
+DECODE_SCORES_CASES = [
+    (2, 4, 4, 70, 32, f32, 16, 3, [70, 33]),            # g=1, T and lengths off the block
+    (3, 24, 8, 300, 64, bf16, 32, 4, [1, 300, 129]),    # g=3, lengths 1 and T
+    (1, 32, 8, 1000, 128, bf16, None, None, [777]),     # g=4, default blocks/splits
+    (2, 12, 4, 200, 64, f32, 16, 5, [200, 1]),          # g=3 f32, lengths T and 1
+    (2, 16, 2, 513, 16, f32, 64, 2, [513, 64]),         # g=8, a length on a block edge
+    (1, 12, 4, 200, 64, bf16, 16, 40, [17]),            # most splits past the length
+]
+
+
+@pytest.mark.parametrize("append", [False, True], ids=["attend", "append"])
+@pytest.mark.parametrize("case", DECODE_SCORES_CASES, ids=lambda c: f"b{c[0]}hq{c[1]}hkv{c[2]}"
+                         f"t{c[3]}d{c[4]}{jnp.dtype(c[5]).name}")
+def test_decode_with_scores(case, append):
+    """``with_scores``: the group max of the log-probabilities from the logits the kernel stores
+    (each split its own rows, split 0 the appended one) equals ``decode_scores`` on the (updated)
+    cache; out, lse and the caches are those of ``with_scores=False``."""
+    b, hq, hkv, t, d, dtype, block_k, splits, lengths = case
+    q, k, v = _inputs(_seed("decode-scores", case), b, hq, hkv, 1, t, d, dtype)
+    q = q[:, :, 0]
+    rng = np.random.default_rng(_seed("decode-scores-new", case))
+    kn, vn = (_normal(rng, (b, hkv, d), dtype) for _ in range(2))
+    lengths = jnp.asarray(lengths, jnp.int32)
+    new = {"new_k": kn, "new_v": vn} if append else {}
+    kw = {"interpret": INTERPRET, "block_k": block_k, "num_splits": splits, **new}
+    *got, scores = decode_pallas(q, k, v, lengths, with_scores=True, **kw)
+    plain = decode_pallas(q, k, v, lengths, **kw)
+    chex.assert_trees_all_equal(tuple(got), tuple(plain))  # out, lse (and caches) unchanged
+    k_after = got[2] if append else k
+    lse = got[1]
+    assert scores.shape == (b, hkv, t)
+    want = _np_scores(q, k_after, np.minimum(np.asarray(lengths), t), lse)
+    _assert_scores_close(scores, want, dtype)
+    _assert_scores_close(decode_scores_reference(q, k_after, lengths, lse), want, dtype)
+    if append:  # the appended row is scored too (it is visible: row lengths - 1 < lengths)
+        rows = np.asarray(lengths) - 1
+        assert np.all(np.isfinite(np.asarray(scores)[np.arange(b), :, rows]))
+    # The reference path returns the same thing, from its own lse.
+    if append:
+        ref = pk.decode_append_attention(q, kn, vn, k, v, lengths, with_scores=True,
+                                         impl="reference")
+        chex.assert_trees_all_equal(ref[2], tuple(got[2:]))
+    else:
+        ref = pk.decode_attention(q, k, v, lengths, with_scores=True, impl="reference")
+    assert len(ref) == (4 if append else 3)
+    _assert_close(ref[:2], got[:2], dtype)
+    _assert_scores_close(ref[-1], _np_scores(q, k_after, np.minimum(np.asarray(lengths), t),
+                                             ref[1]), dtype)
+    if block_k is None:  # the public op, default config
+        pub = (pk.decode_append_attention(q, kn, vn, k, v, lengths, with_scores=True, impl=IMPL)
+               if append else pk.decode_attention(q, k, v, lengths, with_scores=True, impl=IMPL))
+        _assert_close(pub[:2], got[:2], dtype)
+        _assert_scores_close(pub[-1], want, dtype)
+
+
+def test_decode_with_scores_empty_and_long_lengths():
+    """Without an append: length 0 gives all -inf, lengths above T act as T."""
+    b, hq, hkv, t, d = 2, 8, 1, 50, 32
+    q, k, v = _inputs(_seed("decode-scores-lengths"), b, hq, hkv, 1, t, d, f32)
+    q = q[:, :, 0]
+    lengths = jnp.asarray([60, 0], jnp.int32)
+    out, lse, scores = decode_pallas(q, k, v, lengths, with_scores=True, interpret=INTERPRET,
+                                     block_k=16, num_splits=2)
+    chex.assert_trees_all_equal((out, lse), decode_pallas(q, k, v, lengths, interpret=INTERPRET,
+                                                          block_k=16, num_splits=2))
+    assert np.all(np.asarray(scores)[1] == -np.inf)
+    _assert_scores_close(scores, _np_scores(q, k, [t, 0], lse), f32)
+
+
+def test_decode_with_scores_matches_scores_kernel_and_ignores_garbage():
+    """Against the ``decode_scores`` kernel on the updated cache, with NaN/inf past ``lengths``
+    (rows the kernel neither reads nor writes)."""
+    b, hq, hkv, t, d = 2, 8, 2, 80, 32
+    q, k, v = _inputs(_seed("decode-scores-nan"), b, hq, hkv, 1, t, d, f32)
+    q = q[:, :, 0]
+    rng = np.random.default_rng(_seed("decode-scores-nan-new"))
+    kn, vn = (_normal(rng, (b, hkv, d), f32) for _ in range(2))
+    lengths = jnp.asarray([45, 1], jnp.int32)
+    k = k.at[0, :, 45:].set(jnp.nan).at[1, :, 1:].set(jnp.inf)
+    v = v.at[0, :, 45:].set(jnp.inf).at[1, :, 1:].set(jnp.nan)
+    out, lse, (k2, _), scores = pk.decode_append_attention(q, kn, vn, k, v, lengths,
+                                                           with_scores=True, impl=IMPL)
+    assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(np.asarray(lse)))
+    want = scores_pallas(q, k2, lengths, lse, interpret=INTERPRET, block_k=16)
+    _assert_scores_close(scores, want, f32)
+    _assert_scores_close(scores, _np_scores(q, np.nan_to_num(np.asarray(k2)), lengths, lse), f32)
+
+
 # --------------------------------------------------------------------------- band prefill
 # b, hq, hkv, tq, tk, d, dtype, sink, window, q_start, k_start, block_q, block_k
 BAND_CASES = [

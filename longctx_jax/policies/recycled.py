@@ -8,7 +8,8 @@ copy of keys and values). The decode loop runs ``stride`` steps per period (see
 
 - a *full step* (``phase=0``) attends to the whole cache (the dense decode kernel, new token
   appended in place), scores every key by the largest attention probability its query group
-  gives it (``pallas_kernels.decode_scores`` from the step's ``lse``), max-pools the scores over
+  gives it (the dense kernel writes them as it streams the keys: ``with_scores``, the same as
+  ``pallas_kernels.decode_scores`` from the step's ``lse``), max-pools the scores over
   ``pool`` neighbouring positions, and keeps the top ``K`` per KV head;
 - a *partial step* (``phase=1``) appends the new token to the whole cache, puts it in the
   partial cache in place of the entry the last full step scored lowest (new tokens outrank
@@ -146,9 +147,8 @@ class Recycled(AttentionPolicy):
         """Attend to the whole cache; rebuild the partial cache from this query's scores."""
         lengths = (x.positions[:, 0] + 1).astype(jnp.int32)
         q = x.q[:, 0]
-        out, lse, (k_cache, v_cache) = pk.decode_append_attention(
-            q, x.k[:, 0], x.v[:, 0], cache.kv.k, cache.kv.v, lengths)
-        scores = pk.decode_scores(q, k_cache, lengths, lse)
+        out, _, (k_cache, v_cache), scores = pk.decode_append_attention(
+            q, x.k[:, 0], x.v[:, 0], cache.kv.k, cache.kv.v, lengths, with_scores=True)
         kept = None
         if self.sink or self.recent:  # ranked above every scored key (see ``recycle``)
             pos = jnp.arange(scores.shape[-1])
