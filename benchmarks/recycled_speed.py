@@ -7,9 +7,10 @@ of ``--repeats``), so fixed costs cancel. Rows per (batch, method): ``full``; ``
 ``--stride``; ``recycled`` with stride 1, i.e. every step a full step (dense attention over the
 whole cache, scoring and top-K selection), which the full step's cost is read from.
 
-``--select`` also times the selection alone, per layer call, on scores shaped ``[B, Hkv, T]``:
-``jax.lax.top_k`` against ``selection.top_k_unordered`` (each inside a loop of 32 calls, one per
-layer), and the scoring pass (``decode_scores``) beside it.
+``--select`` also times the parts of a full step alone, per layer call (each inside a loop of 32
+calls, one per layer), on scores shaped ``[B, Hkv, T]``: the top-K selection (``jax.lax.top_k``),
+the max-pooling before it, and a separate scoring pass (``decode_scores``, which the dense
+kernel's ``with_scores`` replaces).
 
     python -m benchmarks.recycled_speed --contexts 131072 --batches 1,4 \\
         --json benchmarks/results/recycled_speed/llama3_8b_128k.json
@@ -28,11 +29,10 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from benchmarks.duo_speed import random_caches
-from longctx_jax import selection
 from longctx_jax.config import preset
 from longctx_jax.generate import decode_tokens
 from longctx_jax.model import random_params
-from longctx_jax.policies import policy_from_spec, recycled
+from longctx_jax.policies import policy_from_spec
 from longctx_jax.profiling import median_time
 
 
@@ -68,8 +68,11 @@ def time_selection(batch, kv_heads, t, k, repeats, layers=32):
             return jax.lax.fori_loop(0, layers, body, jnp.int32(0))
         return 1e3 * median_time(lambda: run(scores), repeats) / layers
 
-    return {"lax.top_k": looped(jax.lax.top_k),
-            "top_k_unordered": looped(selection.top_k_unordered)}
+    def pool(x, _):
+        return None, jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 7), (1, 1, 1),
+                                           "SAME").astype(jnp.int32)
+
+    return {"lax.top_k": looped(jax.lax.top_k), "max-pool 7": looped(pool)}
 
 
 def time_scores(cfg, batch, t, repeats, dtype, layers=32):
@@ -116,18 +119,10 @@ def main(argv=None) -> int:
                   command=" ".join(["python", "-m", "benchmarks.recycled_speed", *sys.argv[1:]]))
     methods = {"full": "full", "recycled": f"recycled:topk={topk}:stride={args.stride}",
                "recycled, every step full": f"recycled:topk={topk}:stride=1"}
-    selections = {"": recycled.top_k}
-    if args.select:  # the same rows again with the sort-free selection
-        selections[" (top_k_unordered)"] = selection.top_k_unordered
-        methods.update({name + " (top_k_unordered)": spec for name, spec in methods.items()
-                        if name != "full"})
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
             times = {}
             for name, spec in methods.items():
-                suffix = next((s for s in selections if s and name.endswith(s)), "")
-                recycled.top_k = selections[suffix]
-                jax.clear_caches()  # the selection is read at trace time
                 times[name] = time_decode(params, cfg, policy_from_spec(spec), batch, context,
                                           args.short, args.long, args.repeats, dtype)
                 print(f"ctx={context} batch={batch} {name:<26} {times[name]:8.3f} ms/token",

@@ -44,8 +44,6 @@ from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import AttentionPolicy, register, static
 from longctx_jax.policies.full import Full
 
-top_k = jax.lax.top_k  # the selection; benchmarks.recycled_speed swaps in others to compare
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +191,7 @@ def select_top(scores: jax.Array, pool: int, k: int, kept: jax.Array | None = No
         scores = jnp.where(scores == -jnp.inf, -jnp.inf, pooled)
     if kept is not None:
         scores = jnp.where(kept > -jnp.inf, kept, scores)
-    score, idx = top_k(scores, k)
+    score, idx = jax.lax.top_k(scores, k)
     return jnp.where(score == -jnp.inf, -1, idx).astype(jnp.int32), score
 
 
