@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import sys
+import time
 
 from longctx_jax.args import int_list, read_text
 from longctx_jax.cache import human_bytes
@@ -289,7 +290,7 @@ def _generate(args) -> int:
     prompt = tok.encode(text)
     check_request(source.config, policy, [len(prompt)], args.max_new_tokens,
                   args.max_len or len(prompt) + args.max_new_tokens, args.chunk_size)
-    check_positions(source.config, len(prompt) + args.max_new_tokens,
+    check_positions(source.config, policy, len(prompt) + args.max_new_tokens,
                     f"the prompt's {len(prompt)} tokens plus --max-new-tokens "
                     f"{args.max_new_tokens}")
     model = _load(source, args)
@@ -322,6 +323,7 @@ def _generate(args) -> int:
           + "".join(f" | {d}" for d in [policy.describe(model.config)] if d), file=sys.stderr)
     _write_json(args.json, {"token_ids": ids, "text": out_text, "prompt_tokens": len(prompt),
                             "method": args.method, "method_options": _options(args),
+                            "policy": _label(policy),
                             "dtype": args.dtype, "prefill_seconds": pre, "decode_seconds": dec,
                             "seconds": pre + dec, "cache_bytes": result.cache_bytes})
     return 0
@@ -345,19 +347,26 @@ def _score(args) -> int:
     _check_common(args)
     policy = _policy(args)
     source = _open(args)
-    check_positions(source.config, args.max_tokens, f"--max-tokens {args.max_tokens}")
+    check_positions(source.config, policy, args.max_tokens, f"--max-tokens {args.max_tokens}")
     ids = source.tokenizer.encode(text)[: args.max_tokens]
     if len(ids) < args.max_tokens:
         raise LongctxError(f"{args.text_file} has only {len(ids)} tokens, fewer than "
                            f"--max-tokens {args.max_tokens}")
     policy.validate(source.config, len(ids))
-    model = _load(source, args)
     reference = make_policy(args.compare) if args.compare else None
+    if reference is not None:
+        check_positions(source.config, reference, args.max_tokens, f"--compare {args.compare} "
+                        f"over --max-tokens {args.max_tokens}")
+    model = _load(source, args)
+    start = time.perf_counter()
     result = score(model.config, model.params, policy, ids, chunk_size=args.chunk_size,
                    reference=reference, decode_from=args.decode_from)
+    seconds = time.perf_counter() - start
+    print(f"[{_label(policy)}] {len(ids)} tokens scored in {seconds:.2f}s "
+          f"({len(ids) / seconds:.0f} tok/s); compilation included", file=sys.stderr)
     record = {"n_tokens": result.n_tokens, "mean_nll": result.mean_nll, "ppl": result.ppl,
               "decode_from": args.decode_from, "method": args.method,
-              "method_options": _options(args), "dtype": args.dtype}
+              "method_options": _options(args), "policy": _label(policy), "dtype": args.dtype}
     if args.decode_from is not None:
         print(f"scored the {result.n_tokens - 1 - args.decode_from} predictions made by decode "
               f"steps (tokens {args.decode_from + 1}-{result.n_tokens - 1})")
@@ -399,7 +408,8 @@ def _eval(args) -> int:
     policy = _policy(args)
     source = _open(args)
     longest = max(lengths)
-    check_positions(source.config, int(longest * 1.02) + answer_tokens(args.task, args.variant),
+    check_positions(source.config, policy,
+                    int(longest * 1.02) + answer_tokens(args.task, args.variant),
                     f"--lengths {longest} (prompts up to 2% longer, plus the answer)")
     try:  # the shortest prompt must hold the task's fixed text
         make_samples(args.task, source.tokenizer, min(lengths), depths[0], 1, seed=args.seed,

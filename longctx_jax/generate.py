@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -82,12 +83,38 @@ def check_request(cfg: ModelConfig, policy: AttentionPolicy, prompt_lengths: Seq
     policy.validate(cfg, max_len)
 
 
-def check_positions(cfg: ModelConfig, n_positions: int, what: str) -> None:
-    """Refuse positions the model was not built for (RoPE beyond ``max_position`` runs, and
+def check_positions(cfg: ModelConfig, policy: AttentionPolicy, n_positions: int,
+                    what: str) -> None:
+    """Refuse a request longer than ``policy`` serves on this model (``policy.max_context``:
+    the model's positions unless its memory and reach are bounded; RoPE beyond them runs, and
     quietly degrades)."""
-    if n_positions > cfg.max_position:
+    limit = policy.max_context(cfg)
+    if limit is not None and n_positions > limit:
         raise LongctxError(f"{what} ({n_positions} positions) exceeds the model's maximum of "
-                           f"{cfg.max_position} positions")
+                           f"{limit} positions for {policy.name} attention (streaming serves "
+                           "longer contexts)")
+
+
+def position_warning(cfg: ModelConfig, policy: AttentionPolicy, n_positions: int) -> str | None:
+    """A one-line warning where a request ``policy`` serves spans query-to-key distances past
+    the model's trained range (``policy.max_distance``), else ``None``."""
+    far = policy.max_distance(n_positions)
+    if far < cfg.max_position:
+        return None
+    return (f"warning: {policy.name} attention over {n_positions} positions spans query-to-key "
+            f"distances up to {far}, past the {cfg.max_position} positions the model was "
+            "trained on, so quality may degrade; positions=cache keeps them below sink + window")
+
+
+def _check_positions_and_warn(cfg: ModelConfig, policies: Sequence[AttentionPolicy],
+                              n_positions: int, what: str) -> None:
+    """:func:`check_positions` for each policy, and their warnings on stderr."""
+    for policy in policies:
+        check_positions(cfg, policy, n_positions, what)
+    for policy in policies:
+        warning = position_warning(cfg, policy, n_positions)
+        if warning:
+            print(warning, file=sys.stderr)
 
 
 def bucket(n: int, quantum: int) -> int:
@@ -323,6 +350,9 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
     padded to :func:`bucket` of the longest (a power of two up to ``chunk_size``, a multiple of
     it beyond), and ``max_len`` (the cache size) defaults to the padded width plus the bucketed
     ``max_new_tokens``, bucketed again. An explicit ``max_len`` is used as given.
+    Prompt plus new tokens may pass the model's context where the policy serves it
+    (``policy.max_context``; a bounded cache: streaming), with a warning on stderr if its
+    distances then leave the trained range.
     ``progress``: a bar over a long prefill (see :func:`generate_tokens`).
     """
     lengths = [len(p) for p in prompts]
@@ -331,8 +361,8 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
     if max_len is None:
         max_len = bucket(width + bucket(max_new_tokens, 256), chunk_size) if width else 0
     check_request(cfg, policy, lengths, max_new_tokens, max_len, chunk_size)
-    check_positions(cfg, longest + max_new_tokens, f"a prompt of {longest} tokens plus "
-                    f"{max_new_tokens} new tokens")
+    _check_positions_and_warn(cfg, [policy], longest + max_new_tokens,
+                              f"a prompt of {longest} tokens plus {max_new_tokens} new tokens")
     tokens, lengths = pad_prompts(prompts, min(chunk_size, width), pad_id, min_width=width)
     stats: dict = {}
     out, count = generate_tokens(
@@ -402,7 +432,8 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     ``decode_from``: prefill only the first ``decode_from`` tokens, then feed the others one at
     a time through each policy's decode step (its schedule included), and score only the
     predictions those steps make: where a decode-time method (Recycled Attention, say) differs
-    from its prefill."""
+    from its prefill. A text past the model's context is refused or warned about as in
+    :func:`generate`."""
     from tqdm.auto import tqdm
 
     ids = np.asarray(token_ids, np.int32)
@@ -411,8 +442,8 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
         raise LongctxError(f"scoring needs at least 2 tokens, got {n}")
     if chunk_size < 1:
         raise LongctxError(f"chunk_size must be >= 1, got {chunk_size}")
-    check_positions(cfg, n, f"a text of {n} tokens")
     policies = (policy,) if reference is None else (policy, reference)
+    _check_positions_and_warn(cfg, policies, n, f"a text of {n} tokens")
     for p in policies:
         p.validate(cfg, n)
     # Bucketed shapes: texts of nearby lengths share the compiled chunk.

@@ -76,3 +76,63 @@ def test_kernel_summary_sorts_kernels_into_kinds_and_finds_the_gaps():
     assert s["top"][0] == dict(name="gemm_fusion_dot", kind="matmul", count=1.0, us=4.0)
     assert "no GPU kernel" in profiling.summarize([])["note"]
     assert "gaps" in profiling.format_summary("x", s)
+
+
+@pytest.fixture
+def tiny_smollm2_vocab(monkeypatch):
+    """``benchmarks.endless`` on a tiny random model with SmolLM2's tokenizer and a context of
+    256 positions, so a run past the context is small."""
+    import jax
+
+    from benchmarks import endless
+    from longctx_jax.model import random_params
+    from longctx_jax.weights import LoadedModel, open_model
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(vocab_size=49152, max_position=256)
+    model = LoadedModel(cfg, random_params(cfg, jax.random.key(0)),
+                        open_model("smollm2").tokenizer, "tiny")
+    monkeypatch.setattr(endless, "load_model", lambda *_: model)
+    return model
+
+
+def test_endless_scores_and_generates_at_tiny_sizes(tmp_path, tiny_smollm2_vocab):
+    """The script end to end: both modes scored past a 256-position context, a generation in
+    timed segments, and its plot redrawn from the JSON."""
+    from benchmarks import endless
+
+    small = ["--sink", "4", "--window", "32", "--block", "64", "--chunk-size", "64"]
+    out = tmp_path / "score.json"
+    assert endless.main(small + ["--tokens", "600", "--json", str(out), "--plot",
+                                 str(tmp_path / "score.png")]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["modes"]) == {"original", "cache"}
+    for mode in record["modes"].values():
+        assert len(mode["blocks"]) == 10 and mode["inside"] == [64, 256]
+        assert mode["ppl_inside"] > 1 and mode["ppl_past"] > 1
+    assert (tmp_path / "score.png").stat().st_size > 0
+
+    out = tmp_path / "generate.json"
+    assert endless.main(small + ["--generate", "300", "--segment", "128", "--prompt-tokens", "40",
+                                 "--positions", "cache", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["modes"]["cache"]["segments"]
+    assert [(r["first"], r["tokens"], r["steps"]) for r in rows] == [
+        (0, 128, 128), (128, 128, 129), (256, 44, 45)]
+    assert endless.main(["--from-json", str(out)]) == 0
+    assert (tmp_path / "generate.png").stat().st_size > 0
+
+
+def test_endless_segments_are_one_generation(tiny_smollm2_vocab):
+    """Decode calls resumed from the previous call's last token give the tokens of one call."""
+    from benchmarks import endless
+    from longctx_jax.generate import generate
+    from longctx_jax.policies import make_policy
+
+    cfg, params = tiny_smollm2_vocab.config, tiny_smollm2_vocab.params
+    prompt = list(range(100, 140))
+    policy = make_policy("streaming", sink=4, window=32, positions="cache")
+    ids, _ = endless.generate_segments(cfg, params, policy, prompt, 300, 128, 64)
+    assert len(set(ids)) > 100
+    assert ids == generate(cfg, params, policy, [prompt], max_new_tokens=300,
+                           max_len=len(prompt) + 300).ids(0)

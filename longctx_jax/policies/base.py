@@ -29,6 +29,8 @@ before RoPE (for learned scorers).
   decode, and ``after_prefill(caches, lengths) -> caches`` runs eagerly between them (build
   the index from what prefill cached, hand the device a smaller cache; keep copies: the decode
   loop consumes the returned buffers). Both default to nothing.
+- ``max_context(cfg)`` and ``max_distance(n_positions)``: how long a request may be (default: the
+  model's context) and what RoPE distances it then spans; ``generate`` and ``score`` check them.
 
 Properties the conformance suite (``tests/test_conformance.py``) checks for every registered
 policy, unless the class declares them false: ``chunk_invariant`` (prefill outputs do not depend
@@ -162,6 +164,24 @@ class AttentionPolicy:
 
     def validate(self, cfg: ModelConfig, max_len: int) -> None:
         """Raise ``LongctxError`` if this policy cannot serve a cache of ``max_len`` tokens."""
+
+    def max_context(self, cfg: ModelConfig) -> int | None:
+        """The most positions (prompt plus new tokens) a request may span with this policy, or
+        ``None`` for no limit.
+
+        Default ``cfg.max_position``: a method that can reach any earlier token needs a cache
+        as long as the context and query-to-key distances the model never saw, so requests
+        past the model's context are refused. A bounded method (sink + window) returns
+        ``None``: its memory is fixed, and :meth:`max_distance` says whether its distances
+        stay in the trained range (else the request runs with a warning).
+        """
+        return cfg.max_position
+
+    def max_distance(self, n_positions: int) -> int:
+        """The largest query-to-key RoPE distance this policy's attention spans over a context
+        of ``n_positions`` tokens (default: ``n_positions - 1``, the first token seen from the
+        last)."""
+        return n_positions - 1
 
     def describe(self, cfg: ModelConfig) -> str:
         """What the policy chose for this model (shown in summaries), if anything."""

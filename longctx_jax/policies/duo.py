@@ -6,6 +6,8 @@ heads, or those above a threshold) as retrieval heads with a dense cache, and gi
 head a ``sink + window`` ring buffer. Caches are sized per layer, so memory really shrinks: a
 layer with ``r`` retrieval KV heads holds ``[B, r, max_len, D]`` and ``[B, Hkv - r, S + W, D]``
 (``max_len`` slots when that is fewer: a window longer than the cache is full attention).
+``positions="cache"`` gives the streaming heads StreamingLLM's cache positions (see
+:class:`~longctx_jax.policies.streaming.Streaming`); retrieval heads keep the original ones.
 The selection is static, so ``jit`` specialises the shapes. The gates are trained by
 :mod:`longctx_jax.train.duo`.
 """
@@ -26,7 +28,7 @@ from longctx_jax.cache import KV
 from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import AttentionPolicy, register, static
 from longctx_jax.policies.full import Full
-from longctx_jax.policies.streaming import Streaming, ring_size
+from longctx_jax.policies.streaming import POSITIONS, SinkRing, Streaming
 
 SHIPPED_GATES = "duo_gates_smollm2.npz"
 DEFAULT_RATIO = 0.25
@@ -136,11 +138,11 @@ def _check_unit(name: str, value: float) -> None:
 @dataclasses.dataclass(frozen=True)
 class DuoCache:
     """One layer's cache: ``dense`` ``[B, r, max_len, D]`` for its ``r`` retrieval heads and
-    ``ring`` ``[B, Hkv - r, min(S + W, max_len), D]`` for the rest; either is ``None`` when it
-    has no heads."""
+    ``ring`` ``[B, Hkv - r, min(S + W, max_len), D]`` for the rest (a ``SinkRing`` under cache
+    positions); either is ``None`` when it has no heads."""
 
     dense: KV | None
-    ring: KV | None
+    ring: KV | SinkRing | None
 
 
 @register("duo")
@@ -149,8 +151,9 @@ class Duo(AttentionPolicy):
 
     Options: ``retrieval_ratio`` (fraction of all KV heads kept as retrieval heads, default 0.25)
     or ``threshold`` (gates above it), ``gates`` (a path, see :func:`load_gates`; ``None`` = the
-    gates shipped for SmolLM2), ``sink`` and ``window``. ``heads`` (retrieval KV head ids per
-    layer) is resolved from those on construction, or given directly to skip the gates.
+    gates shipped for SmolLM2), ``sink``, ``window`` and ``positions`` (of the streaming heads).
+    ``heads`` (retrieval KV head ids per layer) is resolved from those on construction, or given
+    directly to skip the gates.
     """
 
     retrieval_ratio: float | None = static(
@@ -162,6 +165,10 @@ class Duo(AttentionPolicy):
     sink: int = static(64, help="attention-sink tokens kept from the start of the context "
                        "(duo: by its streaming heads)")
     window: int = static(256, help="most recent tokens kept (duo: by its streaming heads)")
+    positions: str = static("original", help="RoPE positions of the kept keys: 'original' (their "
+                            "own) or 'cache' (StreamingLLM's, within the cache: every distance "
+                            "stays below sink + window, so contexts past the model's run in "
+                            "range) (duo: of its streaming heads)")
     heads: tuple[tuple[int, ...], ...] | None = static(None, cli=False)
     kv_heads: int | None = static(None, cli=False)  # KV heads per layer the gates are for
 
@@ -170,6 +177,9 @@ class Duo(AttentionPolicy):
             raise LongctxError(f"duo sink must be >= 0, got {self.sink}")
         if self.window < 1:
             raise LongctxError(f"duo window must be >= 1, got {self.window}")
+        if self.positions not in POSITIONS:
+            raise LongctxError(f"duo positions must be 'original' or 'cache', got "
+                               f"{self.positions!r}")
         if self.retrieval_ratio is not None:
             _check_ratio(self.retrieval_ratio)
         if self.threshold is not None:
@@ -190,11 +200,13 @@ class Duo(AttentionPolicy):
 
     @classmethod
     def from_gates(cls, gates, retrieval_ratio: float | None = None,
-                   threshold: float | None = None, sink: int = 64, window: int = 256) -> "Duo":
+                   threshold: float | None = None, sink: int = 64, window: int = 256,
+                   positions: str = "original") -> "Duo":
         """The policy for a gates array ``[layers, kv_heads]`` already in memory."""
         gates = np.asarray(gates, np.float32)
         return cls(retrieval_ratio=retrieval_ratio, threshold=threshold, sink=sink, window=window,
-                   heads=select_heads(gates, retrieval_ratio, threshold), kv_heads=gates.shape[1])
+                   positions=positions, heads=select_heads(gates, retrieval_ratio, threshold),
+                   kv_heads=gates.shape[1])
 
     def validate(self, cfg, max_len):
         layers, hkv = cfg.num_layers, cfg.num_kv_heads
@@ -205,6 +217,22 @@ class Duo(AttentionPolicy):
         if any(h >= hkv for layer in self.heads for h in layer):
             raise LongctxError(f"duo head ids must be < {hkv} (the model's KV heads), got "
                                f"{self.heads}")
+
+    def max_context(self, cfg):
+        """The model's context: retrieval heads attend to every position (with none, the
+        streaming heads' limit: none)."""
+        return self._streaming().max_context(cfg) if self._streaming_only() else cfg.max_position
+
+    def max_distance(self, n_positions):
+        return (self._streaming().max_distance(n_positions) if self._streaming_only()
+                else n_positions - 1)
+
+    def _streaming_only(self) -> bool:
+        return not any(self.heads)
+
+    def _streaming(self) -> Streaming:
+        """The policy of the streaming heads."""
+        return Streaming(self.sink, self.window, self.positions)
 
     def describe(self, cfg) -> str:
         chosen = sum(len(layer) for layer in self.heads)
@@ -217,8 +245,7 @@ class Duo(AttentionPolicy):
             r, s = len(retrieval), cfg.num_kv_heads - len(retrieval)
             caches.append(DuoCache(
                 KV.zeros(batch, r, max_len, cfg.head_dim, dtype) if r else None,
-                KV.zeros(batch, s, ring_size(self.sink, self.window, max_len), cfg.head_dim,
-                         dtype) if s else None))
+                self._streaming().ring_cache(cfg, batch, s, max_len, dtype) if s else None))
         return tuple(caches)
 
     def prefill(self, layer, x, cache):
@@ -230,12 +257,19 @@ class Duo(AttentionPolicy):
                                lambda p, xs, c: p.decode(layer, xs, c, step=step, phase=phase))
         # Both kinds: one kernel appends to both caches and attends, outputs in head order. The
         # kernel's window is ``slots - sink``; a ring cut to ``max_len`` slots holds every
-        # position in its own slot, which any sink below the slot count reproduces.
+        # position in its own slot, which any sink below the slot count reproduces. Under cache
+        # positions the ring's sinks first move to the query (the kernel then stores the new
+        # token in the ring; a new sink is kept in ``sinks`` here).
+        ring = cache.ring
+        if isinstance(ring, SinkRing):
+            streaming = [h for h in range(x.k.shape[2]) if h not in self.heads[layer]]
+            ring = ring.keep_sinks(x.k[:, :, streaming], x.positions).follow(x.positions[:, 0])
         out, _, (dk, dv, rk, rv) = pk.duo_decode_attention(
-            x.q[:, 0], x.k[:, 0], x.v[:, 0], cache.dense.k, cache.dense.v, cache.ring.k,
-            cache.ring.v, (x.positions[:, 0] + 1).astype(jnp.int32),
-            jnp.asarray(self.heads[layer], jnp.int32), min(self.sink, cache.ring.slots - 1))
-        return out[:, None], DuoCache(KV(dk, dv), KV(rk, rv))
+            x.q[:, 0], x.k[:, 0], x.v[:, 0], cache.dense.k, cache.dense.v, ring.k, ring.v,
+            (x.positions[:, 0] + 1).astype(jnp.int32),
+            jnp.asarray(self.heads[layer], jnp.int32), min(self.sink, ring.slots - 1))
+        ring = dataclasses.replace(ring, k=rk, v=rv) if isinstance(ring, SinkRing) else KV(rk, rv)
+        return out[:, None], DuoCache(KV(dk, dv), ring)
 
     def _split(self, layer, x: AttnInputs, cache: DuoCache, run):
         """Run ``Full`` on the retrieval heads and ``Streaming`` on the rest; restore head order."""
@@ -243,7 +277,7 @@ class Duo(AttentionPolicy):
         g = x.q.shape[2] // hkv
         retrieval = self.heads[layer]
         streaming = tuple(h for h in range(hkv) if h not in retrieval)
-        full, ring = Full(), Streaming(self.sink, self.window)
+        full, ring = Full(), self._streaming()
         if not streaming:
             out, dense = run(full, x, cache.dense)
             return out, DuoCache(dense, None)
