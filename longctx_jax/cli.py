@@ -1,4 +1,4 @@
-"""The ``longctx`` command line: ``generate``, ``score``, ``eval`` and ``train duo``.
+"""The ``longctx`` command line: ``generate``, ``score``, ``eval`` and ``train duo|locret``.
 
 Human-readable output on stdout; ``--json PATH`` writes the machine-readable record. Bad input
 (unknown method, empty or too-long prompt, bad model file, unwritable output, ...) exits with
@@ -139,6 +139,14 @@ def _parser() -> argparse.ArgumentParser:
 
     train_duo.add_arguments(duo)
     duo.set_defaults(run=train_duo.run)
+    locret = methods.add_parser("locret", help="Locret retaining heads",
+                                description="Train Locret retaining heads on the frozen model's "
+                                            "attention over synthetic passkey retrieval.",
+                                formatter_class=HelpFormatter)
+    from longctx_jax.train import locret as train_locret
+
+    train_locret.add_arguments(locret)
+    locret.set_defaults(run=train_locret.run)
     return parser
 
 

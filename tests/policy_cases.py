@@ -2,12 +2,21 @@
 heads): the conformance suite runs each one. A new policy must add its cases here;
 ``test_conformance.py`` fails, naming it, until it does."""
 
+import numpy as np
+
+# Retaining heads for the tiny model (2 layers, (4 + 2 * 2) * 16 input features, d_R = 8).
+_rng = np.random.default_rng(0)
+_HEADS = dict(w1=_rng.normal(0, 0.1, (2, 128, 8)).astype(np.float32),
+              w2=_rng.normal(0, 0.3, (2, 8, 2)).astype(np.float32))
+
 # Small hyperparameters, so eviction (or whatever the method does) really happens in a test.
 SMALL = {
     "full": {},
     "streaming": dict(sink=2, window=5),
     "duo": dict(heads=((0,), (1,)), sink=2, window=5),
     "recycled": dict(topk=4, stride=3),
+    "locret": dict(budget=6, stabilizers=2, chunk=4, decode_room=2, **_HEADS),
+    "snapkv": dict(budget=6, stabilizers=2, chunk=4, decode_room=2, observation=3, pool=3),
 }
 
 # Options under which the method must equal full attention: a budget far beyond the 32-token
@@ -17,6 +26,8 @@ UNLIMITED = {
     "streaming": dict(sink=2, window=10_000),
     "duo": dict(heads=((0,), (1,)), sink=2, window=10_000),
     "recycled": dict(topk=4, stride=1),  # every step a full step
+    "locret": dict(budget=10_000, stabilizers=2, chunk=4, **_HEADS),
+    "snapkv": dict(budget=10_000, stabilizers=2, chunk=4),
 }
 
 # Options that must be refused with a LongctxError (beyond an unknown option name).
@@ -28,4 +39,9 @@ BAD = {
     "recycled": [dict(topk=0), dict(topk=-0.5), dict(topk=2.5), dict(stride=0), dict(pool=2),
                  dict(pool=0), dict(similarity=1.5), dict(similarity=-2.0), dict(check_every=0),
                  dict(sink=-1), dict(recent=-1)],
+    "locret": [dict(budget=0, **_HEADS), dict(budget=4, stabilizers=4, **_HEADS),
+               dict(stabilizers=-1, **_HEADS), dict(chunk=0, **_HEADS),
+               dict(decode_room=-1, **_HEADS), dict(heads="/nonexistent/heads.npz")],
+    "snapkv": [dict(budget=0), dict(budget=4, stabilizers=5), dict(chunk=0),
+               dict(decode_room=-1), dict(observation=0), dict(pool=2)],
 }

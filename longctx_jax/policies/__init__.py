@@ -5,5 +5,7 @@ from longctx_jax.policies.full import Full
 from longctx_jax.policies.streaming import Streaming
 from longctx_jax.policies.duo import Duo  # noqa: F401  (registers "duo")
 from longctx_jax.policies.recycled import Recycled  # noqa: F401  (registers "recycled")
+from longctx_jax.policies.locret import Locret  # noqa: F401  (registers "locret")
+from longctx_jax.policies.snapkv import SnapKV  # noqa: F401  (registers "snapkv")
 
 __all__ = ["AttentionPolicy", "Full", "Streaming", "available", "make_policy", "policy_from_spec"]
