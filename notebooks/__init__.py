@@ -1,0 +1,1 @@
+"""Runnable notebooks: ``python -m notebooks.run`` executes them (see ``notebooks/README.md``)."""
