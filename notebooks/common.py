@@ -44,6 +44,23 @@ def shipped_duo(cfg, **options):
     return Duo.from_gates(load_gates()[: cfg.num_layers], **options)
 
 
+def shipped_locret(cfg, **options):
+    """Locret with the retaining heads shipped for SmolLM2, for a model of ``cfg``'s layers: the
+    same policy as ``lc.make_policy("locret", **options)`` on the whole model, and the first
+    layers' heads on a model cut by :func:`first_layers` (a layer's head reads only that layer's
+    query, key and value, which the cut leaves as they were)."""
+    import jax.numpy as jnp
+
+    from longctx_jax.policies import make_policy
+    from longctx_jax.policies.locret import load_heads
+
+    w1, w2, _ = load_heads()
+    if cfg.num_layers == w1.shape[0]:
+        return make_policy("locret", **options)
+    return make_policy("locret", w1=jnp.asarray(w1[: cfg.num_layers]),
+                       w2=jnp.asarray(w2[: cfg.num_layers]), **options)
+
+
 def label(spec: str) -> str:
     """A short name for a method spec: ``streaming 64+256``, ``duo 50% 64+256``, ...
 
