@@ -17,6 +17,7 @@ SMALL = {
     "recycled": dict(topk=4, stride=3),
     "locret": dict(budget=6, stabilizers=2, chunk=4, decode_room=2, **_HEADS),
     "snapkv": dict(budget=6, stabilizers=2, chunk=4, decode_room=2, observation=3, pool=3),
+    "retrieval": dict(sink=2, window=5, k=3),
 }
 
 # Options under which the method must equal full attention: a budget far beyond the 32-token
@@ -28,6 +29,7 @@ UNLIMITED = {
     "recycled": dict(topk=4, stride=1),  # every step a full step
     "locret": dict(budget=10_000, stabilizers=2, chunk=4, **_HEADS),
     "snapkv": dict(budget=10_000, stabilizers=2, chunk=4),
+    "retrieval": dict(sink=2, window=5, k=10_000),  # every host key retrieved
 }
 
 # Options that must be refused with a LongctxError (beyond an unknown option name).
@@ -44,4 +46,6 @@ BAD = {
                dict(decode_room=-1, **_HEADS), dict(heads="/nonexistent/heads.npz")],
     "snapkv": [dict(budget=0), dict(budget=4, stabilizers=5), dict(chunk=0),
                dict(decode_room=-1), dict(observation=0), dict(pool=2)],
+    "retrieval": [dict(sink=-1), dict(window=0), dict(k=0), dict(k=2.5), dict(index="bogus"),
+                  dict(scan=0), dict(scan=1.5), dict(attend="gpu"), dict(train_queries=0)],
 }

@@ -7,5 +7,6 @@ from longctx_jax.policies.duo import Duo  # noqa: F401  (registers "duo")
 from longctx_jax.policies.recycled import Recycled  # noqa: F401  (registers "recycled")
 from longctx_jax.policies.locret import Locret  # noqa: F401  (registers "locret")
 from longctx_jax.policies.snapkv import SnapKV  # noqa: F401  (registers "snapkv")
+from longctx_jax.policies.retrieval import Retrieval  # noqa: F401  (registers "retrieval")
 
 __all__ = ["AttentionPolicy", "Full", "Streaming", "available", "make_policy", "policy_from_spec"]

@@ -1,0 +1,226 @@
+"""RetrievalAttention: host store and indexes (``host_offload``) and the ``retrieval`` policy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from host_offload import index as hindex
+from host_offload.store import RetrievalStore
+from longctx_jax import LongctxError
+from longctx_jax.generate import generate
+from longctx_jax.policies import Full, make_policy
+from longctx_jax.policies import retrieval as retrieval_mod
+
+import conformance as check
+
+
+def _prompts(cfg, lengths, seed=5):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("attend", ["host", "device"])
+def test_k_beyond_the_context_equals_full_attention_batched(tiny, attend):
+    cfg, params = tiny
+    prompts = _prompts(cfg, (21, 9, 14))
+    want = generate(cfg, params, Full(), prompts, max_new_tokens=8, chunk_size=8, max_len=32)
+    policy = make_policy("retrieval", sink=2, window=5, k=64, attend=attend)
+    got = generate(cfg, params, policy, prompts, max_new_tokens=8, chunk_size=8, max_len=32)
+    for row in range(len(prompts)):
+        assert got.ids(row) == want.ids(row)
+
+
+def test_flat_k_beyond_the_context_matches_teacher_forcing(tiny):
+    check.check_decode_matches_teacher_forcing(
+        *tiny, make_policy("retrieval", sink=2, window=3, k=64))
+
+
+def test_host_and_device_attention_agree_when_retrieval_cuts(tiny):
+    cfg, params = tiny
+    prompts = _prompts(cfg, (21, 12))
+    outs = [generate(cfg, params, make_policy("retrieval", sink=2, window=4, k=3, attend=a),
+                     prompts, max_new_tokens=6, chunk_size=8, max_len=32) for a in ATTENDS]
+    assert [outs[0].ids(r) for r in range(2)] == [outs[1].ids(r) for r in range(2)]
+
+
+ATTENDS = ("host", "device")
+
+
+def test_flat_index_is_exact_top_k():
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(300, 16)).astype(np.float32)
+    queries = rng.normal(size=(7, 16)).astype(np.float32)
+    ix = hindex.make_index("flat", keys[:250])
+    ix.add(keys[250:])
+    ids, scanned = ix.search(queries, 20)
+    want = np.argsort(-(queries @ keys.T), axis=1, kind="stable")[:, :20]
+    np.testing.assert_array_equal(ids, want)
+    assert (scanned == 300).all()
+
+
+def test_group_retrieval_is_the_top_k_of_the_group_max():
+    """The store's union-then-rerank over a query group is the exact top-k of the group's
+    largest logit per key."""
+    rng = np.random.default_rng(1)
+    store = RetrievalStore(1, 1, 2, 8, kind="flat", k=10, scan=1.0, max_len=64, group=3)
+    k = rng.normal(size=(50, 2, 8)).astype(np.float32)
+    store.load(0, 0, k, k, np.arange(4, 54))
+    q = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    rows = store.retrieve(0, 0, q)
+    for h in range(2):
+        score = (q[h] @ k[:, h].T).max(0)
+        np.testing.assert_array_equal(rows[h], np.argsort(-score, kind="stable")[:10])
+
+
+def test_window_merged_with_retrieved_is_attention_over_the_union():
+    rng = np.random.default_rng(2)
+    d, hkv, g = 8, 2, 2
+    store = RetrievalStore(1, 1, hkv, d, kind="flat", k=6, scan=1.0, max_len=64, group=g)
+    host_k, host_v = rng.normal(size=(2, 30, hkv, d)).astype(np.float32)
+    store.load(0, 0, host_k, host_v, np.arange(30))
+    q = rng.normal(size=(hkv, g, d)).astype(np.float32)
+    rows = store.retrieve(0, 0, q)
+    o_host, lse_host = store.attend(0, 0, q, rows)
+    win_k, win_v = rng.normal(size=(2, 1, hkv, 5, d)).astype(np.float32)
+    win = pk.masked_attention(jnp.asarray(q.reshape(1, hkv * g, 1, d)), win_k, win_v,
+                              jnp.ones((1, 5), bool))
+    out, lse = pk.merge_attention([(win[0][:, :, 0], win[1][:, :, 0]),
+                                   (o_host.reshape(1, -1, d), lse_host.reshape(1, -1))])
+    for h in range(hkv):  # numpy reference over the union of window and retrieved keys
+        keys = np.concatenate([win_k[0, h], host_k[rows[h], h]])
+        vals = np.concatenate([win_v[0, h], host_v[rows[h], h]])
+        logits = q[h] @ keys.T / np.sqrt(d)
+        ref_lse = np.log(np.exp(logits).sum(1))
+        ref = np.exp(logits - ref_lse[:, None]) @ vals
+        np.testing.assert_allclose(np.asarray(out)[0, h * g:(h + 1) * g], ref, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(lse)[0, h * g:(h + 1) * g], ref_lse, atol=1e-5)
+
+
+def test_every_token_is_findable_exactly_once(tiny, monkeypatch):
+    """After each decode step the host holds positions ``[sink, p - window]`` once each, for
+    every sequence of a ragged batch, while the device ring holds the rest."""
+    cfg, params = tiny
+    sink, window = 2, 4
+    seen = []
+    step = RetrievalStore.step
+
+    def spy(self, layer, q, k, v, evicted, *, attend):
+        out = step(self, layer, q, k, v, evicted, attend=attend)
+        if layer == 0:
+            seen.append([lay[0].pos[:lay[0].n].tolist() for lay in self.layers])
+        return out
+
+    monkeypatch.setattr(RetrievalStore, "step", spy)
+    lengths = (13, 3)
+    policy = make_policy("retrieval", sink=sink, window=window, k=2)
+    generate(cfg, params, policy, _prompts(cfg, lengths), max_new_tokens=7, chunk_size=4,
+             max_len=32)
+    assert len(seen) == 7
+    for i, held in enumerate(seen):
+        for row, n in enumerate(lengths):
+            p = n + i  # the step's position
+            assert held[row] == list(range(sink, max(sink, p - window + 1))), (i, row)
+
+
+@pytest.mark.slow
+def test_jitted_decode_loop_equals_eager(tiny):
+    cfg, params = tiny
+    prompt = _prompts(cfg, (13,))
+    policy = make_policy("retrieval", sink=2, window=4, k=3)
+    jitted = generate(cfg, params, policy, prompt, max_new_tokens=5, chunk_size=8, max_len=32)
+    with jax.disable_jit():
+        eager = generate(cfg, params, policy, prompt, max_new_tokens=5, chunk_size=8,
+                         max_len=32)
+    assert jitted.ids(0) == eager.ids(0)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "qivf"])
+def test_approximate_indexes_run_in_the_decode_loop(tiny, kind):
+    """Indexes built from the prompt (qivf from its queries) and grown while decoding; with a
+    full scan they find what the flat index finds."""
+    cfg, params = tiny
+    prompts = _prompts(cfg, (40, 33))
+    opts = dict(sink=2, window=4, k=4, scan=1.0, min_index_keys=8)
+    want = generate(cfg, params, make_policy("retrieval", **opts), prompts, max_new_tokens=6,
+                    chunk_size=16, max_len=64)
+    got = generate(cfg, params, make_policy("retrieval", index=kind, **opts), prompts,
+                   max_new_tokens=6, chunk_size=16, max_len=64)
+    for row in range(2):
+        assert got.ids(row) == want.ids(row)
+
+
+def test_qivf_keeps_prefill_queries_on_a_stride():
+    store = RetrievalStore(2, 1, 1, 4, kind="qivf", k=2, scan=0.5, max_len=32, group=2,
+                           train_queries=16)  # 32 positions x 2 heads / 16: every 4th
+    q = np.ones((2, 8, 2, 4), np.float32)
+    positions = np.array([np.arange(8), np.where(np.arange(8) < 5, np.arange(8), -1)])
+    store.add_queries(0, q, positions)
+    assert [sum(len(x) for x in rows[0].queries) for rows in store.layers] == [2, 2]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "qivf"])
+def test_approximate_indexes_report_scanned_keys_and_recall(kind):
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(1000, 16)).astype(np.float32)
+    queries = rng.normal(size=(400, 16)).astype(np.float32)
+    ix = hindex.make_index(kind, keys, queries[100:], k=10, scan=1.0)
+    ids, scanned = ix.search(queries[:100], 10)
+    exact = hindex.top_k(queries[:100] @ keys.T, 10)
+    hits = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+    assert hits > 0.8 and scanned.shape == (100,) and (scanned > 0).all()
+    ix.scan = 0.05
+    assert ix.search(queries[:100], 10)[1].mean() < scanned.mean()
+
+
+@pytest.mark.parametrize("options", [dict(index="bogus"), dict(k=0), dict(window=0),
+                                     dict(sink=-1), dict(scan=0.0), dict(attend="gpu")])
+def test_bad_options_are_refused(options):
+    with pytest.raises(LongctxError):
+        make_policy("retrieval", **options)
+
+
+def test_missing_faiss_names_the_extra(monkeypatch):
+    def missing():
+        raise hindex.MissingFaiss(f"faiss-cpu missing: {hindex.INSTALL_HINT}")
+
+    monkeypatch.setattr(hindex, "faiss_module", missing)
+    for kind in hindex.NEEDS_FAISS:
+        with pytest.raises(LongctxError, match=r"longctx-jax\[retrieval\]"):
+            make_policy("retrieval", index=kind)
+    make_policy("retrieval", index="flat")
+    make_policy("retrieval", index="qivf")
+
+
+def test_host_memory_is_checked_before_work(tiny, monkeypatch):
+    cfg, params = tiny
+    monkeypatch.setattr(retrieval_mod, "available_host_bytes", lambda: 1024)
+    with pytest.raises(LongctxError, match="host memory"):
+        generate(cfg, params, make_policy("retrieval"), [[1, 2, 3]], max_new_tokens=2)
+
+
+def test_decode_outside_a_session_is_refused(tiny):
+    from longctx_jax.generate import score
+
+    cfg, params = tiny
+    with pytest.raises(LongctxError, match="session"):
+        score(cfg, params, make_policy("retrieval", sink=2, window=4), list(range(1, 20)),
+              decode_from=10, progress=False)
+
+
+def test_index_benchmark_sweeps_recall_against_keys_scanned():
+    from benchmarks import retrieval_index as bench
+
+    rng = np.random.default_rng(4)
+    q = rng.normal(size=(600, 4, 16)).astype(np.float32)  # 4 query heads over 2 KV heads
+    k = rng.normal(size=(600, 2, 16)).astype(np.float32)
+    rows = bench.sweep([(q, k)], last=8, k=10, kinds=["qivf", "ivf"], pairs="query")
+    assert {r["kind"] for r in rows} == {"qivf", "ivf"}
+    assert all(0 <= r["recall"] <= 1 and r["scanned"] > 0 for r in rows)
+    top = max(r["recall"] for r in rows if r["kind"] == "ivf")
+    assert bench.fewest_scanned(rows, "ivf", top) is not None
+    assert bench.fewest_scanned(rows, "ivf", 1.01) is None
+    assert bench.recall(np.array([[1, 2, -1]]), np.array([[2, 3, 1]])) == pytest.approx(2 / 3)
