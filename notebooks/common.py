@@ -11,7 +11,8 @@ from typing import Any, Iterable, Sequence
 import warnings
 
 import jax
-import numpy as np
+
+from longctx_jax.evals.plots import accuracy_grid  # noqa: F401  (the notebooks use it)
 
 # tqdm.auto asks for notebook widgets; the notebooks turn progress bars off.
 warnings.filterwarnings("ignore", message="IProgress not found")
@@ -131,17 +132,6 @@ def print_table(rows: Iterable[dict], columns: Sequence[str] | None = None) -> N
     for t in text:
         print("  ".join(v.rjust(w) if n else v.ljust(w)
                         for v, w, n in zip(t, widths, numeric)).rstrip())
-
-
-def accuracy_grid(record: dict) -> tuple[list[int], list[float], np.ndarray]:
-    """``(lengths, depths, accuracy [depths, lengths])`` of an evaluation record."""
-    results = record["results"]
-    lengths = sorted({r["length"] for r in results})
-    depths = sorted({r["depth"] for r in results})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for r in results:
-        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
-    return lengths, depths, grid
 
 
 def heatmap(ax, record: dict, title: str | None = None):

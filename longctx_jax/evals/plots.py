@@ -5,6 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def accuracy_grid(record: dict) -> tuple[list[int], list[float], np.ndarray]:
+    """``(lengths, depths, accuracy [depths, lengths])`` of an evaluation record (NaN where a
+    cell did not run)."""
+    results = record["results"]
+    lengths = sorted({r["length"] for r in results})
+    depths = sorted({r["depth"] for r in results})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in results:
+        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
+    return lengths, depths, grid
+
+
 def heatmap(record: dict, path: str, title: str | None = None) -> None:
     """The familiar needle-in-a-haystack map: depth (rows) x context length (columns)."""
     import matplotlib
@@ -12,12 +24,7 @@ def heatmap(record: dict, path: str, title: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = record["results"]
-    lengths = sorted({r["length"] for r in results})
-    depths = sorted({r["depth"] for r in results})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for r in results:
-        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
+    lengths, depths, grid = accuracy_grid(record)
     fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.6 * len(depths) + 1.6))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     for i in range(len(depths)):

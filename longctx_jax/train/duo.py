@@ -42,7 +42,7 @@ from longctx_jax.model import forward_scanned, stack_layers
 from longctx_jax.synthetic import synthetic_text
 from longctx_jax.train.data import PasskeyData, context_buckets, sample_for_step
 from longctx_jax.train.duo_forward import DuoMixed
-from longctx_jax.train.loop import read_metrics, run_loop
+from longctx_jax.train.loop import add_run_arguments, read_metrics, run_loop
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # What jax 0.11's cuDNN attention raises when it cannot run: NotImplementedError for shapes,
@@ -241,41 +241,17 @@ def export_gates(path: pathlib.Path, gates: np.ndarray, meta: dict, steps: int) 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``longctx train duo``."""
     d = TrainConfig()
-    parser.add_argument("--out", type=pathlib.Path, required=True,
-                        help="run directory: checkpoints, metrics.jsonl, gates.npz, plots")
-    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all")
-    parser.add_argument("--context", default=",".join(map(str, d.contexts)),
-                        help="training lengths in tokens: 'lo,hi' (doubling from lo), one value, "
-                             "or a list of 3+ values")
+    add_run_arguments(parser, d, outputs="gates.npz", text_default="generated sentences",
+                      dtype_help="model dtype; bfloat16 rounding (~1e-3 in the loss) can swamp "
+                                 "the distillation signal of nearly-full gates, so float32 by "
+                                 "default")
     parser.add_argument("--lambda", dest="reg_weight", type=float, default=d.reg_weight,
                         help="weight of the mean |gate| penalty")
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     parser.add_argument("--sink", type=int, default=d.sink, help="streaming heads' sink tokens")
     parser.add_argument("--window", type=int, default=d.window,
                         help="streaming heads' recent-window tokens")
-    parser.add_argument("--passkeys", type=int, default=d.num_passkeys,
-                        help="most passkeys per training sample (fewer in short contexts)")
-    parser.add_argument("--passkey-items", type=int, default=d.passkey_items,
-                        help="words and numbers per passkey")
-    parser.add_argument("--noise-fraction", type=float, default=d.noise_fraction,
-                        help="fraction of samples whose haystack is a few sentences repeated "
-                             "(the classic passkey test's noise) instead of the text")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the training samples")
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                        help="save a checkpoint every N steps")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out")
-    parser.add_argument("--text-file", type=pathlib.Path, default=None,
-                        help="natural text for the haystack (default: generated sentences)")
-    parser.add_argument("--model", default="smollm2",
-                        help="'smollm2' (bundled), a .gguf file, or an HF checkpoint directory")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="model dtype; bfloat16 rounding (~1e-3 in the loss) can swamp the "
-                             "distillation signal of nearly-full gates, so float32 by default")
     parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
                         help="full-attention implementation (auto: cuDNN for bf16 on a GPU)")
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="stop after this much training time, checkpointed (--resume goes on)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ from longctx_jax.policies.base import AttentionPolicy, pytree_dataclass, static
 from longctx_jax.policies.locret import (HEADS_FILE, head_inputs, head_scores, model_shape,
                                          random_heads)
 from longctx_jax.train.data import PasskeyData, context_buckets
-from longctx_jax.train.loop import read_metrics, run_loop
+from longctx_jax.train.loop import add_run_arguments, read_metrics, run_loop
 
 TOP_FRACTION = 0.1  # the overlap diagnostic's top 10%
 
@@ -366,15 +366,10 @@ def plot_run(records: Sequence[dict], path: str | os.PathLike, title: str) -> No
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``longctx train locret``."""
     d = TrainConfig()
-    parser.add_argument("--out", type=pathlib.Path, required=True,
-                        help="run directory: checkpoints, metrics.jsonl, heads.npz, plots")
-    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all")
-    parser.add_argument("--context", default=",".join(map(str, d.contexts)),
-                        help="sample lengths in tokens: 'lo,hi' (doubling from lo), one value, "
-                             "or a list of 3+ values")
+    add_run_arguments(parser, d, outputs="heads.npz", text_default="the shipped sample text",
+                      dtype_help="the frozen model's dtype")
     parser.add_argument("--hidden", type=int, default=d.hidden,
                         help="the heads' hidden width d_R")
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     parser.add_argument("--warmup", type=int, default=None,
                         help="linear warm-up steps (default: 2/3 of --steps, as the paper)")
     parser.add_argument("--samples", type=int, default=d.samples,
@@ -384,27 +379,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out samples for the top-10%% overlap diagnostic")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
                         help="steps between held-out evaluations")
-    parser.add_argument("--passkeys", type=int, default=d.num_passkeys,
-                        help="most passkeys per sample (fewer in short contexts)")
-    parser.add_argument("--passkey-items", type=int, default=d.passkey_items,
-                        help="words and numbers per passkey")
-    parser.add_argument("--noise-fraction", type=float, default=d.noise_fraction,
-                        help="fraction of samples whose haystack is a few sentences repeated "
-                             "instead of the text")
-    parser.add_argument("--seed", type=int, default=d.seed,
-                        help="seed of the samples and the heads' initialisation")
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                        help="save a checkpoint every N steps")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out")
-    parser.add_argument("--text-file", type=pathlib.Path, default=None,
-                        help="natural text for the haystack (default: the shipped sample text)")
-    parser.add_argument("--model", default="smollm2",
-                        help="'smollm2' (bundled), a .gguf file, or an HF checkpoint directory")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="the frozen model's dtype")
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="stop after this much training time, checkpointed (--resume goes on)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ generator), a resumed run ends exactly where an uninterrupted one would.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -132,3 +133,38 @@ def truncate_metrics(path: pathlib.Path, step: int) -> None:
 def last_record(path: pathlib.Path) -> dict:
     records = read_metrics(path) if path.exists() else []
     return records[-1] if records else {}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, defaults, *, outputs: str,
+                      text_default: str, dtype_help: str) -> None:
+    """The options every ``longctx train`` method shares: the run directory and schedule, the
+    passkey data and the frozen model. ``defaults`` is the method's train config."""
+    d = defaults
+    parser.add_argument("--out", type=pathlib.Path, required=True,
+                        help=f"run directory: checkpoints, metrics.jsonl, {outputs}, plots")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all")
+    parser.add_argument("--context", default=",".join(map(str, d.contexts)),
+                        help="sample lengths in tokens: 'lo,hi' (doubling from lo), one value, "
+                             "or a list of 3+ values")
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    parser.add_argument("--passkeys", type=int, default=d.num_passkeys,
+                        help="most passkeys per sample (fewer in short contexts)")
+    parser.add_argument("--passkey-items", type=int, default=d.passkey_items,
+                        help="words and numbers per passkey")
+    parser.add_argument("--noise-fraction", type=float, default=d.noise_fraction,
+                        help="fraction of samples whose haystack is a few sentences repeated "
+                             "(the classic passkey test's noise) instead of the text")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed of the samples (and of any initialisation)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help="save a checkpoint every N steps")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --out")
+    parser.add_argument("--text-file", type=pathlib.Path, default=None,
+                        help=f"natural text for the haystack (default: {text_default})")
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2' (bundled), a .gguf file, or an HF checkpoint directory")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help=dtype_help)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop after this much training time, checkpointed (--resume goes on)")
