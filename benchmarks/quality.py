@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import pathlib
 import sys
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     for task in args.tasks.split(","):
         for spec in args.methods.split(","):
             policy = policy_from_spec(spec)
-            name = f"{task}_{spec.replace(':', '_').replace('=', '')}"
+            name = f"{task}_{file_stem(spec)}"
             record = None
             for n in lengths:  # one length at a time, written as it ends: a cut run keeps its rows
                 part = run_eval(model, policy, task, [n], depths, args.samples, mode=args.mode,
@@ -77,6 +78,12 @@ def main(argv=None) -> int:
                     if r["task"] == task and r["method"] == spec}
             print(f"{task:<8} {spec:<32} " + " ".join(f"{accs[n]:>7.2f}" for n in lengths))
     return 0
+
+
+def file_stem(spec: str) -> str:
+    """A method spec as a file name: ``locret:budget=1024:heads=runs/x`` ->
+    ``locret_budget1024_headsruns_x`` (a path in an option must not become a directory)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec.replace("=", "")).strip("_")
 
 
 def _extend(record: dict, part: dict) -> dict:

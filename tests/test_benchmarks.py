@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from benchmarks import decode, merge_quality
+from benchmarks.quality import file_stem
 from longctx_jax import profiling
 
 
@@ -136,3 +137,10 @@ def test_endless_segments_are_one_generation(tiny_smollm2_vocab):
     assert len(set(ids)) > 100
     assert ids == generate(cfg, params, policy, [prompt], max_new_tokens=300,
                            max_len=len(prompt) + 300).ids(0)
+
+
+def test_quality_file_names_are_flat():
+    """A path inside a method's options (Locret's heads) must not turn into directories."""
+    assert file_stem("streaming:sink=64:window=256") == "streaming_sink64_window256"
+    stem = file_stem("locret:budget=1024:heads=/root/runs/locret")
+    assert "/" not in stem and stem.startswith("locret_budget1024_heads")
