@@ -3,6 +3,7 @@ through the model's first layer), full attention at a budget beyond the prompt, 
 bytes, decode past its room, retaining-head files and the CLI; head training (labels, overlap,
 exact resume)."""
 
+import dataclasses
 import json
 import zlib
 
@@ -193,7 +194,8 @@ def test_cache_bytes_do_not_grow_with_the_prompt():
 
 def test_decode_past_its_room_replaces_the_lowest_score(tiny_heads):
     """A full cache: the new token takes the slot of the lowest-scored entry outside the last
-    ``stabilizers`` positions, and the step attends to exactly the resulting cache."""
+    ``stabilizers`` positions, stored with score ``+inf`` (a generated token is never evicted
+    ahead of a prompt token), and the step attends to exactly the resulting cache."""
     cfg, _, w1, w2 = tiny_heads
     policy = _locret(w1, w2, stabilizers=2)
     rng = np.random.default_rng(3)
@@ -210,8 +212,14 @@ def test_decode_past_its_room_replaces_the_lowest_score(tiny_heads):
     out, new = policy.decode(0, x, cache, step=jnp.int32(0))
     # Positions 8 and 9 are protected; head 0 loses position 3 (score 1.0), head 1 position 0.
     np.testing.assert_array_equal(np.asarray(new.pos[0]), [[0, 10, 7, 8, 9], [10, 3, 7, 8, 9]])
-    want = np.asarray(head_scores(w1[0], w2[0], head_inputs(x)))[0, 0]
-    np.testing.assert_allclose(np.asarray(new.score[0])[[0, 1], [1, 0]], want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new.score[0])[[0, 1], [1, 0]], np.inf)
+    np.testing.assert_array_equal(np.asarray(new.score[0])[[0, 0, 0, 1, 1, 1], [0, 2, 3, 1, 2, 3]],
+                                  score[0][[0, 0, 0, 1, 1, 1], [0, 2, 3, 1, 2, 3]])
+    _, again = policy.decode(0, dataclasses.replace(x, positions=jnp.array([[11]], jnp.int32)),
+                             new, step=jnp.int32(1))
+    # Position 8 is no longer protected and is the lowest prompt entry left in both heads; the
+    # generated 10 stays.
+    np.testing.assert_array_equal(np.asarray(again.pos[0]), [[0, 10, 7, 11, 9], [10, 3, 7, 11, 9]])
     import pallas_kernels as pk
 
     ref, _ = pk.masked_attention(x.q[:, 0, :, None], new.k, new.v, jnp.ones((1, 1, 1, 1, slots),

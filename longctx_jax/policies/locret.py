@@ -180,10 +180,4 @@ class Locret(Evicting):
         return f"retaining heads d_R={jnp.shape(self.w1)[2]} ({source})"
 
     def scores(self, layer, x, lse):
-        return self._score(layer, x)
-
-    def decode_scores(self, layer, x):
-        return self._score(layer, x)
-
-    def _score(self, layer, x):
         return head_scores(self.w1[layer], self.w2[layer], head_inputs(x)).swapaxes(1, 2)

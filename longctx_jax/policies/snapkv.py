@@ -5,8 +5,7 @@ give them (SnapKV's observation window): the softmax probabilities, over everyth
 queries see, summed over the window's queries, max-pooled over ``pool`` neighbouring positions
 and maxed over the KV head's query group. Evicting by these scores at every chunk boundary is
 the "chunked-prefill SnapKV" baseline of the Locret paper. Schedule, cache and decode are
-:mod:`longctx_jax.policies.evicting`'s; a generated token has no observation window and is
-scored ``+inf`` (kept over prompt tokens once the decode room is used up).
+:mod:`longctx_jax.policies.evicting`'s.
 """
 
 from __future__ import annotations
@@ -36,9 +35,6 @@ class SnapKV(Evicting):
 
     def scores(self, layer, x, lse):
         return window_scores(x.q, x.k, x.positions, lse, self.observation, self.pool)
-
-    def decode_scores(self, layer, x):
-        return jnp.full((x.k.shape[0], x.k.shape[2], 1), jnp.inf, jnp.float32)
 
 
 def window_scores(q: jax.Array, k: jax.Array, positions: jax.Array, lse: jax.Array,
