@@ -116,16 +116,20 @@ class SlotKV:
     def retain(self, priority: jax.Array, keep: int) -> "SlotKV":
         """Keep, per (sequence, head), the ``keep`` filled slots of highest ``priority [B, Hkv,
         S]`` (ties: the lower slot) and empty the rest. Kept entries are packed into slots
-        ``0 .. keep - 1`` in priority order, so the free slots follow them."""
+        ``0 .. keep - 1`` in the order of their positions, so the free slots follow them and a
+        slot's index is its token's rank among those kept."""
         prio = jnp.where(self.pos >= 0, priority.astype(jnp.float32), -jnp.inf)
-        order = jnp.argsort(-prio, axis=-1, stable=True)
+        rank = jnp.argsort(jnp.argsort(-prio, axis=-1, stable=True), axis=-1)
+        kept = (rank < keep) & (self.pos >= 0)
+        order = jnp.argsort(jnp.where(kept, self.pos, jnp.iinfo(jnp.int32).max), axis=-1,
+                            stable=True)
 
         def take(x):
             idx = order if x.ndim == 3 else order[..., None]
             return jnp.take_along_axis(x, idx, axis=2)
 
-        pos = take(self.pos)
-        pos = jnp.where(jnp.arange(self.slots) < keep, pos, -1)
+        pos = jnp.where(jnp.arange(self.slots) < jnp.sum(kept, -1, keepdims=True), take(self.pos),
+                        -1)
         return SlotKV(take(self.k), take(self.v), pos, take(self.score))
 
 

@@ -43,9 +43,10 @@ BAD = {
                  dict(sink=-1), dict(recent=-1)],
     "locret": [dict(budget=0, **_HEADS), dict(budget=4, stabilizers=4, **_HEADS),
                dict(stabilizers=-1, **_HEADS), dict(chunk=0, **_HEADS),
-               dict(decode_room=-1, **_HEADS), dict(heads="/nonexistent/heads.npz")],
+               dict(decode_room=-1, **_HEADS), dict(heads="/nonexistent/heads.npz"),
+               dict(positions="compact", **_HEADS)],
     "snapkv": [dict(budget=0), dict(budget=4, stabilizers=5), dict(chunk=0),
-               dict(decode_room=-1), dict(observation=0), dict(pool=2)],
+               dict(decode_room=-1), dict(observation=0), dict(pool=2), dict(positions="x")],
     "retrieval": [dict(sink=-1), dict(window=0), dict(k=0), dict(k=2.5), dict(index="bogus"),
                   dict(scan=0), dict(scan=1.5), dict(attend="gpu"), dict(train_queries=0)],
 }

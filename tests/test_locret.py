@@ -16,7 +16,7 @@ from longctx_jax import LongctxError
 from longctx_jax.attention import AttnInputs
 from longctx_jax.cache import SlotKV
 from longctx_jax.config import preset
-from longctx_jax.model import Block, random_params
+from longctx_jax.model import Block, apply_rope, random_params, rope_inv_freq
 from longctx_jax.policies import Full, make_policy
 from longctx_jax.policies.base import AttentionPolicy, pytree_dataclass
 from longctx_jax.policies.evicting import evict
@@ -179,6 +179,71 @@ def test_budget_covering_the_prompt_equals_full_attention(tiny_heads, prompt_len
     policy = make_policy("locret", budget=prompt_len, stabilizers=2, chunk=4, decode_room=6,
                          w1=w1, w2=w2)
     check.check_equals(cfg, params, policy, Full(), prompt_len=prompt_len, new=6)
+
+
+@pytest.mark.parametrize("prompt_len", [9, 21])
+def test_cache_positions_with_a_covering_budget_equal_full_attention(tiny_heads, prompt_len):
+    """With nothing evicted, every token's cache position is its position."""
+    cfg, params, w1, w2 = tiny_heads
+    policy = make_policy("locret", budget=prompt_len, stabilizers=2, chunk=4, decode_room=6,
+                         positions="cache", w1=w1, w2=w2)
+    check.check_equals(cfg, params, policy, Full(), prompt_len=prompt_len, new=6)
+
+
+def _attend(q, keys, values):
+    """Softmax attention of one query ``[Hq, D]`` over ``keys``/``values`` ``[Hkv][n, D]``."""
+    hq, d = q.shape
+    group = hq // len(keys)
+    out = np.zeros((hq, d))
+    for h in range(hq):
+        logits = keys[h // group] @ q[h] / np.sqrt(d)
+        p = np.exp(logits - logits.max())
+        out[h] = (p / p.sum()) @ values[h // group]
+    return out
+
+
+def test_cache_positions_renumber_the_kept_tokens(tiny_heads):
+    """Under ``positions="cache"`` the kept tokens count ``0 .. n - 1`` in order after an
+    eviction, the piece continues from ``n`` and a generated token takes the next number: a
+    numpy reference rotating the raw queries and keys to those numbers gives the same outputs,
+    for the last piece of a 14-token prompt and for a decode step."""
+    cfg, _, w1, w2 = tiny_heads
+    rng = np.random.default_rng(5)
+    t, hq, hkv, d = 14, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    inv = rope_inv_freq(cfg)
+    rope = lambda x, p: np.asarray(apply_rope(jnp.asarray(x)[None], jnp.asarray(p)[None], inv))[0]
+    q_raw, k_raw, v = (rng.normal(size=(t + 1, h, d)).astype(np.float32) for h in (hq, hkv, hkv))
+    pos = np.arange(t + 1, dtype=np.int32)
+
+    def inputs(sl):
+        return AttnInputs(jnp.asarray(rope(q_raw[sl], pos[sl]))[None],
+                          jnp.asarray(rope(k_raw[sl], pos[sl]))[None], jnp.asarray(v[sl])[None],
+                          jnp.asarray(pos[sl])[None], jnp.asarray(q_raw[sl])[None],
+                          jnp.asarray(k_raw[sl])[None])
+
+    policy = _locret(w1, w2, positions="cache")
+    cache = policy.init_cache(cfg, 1, 32, jnp.float32)[0]
+    out, cache = policy.prefill(0, inputs(slice(0, t)), cache)
+    kept = np.asarray(cache.kv.pos[0])  # [Hkv, S]: kept tokens in order, then the last piece
+    last = t - (t - 1) % 4 - 1  # the last piece: positions 12 and 13
+    n = int((kept[0] >= 0).sum()) - (t - last)
+    assert n == 6 and np.all(kept[:, n:n + t - last] == np.arange(last, t))
+    for j, p in enumerate(range(last, t)):
+        tokens = [kept[h, :n + j + 1] for h in range(hkv)]  # numbered 0 .. n + j
+        keys = [rope(k_raw[tok, h][:, None], np.arange(len(tok)))[:, 0]
+                for h, tok in enumerate(tokens)]
+        want = _attend(rope(q_raw[p][None], np.array([n + j]))[0], keys,
+                       [v[tok, h] for h, tok in enumerate(tokens)])
+        np.testing.assert_allclose(np.asarray(out[0, p]), want, atol=2e-5)
+    out, cache = policy.decode(0, inputs(slice(t, t + 1)), cache, step=jnp.int32(0))
+    tokens = [np.asarray(cache.kv.pos[0, h])[:n + t - last + 1] for h in range(hkv)]
+    assert all(tok[-1] == t for tok in tokens)
+    keys = [rope(k_raw[tok, h][:, None], np.arange(len(tok)))[:, 0] for h, tok in enumerate(tokens)]
+    want = _attend(rope(q_raw[t][None], np.array([n + t - last]))[0], keys,
+                   [v[tok, h] for h, tok in enumerate(tokens)])
+    np.testing.assert_allclose(np.asarray(out[0, 0]), want, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(cache.cpos[0, :, :n + t - last + 1]),
+                                  np.tile(np.arange(n + t - last + 1), (hkv, 1)))
 
 
 def test_cache_bytes_do_not_grow_with_the_prompt():

@@ -28,14 +28,21 @@ right after them; every head of a sequence holds the same number of tokens (all 
 same tokens and keep the same count), and sequences still prefilling a piece hold the same
 number too (their earlier pieces were all full). So a piece's attention is one causal band
 whose queries start at that count (``pallas_kernels.band_prefill_attention``), and a decode
-step reads the first ``count + 1`` rows (``pallas_kernels.decode_attention``). Keys keep the
-RoPE rotation of their original position; the paper's re-assignment of compacted positions is
-not implemented.
+step reads the first ``count + 1`` rows (``pallas_kernels.decode_attention``).
+
+Positions. By default (``positions="original"``) keys keep the RoPE rotation of their original
+position. ``positions="cache"`` is the paper's compaction: the kept tokens are numbered ``0 ..
+n - 1`` in order after every eviction, a piece continues from ``n``, and each generated token
+takes the next number. The stored keys keep their original rotation and attention rotates
+them by ``cache position - position`` on the fly (:class:`Renumbered`): one rotation from the
+original, where re-rotating the stored keys at every eviction would pile up bf16 rounding.
+That costs a rotated copy of the cache per piece and per decode step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +51,7 @@ import pallas_kernels as pk
 from longctx_jax.attention import AttnInputs
 from longctx_jax.cache import SlotKV
 from longctx_jax.errors import LongctxError
+from longctx_jax.model import apply_rope, rope_inv_freq
 from longctx_jax.policies.base import AttentionPolicy, heads_first, static
 
 
@@ -61,6 +69,10 @@ class Evicting(AttentionPolicy):
                                         "chunk (once full, new tokens replace the "
                                         "lowest-scored entries)")
 
+    positions: str = static("original", help="'original': keys keep their prompt positions' "
+                                             "RoPE; 'cache': the paper's compacted positions, "
+                                             "the kept tokens renumbered after each eviction")
+
     chunk_invariant = False          # evictions happen at chunk boundaries
     decode_matches_prefill = False   # decode sees the evicted cache a prefill would not
 
@@ -74,6 +86,9 @@ class Evicting(AttentionPolicy):
                                f"{self.stabilizers}")
         if self.decode_room < 0:
             raise LongctxError(f"{name} decode_room must be >= 0, got {self.decode_room}")
+        if self.positions not in ("original", "cache"):
+            raise LongctxError(f"{name} positions must be 'original' or 'cache', got "
+                               f"{self.positions!r}")
 
     def slots(self, max_len: int) -> int:
         """Slots per (sequence, KV head) for a cache of ``max_len`` tokens."""
@@ -81,8 +96,15 @@ class Evicting(AttentionPolicy):
 
     def init_cache(self, cfg, batch, max_len, dtype):
         self.validate(cfg, max_len)
-        return tuple(SlotKV.empty(batch, cfg.num_kv_heads, self.slots(max_len), cfg.head_dim,
-                                  dtype) for _ in range(cfg.num_layers))
+        slots = self.slots(max_len)
+
+        def layer():
+            kv = SlotKV.empty(batch, cfg.num_kv_heads, slots, cfg.head_dim, dtype)
+            if self.positions == "original":
+                return kv
+            return Renumbered(kv, kv.pos, jnp.asarray(rope_inv_freq(cfg), jnp.float32))
+
+        return tuple(layer() for _ in range(cfg.num_layers))
 
     def scores(self, layer: int, x: AttnInputs, lse: jax.Array) -> jax.Array:
         """Scores ``[B, Hkv, T]`` (float32) of a prefill piece's tokens; ``lse [B, Hq, T]`` is
@@ -97,28 +119,69 @@ class Evicting(AttentionPolicy):
             outs.append(out)
         return jnp.concatenate(outs, axis=1), cache
 
-    def _prefill_piece(self, layer, x: AttnInputs, cache: SlotKV):
+    def _prefill_piece(self, layer, x: AttnInputs, cache):
+        kv = cache.kv if isinstance(cache, Renumbered) else cache
         valid = x.positions >= 0
         live = jnp.any(valid, axis=1)  # rows with tokens in this piece
-        cache = evict(cache, self.budget, self.stabilizers, live)
-        start = jnp.max(jnp.where(live, cache.filled()[:, 0], 0))  # the same for live rows
-        cache = append(cache, x.k.swapaxes(1, 2), x.v.swapaxes(1, 2), x.positions, start)
-        out, lse = pk.band_prefill_attention(heads_first(x.q), cache.k, cache.v, q_start=start,
-                                             k_start=0, sink=0, window=cache.slots)
+        kv = evict(kv, self.budget, self.stabilizers, live)
+        start = jnp.max(jnp.where(live, kv.filled()[:, 0], 0))  # the same for live rows
+        kv = append(kv, x.k.swapaxes(1, 2), x.v.swapaxes(1, 2), x.positions, start)
+        q, keys = x.q, kv.k
+        if isinstance(cache, Renumbered):  # kept tokens are packed in order: slot = number
+            cpos = jnp.where(kv.pos >= 0, jnp.arange(kv.slots, dtype=jnp.int32), -1)
+            q_cpos = start + jnp.arange(x.q.shape[1], dtype=jnp.int32)
+            q = apply_rope(x.q, q_cpos[None, :] - x.positions, cache.inv_freq)
+            cache = dataclasses.replace(cache, cpos=cpos)
+            keys = cache.keys(kv)
+        out, lse = pk.band_prefill_attention(heads_first(q), keys, kv.v, q_start=start,
+                                             k_start=0, sink=0, window=kv.slots)
         score = self.scores(layer, x, lse).astype(jnp.float32)
-        score = _put(cache.score, score, valid[:, None, :], start)
-        return heads_first(out), dataclasses.replace(cache, score=score)
+        kv = dataclasses.replace(kv, score=_put(kv.score, score, valid[:, None, :], start))
+        return heads_first(out), _rewrap(cache, kv)
 
     def decode(self, layer, x, cache, *, step, phase=0):
+        kv = cache.kv if isinstance(cache, Renumbered) else cache
         position = x.positions[:, 0]
-        count = cache.filled()[:, 0]
-        protected = cache.pos >= position[:, None, None] - self.stabilizers
-        victim = jnp.argmin(jnp.where(protected, jnp.inf, cache.score), axis=-1)
-        slot = jnp.where((count < cache.slots)[:, None], count[:, None], victim)
-        cache = cache.write(x.k, x.v, slot[..., None], x.positions, jnp.float32(jnp.inf))
-        out, _ = pk.decode_attention(x.q[:, 0], cache.k, cache.v,
-                                     jnp.minimum(count + 1, cache.slots))
-        return out[:, None], cache
+        count = kv.filled()[:, 0]
+        protected = kv.pos >= position[:, None, None] - self.stabilizers
+        victim = jnp.argmin(jnp.where(protected, jnp.inf, kv.score), axis=-1)
+        slot = jnp.where((count < kv.slots)[:, None], count[:, None], victim)
+        kv = kv.write(x.k, x.v, slot[..., None], x.positions, jnp.float32(jnp.inf))
+        q, keys = x.q, kv.k
+        if isinstance(cache, Renumbered):  # the new token takes the next number
+            number = jnp.max(cache.cpos, axis=(1, 2)) + 1  # [B]
+            q = apply_rope(x.q, (number - position)[:, None], cache.inv_freq)
+            at = jnp.arange(kv.slots) == slot[..., None]
+            cache = dataclasses.replace(cache, cpos=jnp.where(at, number[:, None, None],
+                                                              cache.cpos))
+            keys = cache.keys(kv)
+        out, _ = pk.decode_attention(q[:, 0], keys, kv.v, jnp.minimum(count + 1, kv.slots))
+        return out[:, None], _rewrap(cache, kv)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Renumbered:
+    """An evicting policy's cache under cache positions (see the module docstring): ``kv`` as
+    under original positions, ``cpos [B, Hkv, S]`` int32 each slot's cache position (``-1``
+    empty) and ``inv_freq [D / 2]`` the model's RoPE frequencies."""
+
+    kv: SlotKV
+    cpos: jax.Array
+    inv_freq: jax.Array
+
+    logical_axes: ClassVar[dict] = {"cpos": ("batch", "kv_heads", "seq"),
+                                    "inv_freq": ("head_dim",)}
+
+    def keys(self, kv: SlotKV) -> jax.Array:
+        """``kv``'s keys rotated from their positions to their cache positions (float32 math)."""
+        b, h, s, d = kv.k.shape
+        shift = jnp.where(kv.pos >= 0, self.cpos - kv.pos, 0).reshape(b * h, s)
+        return apply_rope(kv.k.reshape(b * h, s, 1, d), shift, self.inv_freq).reshape(b, h, s, d)
+
+
+def _rewrap(cache, kv: SlotKV):
+    return dataclasses.replace(cache, kv=kv) if isinstance(cache, Renumbered) else kv
 
 
 def evict(cache: SlotKV, keep: int, recent: int, rows: jax.Array) -> SlotKV:

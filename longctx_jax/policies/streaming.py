@@ -37,8 +37,10 @@ class Streaming(AttentionPolicy):
     sink: int = static(64, help="attention-sink tokens kept from the start of the context")
     window: int = static(256, help="most recent tokens kept")
     positions: str = static("original", help="RoPE positions of the kept keys: 'original' (their "
-                            "own) or 'cache' (StreamingLLM's, within the cache: every distance "
-                            "stays below sink + window, so contexts past the model's run in range)")
+                            "own) or 'cache' (numbered within the cache; streaming: "
+                            "StreamingLLM's, every distance stays below sink + window, so "
+                            "contexts past the model's run in range; locret, snapkv: the "
+                            "paper's compaction after each eviction)")
 
     def __post_init__(self):
         if self.sink < 0:
