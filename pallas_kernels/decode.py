@@ -52,6 +52,18 @@ from pallas_kernels.merge import merge_splits
 # memory, so one runs per SM at a time. One wave of programs (splits = SMs // (B * Hkv)) measured
 # best on the H100: 16 splits for B=1, Hkv=8; 2 for B=8 (see README.md).
 BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 4, 3
+# Their shared memory is the budget for other shapes: float32 tiles at D=128 would need ~400 KB,
+# more than a Hopper SM has, so 4-byte caches and wider heads get shorter tiles.
+SMEM_BUDGET = NUM_STAGES * 2 * BLOCK_K * 128 * 2
+
+
+def fit_block_k(d: int, itemsize: int) -> int:
+    """The longest power-of-two tile (at most ``BLOCK_K`` rows) whose K and V copies over the
+    pipeline stages fit ``SMEM_BUDGET`` for head dim ``d`` and a cache of ``itemsize`` bytes."""
+    block_k = BLOCK_K
+    while block_k > 16 and NUM_STAGES * 2 * block_k * d * itemsize > SMEM_BUDGET:
+        block_k //= 2
+    return block_k
 
 
 def decode_attention(q, k, v, lengths, *, scale=None, with_scores: bool = False,
@@ -140,9 +152,10 @@ def _check(q, k, v):
                          f"{q.shape}, {k.shape}, {v.shape}")
 
 
-def default_config(b: int, hkv: int, t: int):
+def default_config(b: int, hkv: int, t: int, d: int = 128, itemsize: int = 2):
     """``(block_k, num_splits)``: one wave of programs over the SMs, splits a multiple of block_k."""
-    block_k = BLOCK_K if t >= BLOCK_K else max(16, 1 << (max(t, 1) - 1).bit_length())
+    tile = fit_block_k(d, itemsize)
+    block_k = tile if t >= tile else max(16, 1 << (max(t, 1) - 1).bit_length())
     blocks = cdiv(t, block_k)
     splits = max(1, min(blocks, num_sms() // (b * hkv)))
     return block_k, splits
@@ -199,7 +212,7 @@ def decode_pallas(q, k, v, lengths, *, new_k=None, new_v=None, scale=None, with_
     g = hq // hkv
     gp = group_rows(g)
     append = new_k is not None
-    bk0, ns0 = default_config(b, hkv, t)
+    bk0, ns0 = default_config(b, hkv, t, d, jnp.dtype(k.dtype).itemsize)
     block_k = block_k or bk0
     num_splits = num_splits or ns0
     split_len = cdiv(cdiv(t, num_splits), block_k) * block_k

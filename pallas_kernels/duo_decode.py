@@ -59,7 +59,7 @@ from pallas_kernels._common import (
     store_group,
 )
 from pallas_kernels.decode import (NUM_STAGES, NUM_WARPS, append_rows,
-                                   decode_attention_reference)
+                                   decode_attention_reference, fit_block_k)
 from pallas_kernels.merge import merge_splits
 
 BLOCK_K = 128
@@ -210,12 +210,13 @@ def _kernel(len_ref, head_ref, q_ref, kn_ref, vn_ref, dk_ref, dv_ref, rk_ref, rv
 
 
 def duo_pallas(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, retrieval, *, sink,
-               scale=None, interpret=False, block_k=BLOCK_K, num_splits=None,
+               scale=None, interpret=False, block_k=None, num_splits=None,
                num_warps=NUM_WARPS, num_stages=NUM_STAGES):
     """The Pallas path; ``retrieval`` is a tuple or an int32 array (traced too), block sizes are
     overridable for tests. The layout is built outside the jitted call, so concrete ids fold."""
-    b, r, t = dense_k.shape[:3]
+    b, r, t, d = dense_k.shape
     s = ring_k.shape[1]
+    block_k = block_k or fit_block_k(d, jnp.dtype(dense_k.dtype).itemsize)
     split_len = cdiv(cdiv(t, num_splits or default_splits(b, r, s, t, block_k)), block_k) * block_k
     splits = cdiv(t, split_len)
     ids = _as_ids(retrieval)

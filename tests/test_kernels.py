@@ -741,3 +741,17 @@ def test_default_impl_overrides_auto(monkeypatch):
     with pytest.raises(ValueError, match="unknown impl"):
         with pk.default_impl("cuda"):
             pass
+
+
+def test_decode_tiles_fit_shared_memory():
+    """Float32 caches and wide heads get shorter tiles: three stages of 128-row float32 K and V
+    tiles at D=128 would need ~400 KB, more than a Hopper SM's shared memory."""
+    from pallas_kernels.decode import NUM_STAGES, SMEM_BUDGET, default_config, fit_block_k
+
+    assert fit_block_k(128, 2) == 128 and fit_block_k(64, 4) == 128
+    assert fit_block_k(128, 4) == 64 and fit_block_k(256, 2) == 64 and fit_block_k(256, 4) == 32
+    for d in (64, 128, 256):
+        for itemsize in (2, 4):
+            assert NUM_STAGES * 2 * fit_block_k(d, itemsize) * d * itemsize <= SMEM_BUDGET
+    assert default_config(1, 8, 131072, 128, 4)[0] == 64
+    assert default_config(1, 8, 40, 128, 4)[0] == 64  # short caches: the next power of two
