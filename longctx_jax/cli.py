@@ -208,7 +208,7 @@ def _policy(args):
             raise LongctxError(f"{flag} applies to --method {' or '.join(methods)}, not {name!r}")
         if field.name in options and field.name in inline:
             raise LongctxError(f"{flag} is also given inline in --method {args.method}")
-    args.method = name
+    args.method, args.method_options = name, {**inline, **options}  # for the JSON records
     try:
         return make_policy(name, **inline, **options)
     except LongctxError as e:  # name the flags the user typed, not the fields behind them
@@ -330,7 +330,7 @@ def _generate(args) -> int:
           f"{human_bytes(result.cache_bytes)} ({args.dtype})"
           + "".join(f" | {d}" for d in [policy.describe(model.config)] if d), file=sys.stderr)
     _write_json(args.json, {"token_ids": ids, "text": out_text, "prompt_tokens": len(prompt),
-                            "method": args.method, "method_options": _options(args),
+                            "method": args.method, "method_options": args.method_options,
                             "policy": _label(policy),
                             "dtype": args.dtype, "prefill_seconds": pre, "decode_seconds": dec,
                             "seconds": pre + dec, "cache_bytes": result.cache_bytes})
@@ -374,7 +374,7 @@ def _score(args) -> int:
           f"({len(ids) / seconds:.0f} tok/s); compilation included", file=sys.stderr)
     record = {"n_tokens": result.n_tokens, "mean_nll": result.mean_nll, "ppl": result.ppl,
               "decode_from": args.decode_from, "method": args.method,
-              "method_options": _options(args), "policy": _label(policy), "dtype": args.dtype}
+              "method_options": args.method_options, "policy": _label(policy), "dtype": args.dtype}
     if args.decode_from is not None:
         print(f"scored the {result.n_tokens - 1 - args.decode_from} predictions made by decode "
               f"steps (tokens {args.decode_from + 1}-{result.n_tokens - 1})")

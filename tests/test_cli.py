@@ -78,9 +78,13 @@ def test_sink_plus_window_larger_than_cache(capsys):
 def test_score_streaming_on_a_text_shorter_than_its_window(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("It was the best of times, it was the worst of times. " * 8)
+    record = tmp_path / "score.json"
     code, out, _ = _run(capsys, "score", "--text-file", str(text), "--max-tokens", "48",
-                        "--method", "streaming", "--chunk-size", "16")
+                        "--method", "streaming:sink=4", "--window", "64", "--chunk-size", "16",
+                        "--json", str(record))
     assert code == 0 and "streaming" in out
+    # The record names every option given, inline or by flag.
+    assert json.loads(record.read_text())["method_options"] == {"sink": 4, "window": 64}
 
 
 @pytest.fixture
