@@ -119,7 +119,8 @@ def _layer0_scores(cfg, params, w1, w2, tokens):
 def _simulate(scores, length, chunk_size, chunk, budget, stabilizers):
     """Per head, the positions in slot order after a chunked prefill of ``length`` tokens:
     before each piece a head holding more than ``budget`` keeps the ``budget`` of highest
-    priority, a stable sort over its slots (ties: the lower slot), then the piece is appended."""
+    priority, a stable sort over its slots (ties: the lower slot), packed in position order,
+    then the piece is appended."""
     slots = [[] for _ in scores]
     pieces = [(lo, min(lo + chunk, start + chunk_size, length))
               for start in range(0, length, chunk_size)
@@ -128,7 +129,7 @@ def _simulate(scores, length, chunk_size, chunk, budget, stabilizers):
         for h, kept in enumerate(slots):
             if len(kept) > budget:
                 prio = [np.inf if p >= lo - stabilizers else scores[h][p] for p in kept]
-                kept = [kept[i] for i in np.argsort(-np.asarray(prio), kind="stable")[:budget]]
+                kept = sorted(kept[i] for i in np.argsort(-np.asarray(prio), kind="stable")[:budget])
             slots[h] = kept + list(range(lo, hi))
     return slots
 

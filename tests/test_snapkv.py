@@ -63,7 +63,8 @@ def _simulate(q, k, length, chunk, budget, stabilizers, window, pool):
     """Per KV head, the positions in slot order after a chunked prefill (pieces of ``chunk``,
     one-shot): each piece attends to the kept tokens and itself, its last ``window`` queries
     score its tokens, and before each piece a head holding more than ``budget`` keeps the
-    ``budget`` of highest priority, a stable sort over the slots (ties: the lower slot)."""
+    ``budget`` of highest priority, a stable sort over the slots (ties: the lower slot), packed
+    in position order."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -75,7 +76,7 @@ def _simulate(q, k, length, chunk, budget, stabilizers, window, pool):
             if len(slots[h]) > budget:
                 prio = [np.inf if p >= lo - stabilizers else score[h, p] for p in slots[h]]
                 order = np.argsort(-np.asarray(prio), kind="stable")[:budget]
-                slots[h] = [slots[h][i] for i in order]
+                slots[h] = sorted(slots[h][i] for i in order)
             acc = np.zeros((g, hi - lo))
             for r in range(max(hi - window, lo), hi):
                 keys = slots[h] + list(range(lo, r + 1))
