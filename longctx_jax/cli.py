@@ -20,7 +20,7 @@ from longctx_jax.cache import human_bytes
 from longctx_jax.errors import LongctxError
 from longctx_jax.policies import available, make_policy, policy_from_spec
 from longctx_jax.policies.base import option_fields, policy_class
-from longctx_jax.sharding import check_mesh, make_mesh, parse_mesh
+from longctx_jax.sharding import AXES, check_mesh, make_mesh, parse_mesh
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -237,10 +237,12 @@ def _mesh(args, cfg, batch: int | None = None):
     before the weights load."""
     if args.mesh is None:
         return None
-    mesh = make_mesh(*parse_mesh(args.mesh))
+    from jax.sharding import AbstractMesh
+
+    sizes = parse_mesh(args.mesh)
     name = "SmolLM2" if args.model == "smollm2" else args.model
-    check_mesh(cfg, mesh, batch, model_name=name)
-    return mesh
+    check_mesh(cfg, AbstractMesh(sizes, AXES), batch, model_name=name)  # before devices count
+    return make_mesh(*sizes)
 
 
 def _check_output(path: pathlib.Path | None, flag: str, kinds: tuple[str, ...] = ()) -> None:

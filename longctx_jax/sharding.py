@@ -4,10 +4,17 @@ Every parameter and cache dimension has a *logical* name (``kv_heads``, ``mlp``,
 a rules table maps names to the axes of a device mesh ``("data", "model")``, so the layout of
 a sharded run is decided in one place. The default rules are Megatron-style: attention split by
 heads and the MLP by its intermediate dimension over ``model``, caches by KV head over ``model``
-and by sequence over ``data``. The fused weights are stored head-major (see ``model.Block``), so
+and by batch row over ``data``. The fused weights are stored head-major (see ``model.Block``), so
 a split along ``kv_heads`` keeps each KV head's query, key and value projections together; the
 output projection's ``heads`` axis is the query heads times the head dim, in KV-group order, so
 its blocks line up with them.
+
+A run on a mesh (``make_mesh``, ``--mesh data=D,model=M``) places the parameters and caches by
+these rules (``shard_params``, ``shard_caches``; inside ``jax.jit``, ``constrain_caches``) and
+lets XLA partition the dense layers; the attention kernels, which XLA cannot partition, run per
+shard (``pallas_kernels._spmd``). ``check_mesh`` refuses a ``model`` axis that does not divide
+the KV heads before any device work: a KV head is the unit of attention, and its query heads
+must sit beside it.
 """
 
 from __future__ import annotations
@@ -115,8 +122,10 @@ def make_mesh(data: int, model: int, devices=None) -> Mesh:
         if not isinstance(size, int) or size < 1:
             raise LongctxError(f"mesh {name} must be an integer >= 1, got {size!r}")
     if data * model > len(devices):
+        hint = ("; XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N CPU devices"
+                if devices[0].platform == "cpu" else "")
         raise LongctxError(f"a mesh of data={data} x model={model} needs {data * model} devices; "
-                           f"{len(devices)} available ({devices[0].platform})")
+                           f"{len(devices)} available ({devices[0].platform}){hint}")
     return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2,
                          devices=devices[: data * model])
 
