@@ -20,6 +20,7 @@ from longctx_jax.cache import human_bytes
 from longctx_jax.errors import LongctxError
 from longctx_jax.policies import available, make_policy, policy_from_spec
 from longctx_jax.policies.base import option_fields, policy_class
+from longctx_jax.sharding import AXES, check_mesh, make_mesh, parse_mesh
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -165,6 +166,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=_DTYPES,
                    help="weights, activations and cache (bfloat16 halves the cache on a GPU)")
     p.add_argument("--json", type=pathlib.Path, default=None, help="write results as JSON here")
+    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="run sharded over D x M devices: batch over data, KV heads (and the "
+                        "MLP) over model; M must divide the model's KV heads")
 
 
 def _method_spec(text: str) -> str:
@@ -224,6 +228,21 @@ def _check_common(args) -> None:
     if args.chunk_size < 1:
         raise LongctxError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     _check_output(args.json, "--json")
+    if args.mesh is not None:
+        parse_mesh(args.mesh)
+
+
+def _mesh(args, cfg, batch: int | None = None):
+    """The mesh of ``--mesh`` (``None`` without it), checked against the model and the batch
+    before the weights load."""
+    if args.mesh is None:
+        return None
+    from jax.sharding import AbstractMesh
+
+    sizes = parse_mesh(args.mesh)
+    name = "SmolLM2" if args.model == "smollm2" else args.model
+    check_mesh(cfg, AbstractMesh(sizes, AXES), batch, model_name=name)  # before devices count
+    return make_mesh(*sizes)
 
 
 def _check_output(path: pathlib.Path | None, flag: str, kinds: tuple[str, ...] = ()) -> None:
@@ -301,6 +320,7 @@ def _generate(args) -> int:
     check_positions(source.config, policy, len(prompt) + args.max_new_tokens,
                     f"the prompt's {len(prompt)} tokens plus --max-new-tokens "
                     f"{args.max_new_tokens}")
+    mesh = _mesh(args, source.config, batch=1)
     model = _load(source, args)
 
     streamed: list[int] = []
@@ -319,7 +339,7 @@ def _generate(args) -> int:
     result = generate(model.config, model.params, policy, [prompt],
                       max_new_tokens=args.max_new_tokens, max_len=args.max_len,
                       chunk_size=args.chunk_size, sampling=sampling, stop_ids=tok.stop_ids,
-                      seed=args.seed, stream=stream, progress=True)
+                      seed=args.seed, stream=stream, progress=True, mesh=mesh)
     ids = result.ids(0)
     out_text = tok.decode(ids, skip_special=True)
     sys.stdout.write(out_text[len(printed[0]):] + "\n")
@@ -365,10 +385,11 @@ def _score(args) -> int:
     if reference is not None:
         check_positions(source.config, reference, args.max_tokens, f"--compare {args.compare} "
                         f"over --max-tokens {args.max_tokens}")
+    mesh = _mesh(args, source.config)
     model = _load(source, args)
     start = time.perf_counter()
     result = score(model.config, model.params, policy, ids, chunk_size=args.chunk_size,
-                   reference=reference, decode_from=args.decode_from)
+                   reference=reference, decode_from=args.decode_from, mesh=mesh)
     seconds = time.perf_counter() - start
     print(f"[{_label(policy)}] {len(ids)} tokens scored in {seconds:.2f}s "
           f"({len(ids) / seconds:.0f} tok/s); compilation included", file=sys.stderr)
@@ -425,10 +446,11 @@ def _eval(args) -> int:
     except LongctxError as e:
         raise LongctxError(f"--lengths: {e}") from None
     policy.validate(source.config, longest)
+    mesh = _mesh(args, source.config, batch=min(args.batch_size, args.samples))
     model = _load(source, args)
     record = run_eval(model, policy, args.task, lengths, depths, args.samples, mode=args.mode,
                       variant=args.variant, haystack=haystack, seed=args.seed,
-                      batch_size=args.batch_size, chunk_size=args.chunk_size)
+                      batch_size=args.batch_size, chunk_size=args.chunk_size, mesh=mesh)
     record.update(model=args.model, dtype=args.dtype,
                   haystack=str(args.haystack_file) if args.haystack_file else None)
     print(format_table(record))

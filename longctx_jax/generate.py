@@ -29,6 +29,8 @@ from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
 from longctx_jax.model import Decoder
 from longctx_jax.policies.base import AttentionPolicy
+from longctx_jax.sharding import (batch_sharding, check_mesh, constrain_caches, shard_caches,
+                                  shard_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +195,8 @@ def prefill_tokens(params, policy: AttentionPolicy, tokens: jax.Array, lengths: 
     """Jitted prefill of right-padded prompts ``tokens [B, P]`` (``P`` a multiple of
     ``chunk_size``), ``lengths [B]``: ``(logits [B, V] float32 of each last token, caches)``.
     ``progress``: see :func:`prefill_chunks`."""
-    caches = policy.init_cache(cfg, tokens.shape[0], max_len, activation_dtype(params))
+    caches = constrain_caches(policy.init_cache(cfg, tokens.shape[0], max_len,
+                                                activation_dtype(params)))
     last, caches = prefill_chunks(cfg, params, policy, tokens, lengths, caches, chunk_size,
                                   gather=(lengths - 1)[:, None], progress=progress)
     return Decoder(cfg).apply({"params": params}, last[:, 0], method=Decoder.logits), caches
@@ -292,7 +295,7 @@ def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cf
                     max_new_tokens: int, max_len: int, chunk_size: int,
                     sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = (),
                     pad_id: int = 0, stream: Callable[[np.ndarray], None] | None = None,
-                    progress: bool = False, stats: dict | None = None):
+                    progress: bool = False, stats: dict | None = None, mesh=None):
     """Chunked prefill, the policy's host step, then the decode loop: two jitted calls.
 
     ``tokens [B, P]`` right-padded (``P`` a multiple of ``chunk_size``), ``lengths [B]``.
@@ -303,10 +306,17 @@ def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cf
     ``stats``, if given, receives the ``"prefill"`` and ``"decode"`` wall times (each waits for
     its result, so the two calls no longer overlap) and ``"cache_bytes"``, the device cache the
     decode loop runs on (after the policy's host step, which may shrink it).
+    ``mesh`` (``sharding.make_mesh``; checked by ``sharding.check_mesh``): run sharded, batch
+    over ``data`` and heads over ``model``; ``None`` runs on one device.
     Returns ``(ids [B, max_new_tokens], n_generated [B])``.
     """
     capacity = bucket(max_new_tokens, 256)
     with contextlib.ExitStack() as stack:
+        if mesh is not None:  # the kernels read the mesh at trace time (pallas_kernels._spmd)
+            stack.enter_context(jax.set_mesh(mesh))
+            params = shard_params(cfg, params, mesh)
+            tokens, lengths = (jax.device_put(x, batch_sharding(mesh, x.shape[0], np.ndim(x)))
+                               for x in (tokens, lengths))
         bound = stack.enter_context(policy.session(cfg, tokens.shape[0], max_len))
         handle = 0 if stream is None else stack.enter_context(host_offload.registered(stream))
         ticker = None
@@ -321,6 +331,8 @@ def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cf
         logits, caches = prefill_tokens(params, bound, tokens, lengths, ticker, cfg=cfg,
                                         max_len=max_len, chunk_size=chunk_size)
         caches = bound.after_prefill(caches, lengths)
+        if mesh is not None:  # what a host step hands back goes to the same layout
+            caches = shard_caches(caches, mesh)
         if stats is not None or ticker is not None:
             jax.block_until_ready((logits, caches))  # the bar's callbacks ran, too
         t1 = time.perf_counter()
@@ -343,7 +355,7 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
              max_len: int | None = None, chunk_size: int = 512, sampling: Sampling = Sampling(),
              stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
              stream: Callable[[np.ndarray], None] | None = None,
-             progress: bool = False) -> Generation:
+             progress: bool = False, mesh=None) -> Generation:
     """Generate for a batch of prompts (lists of ids, possibly of different lengths).
 
     Shapes are bucketed so that a notebook's next prompt rarely compiles anew: prompts are
@@ -353,7 +365,9 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
     Prompt plus new tokens may pass the model's context where the policy serves it
     (``policy.max_context``; a bounded cache: streaming), with a warning on stderr if its
     distances then leave the trained range.
-    ``progress``: a bar over a long prefill (see :func:`generate_tokens`).
+    ``progress``: a bar over a long prefill (see :func:`generate_tokens`). ``mesh``: run
+    sharded over it (see :func:`generate_tokens`); the batch must split over its ``data`` axis
+    and the KV heads over ``model``, else ``LongctxError`` before any device work.
     """
     lengths = [len(p) for p in prompts]
     longest = max(lengths, default=0)
@@ -361,6 +375,7 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
     if max_len is None:
         max_len = bucket(width + bucket(max_new_tokens, 256), chunk_size) if width else 0
     check_request(cfg, policy, lengths, max_new_tokens, max_len, chunk_size)
+    check_mesh(cfg, mesh, batch=len(prompts))
     _check_positions_and_warn(cfg, [policy], longest + max_new_tokens,
                               f"a prompt of {longest} tokens plus {max_new_tokens} new tokens")
     tokens, lengths = pad_prompts(prompts, min(chunk_size, width), pad_id, min_width=width)
@@ -370,7 +385,7 @@ def generate(cfg: ModelConfig, params, policy: AttentionPolicy,
         cfg=cfg, max_new_tokens=max_new_tokens, max_len=max_len,
         chunk_size=min(chunk_size, width), sampling=sampling,
         stop_ids=tuple(sorted(set(stop_ids))), pad_id=pad_id, stream=stream, progress=progress,
-        stats=stats)
+        stats=stats, mesh=mesh)
     return Generation(np.asarray(out), np.asarray(count), stats["prefill"], stats["decode"],
                       stats["cache_bytes"])
 
@@ -425,7 +440,7 @@ def _score_chunk(params, policies, caches, tokens, positions, targets, *, cfg):
 
 def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence[int], *,
           chunk_size: int = 512, reference: AttentionPolicy | None = None,
-          decode_from: int | None = None, progress: bool = True) -> Score:
+          decode_from: int | None = None, progress: bool = True, mesh=None) -> Score:
     """Mean NLL of tokens ``1..N-1`` of ``token_ids`` given their prefixes, under ``policy``
     (and, if given, ``reference``, compared token by token).
 
@@ -433,9 +448,8 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     a time through each policy's decode step (its schedule included), and score only the
     predictions those steps make: where a decode-time method (Recycled Attention, say) differs
     from its prefill. A text past the model's context is refused or warned about as in
-    :func:`generate`."""
-    from tqdm.auto import tqdm
-
+    :func:`generate`. ``mesh``: run sharded (see :func:`generate_tokens`); the one text is
+    whole on every device of ``data``, its heads split over ``model``."""
     ids = np.asarray(token_ids, np.int32)
     n = len(ids)
     if n < 2:
@@ -446,13 +460,29 @@ def score(cfg: ModelConfig, params, policy: AttentionPolicy, token_ids: Sequence
     _check_positions_and_warn(cfg, policies, n, f"a text of {n} tokens")
     for p in policies:
         p.validate(cfg, n)
+    if decode_from is not None and not 1 <= decode_from <= n - 2:
+        raise LongctxError(f"decode_from must be in [1, {n - 2}] for a text of {n} tokens, got "
+                           f"{decode_from}")
+    check_mesh(cfg, mesh)
+    with contextlib.ExitStack() as stack:
+        if mesh is not None:
+            stack.enter_context(jax.set_mesh(mesh))
+            params = shard_params(cfg, params, mesh)
+        return _score(cfg, params, policies, ids, chunk_size, decode_from, progress, mesh)
+
+
+def _score(cfg, params, policies, ids, chunk_size, decode_from, progress, mesh) -> Score:
+    """:func:`score` once the request is checked (under the mesh, if any)."""
+    from tqdm.auto import tqdm
+
+    n = len(ids)
+    policy, reference = policies[0], (policies[1] if len(policies) == 2 else None)
     # Bucketed shapes: texts of nearby lengths share the compiled chunk.
     max_len = bucket(n, chunk_size)
     chunk_size = min(chunk_size, max_len)
     caches = tuple(p.init_cache(cfg, 1, max_len, activation_dtype(params)) for p in policies)
-    if decode_from is not None and not 1 <= decode_from <= n - 2:
-        raise LongctxError(f"decode_from must be in [1, {n - 2}] for a text of {n} tokens, got "
-                           f"{decode_from}")
+    if mesh is not None:
+        caches = shard_caches(caches, mesh)
     prompt = n if decode_from is None else decode_from
     padded = np.zeros(max_len, np.int32)
     padded[:n] = ids

@@ -4,10 +4,17 @@ Every parameter and cache dimension has a *logical* name (``kv_heads``, ``mlp``,
 a rules table maps names to the axes of a device mesh ``("data", "model")``, so the layout of
 a sharded run is decided in one place. The default rules are Megatron-style: attention split by
 heads and the MLP by its intermediate dimension over ``model``, caches by KV head over ``model``
-and by sequence over ``data``. The fused weights are stored head-major (see ``model.Block``), so
+and by batch row over ``data``. The fused weights are stored head-major (see ``model.Block``), so
 a split along ``kv_heads`` keeps each KV head's query, key and value projections together; the
 output projection's ``heads`` axis is the query heads times the head dim, in KV-group order, so
 its blocks line up with them.
+
+A run on a mesh (``make_mesh``, ``--mesh data=D,model=M``) places the parameters and caches by
+these rules (``shard_params``, ``shard_caches``; inside ``jax.jit``, ``constrain_caches``) and
+lets XLA partition the dense layers; the attention kernels, which XLA cannot partition, run per
+shard (``pallas_kernels._spmd``). ``check_mesh`` refuses a ``model`` axis that does not divide
+the KV heads before any device work: a KV head is the unit of attention, and its query heads
+must sit beside it.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from typing import Mapping
 
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from longctx_jax.config import ModelConfig
+from longctx_jax.errors import LongctxError
 
 RULES: Mapping[str, str | None] = {
     "batch": "data", "kv_heads": "model", "heads": "model", "mlp": "model",
@@ -77,3 +85,128 @@ def partition_specs(axes, rules: Mapping[str, str | None] = RULES):
 
 def _is_names(x) -> bool:
     return isinstance(x, tuple) and bool(x) and all(isinstance(n, str) for n in x)
+
+
+# ------------------------------------------------------------------------------------ meshes
+
+AXES = ("data", "model")
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """``"data=2,model=4"`` -> ``(2, 4)`` (either part may be left out: it is then 1)."""
+    sizes = {"data": 1, "model": 1}
+    seen = set()
+    for item in str(text).split(","):
+        name, sep, value = item.strip().partition("=")
+        if not sep or name not in sizes or name in seen:
+            raise LongctxError(f"--mesh takes data=D,model=M (each once), got {text!r}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise LongctxError(f"--mesh {name} must be an integer, got {value!r}") from None
+        if sizes[name] < 1:
+            raise LongctxError(f"--mesh {name} must be >= 1, got {sizes[name]}")
+        seen.add(name)
+    return sizes["data"], sizes["model"]
+
+
+def make_mesh(data: int, model: int, devices=None) -> Mesh:
+    """A ``("data", "model")`` mesh over the first ``data * model`` devices.
+
+    The axes are ``Auto``: the model's dense ops are partitioned by XLA from the shardings of
+    the parameters and caches (``jax.jit`` with ``NamedSharding``), and the attention kernels run
+    per shard in a ``jax.shard_map`` (``pallas_kernels._spmd``).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    for name, size in zip(AXES, (data, model)):
+        if not isinstance(size, int) or size < 1:
+            raise LongctxError(f"mesh {name} must be an integer >= 1, got {size!r}")
+    if data * model > len(devices):
+        hint = ("; XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N CPU devices"
+                if devices[0].platform == "cpu" else "")
+        raise LongctxError(f"a mesh of data={data} x model={model} needs {data * model} devices; "
+                           f"{len(devices)} available ({devices[0].platform}){hint}")
+    return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2,
+                         devices=devices[: data * model])
+
+
+def mesh_sizes(mesh: Mesh | None) -> tuple[int, int]:
+    """``(data, model)`` sizes of ``mesh`` (``(1, 1)`` without one)."""
+    if mesh is None:
+        return 1, 1
+    shape = dict(mesh.shape)
+    return shape.get("data", 1), shape.get("model", 1)
+
+
+def check_mesh(cfg: ModelConfig, mesh: Mesh | None, batch: int | None = None,
+               model_name: str | None = None) -> None:
+    """Raise ``LongctxError`` (before any device work) unless ``mesh`` can shard ``cfg``: its
+    ``model`` axis must divide the KV heads (a KV head and its query heads stay on one device,
+    where its attention runs) and, given ``batch``, its ``data`` axis the batch."""
+    if mesh is None:
+        return
+    missing = set(AXES) - set(mesh.axis_names)
+    if missing:
+        raise LongctxError(f"the mesh needs axes {AXES}, got {tuple(mesh.axis_names)}")
+    data, model = mesh_sizes(mesh)
+    hkv = cfg.num_kv_heads
+    if hkv % model:
+        name = model_name or "the model"
+        raise LongctxError(f"{name} has {hkv} KV heads: model must divide {hkv} "
+                           f"({_divisors(hkv)}), got model={model}")
+    if batch is not None and batch % data:
+        raise LongctxError(f"a batch of {batch} sequences does not split over data={data}: data "
+                           f"must divide {batch} ({_divisors(batch)})")
+
+
+def _divisors(n: int) -> str:
+    ds = [str(d) for d in range(1, n + 1) if n % d == 0]
+    return ds[0] if len(ds) == 1 else ", ".join(ds[:-1]) + " or " + ds[-1]
+
+
+def fit_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+    """``spec`` with every mesh axis that does not divide its dimension dropped (that dimension
+    is then whole on every device of the axis): a batch of one, DuoAttention's per-layer subsets
+    of heads, an MLP width the axis does not divide."""
+    sizes = dict(mesh.shape)
+    return PartitionSpec(*(a if a is not None and shape[i] % sizes.get(a, 1) == 0 else None
+                           for i, a in enumerate(spec)))
+
+
+def shardings(tree, axes, mesh: Mesh, rules: Mapping[str, str | None] = RULES):
+    """The ``NamedSharding`` of every array of ``tree`` (arrays or ``jax.eval_shape``
+    structs) from its logical ``axes`` (:func:`param_axes`, :func:`cache_axes`), fitted to the
+    shapes (:func:`fit_spec`)."""
+    specs = partition_specs(axes, rules)
+    return jax.tree.map(lambda x, s: NamedSharding(mesh, fit_spec(s, np.shape(x), mesh)),
+                        tree, specs)
+
+
+def shard_params(cfg: ModelConfig, params, mesh: Mesh):
+    """``params`` placed on ``mesh`` by :data:`RULES`: attention by KV head, the MLP by its
+    intermediate dimension over ``model``; embeddings and norms replicated."""
+    return jax.device_put(params, shardings(params, param_axes(cfg), mesh))
+
+
+def shard_caches(caches, mesh: Mesh):
+    """A policy's caches placed on ``mesh``: batch over ``data``, KV heads over ``model``."""
+    return jax.device_put(caches, shardings(caches, cache_axes(caches), mesh))
+
+
+def constrain_caches(caches):
+    """Inside ``jax.jit`` under ``jax.set_mesh``: pin the caches' layout (batch over ``data``,
+    KV heads over ``model``), so XLA does not pick another for arrays it creates (``zeros``).
+    Without a mesh, the caches as they are."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or caches is None:
+        return caches
+    specs = partition_specs(cache_axes(caches))
+    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(
+        x, fit_spec(s, x.shape, mesh)), caches, specs)
+
+
+def batch_sharding(mesh: Mesh, batch: int, ndim: int = 1) -> NamedSharding:
+    """Inputs with a leading batch axis (tokens, lengths): rows over ``data`` where it divides."""
+    spec = fit_spec(PartitionSpec("data", *(None,) * (ndim - 1)), (batch,) + (1,) * (ndim - 1),
+                    mesh)
+    return NamedSharding(mesh, spec)

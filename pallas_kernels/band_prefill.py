@@ -35,8 +35,10 @@ from pallas_kernels._common import (
     qk_scores,
     resolve_impl,
 )
+from pallas_kernels._spmd import per_shard
 
 
+@per_shard(heads=("q", "k", "v"))
 def band_prefill_attention(q, k, v, *, q_start, k_start, sink: int, window: int, scale=None,
                            impl: str = "auto"):
     """Chunk ``q`` against ``k``/``v`` under the sink + window causal band."""

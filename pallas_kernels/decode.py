@@ -46,6 +46,7 @@ from pallas_kernels._common import (
     store_group,
     store_logits,
 )
+from pallas_kernels._spmd import per_shard
 from pallas_kernels.merge import merge_splits
 
 # With 3 pipeline stages of 128-row K and V tiles (bf16, D=128) a program holds ~200 KB of shared
@@ -66,6 +67,7 @@ def fit_block_k(d: int, itemsize: int) -> int:
     return block_k
 
 
+@per_shard(heads=("q", "k", "v"), rows=("lengths",))
 def decode_attention(q, k, v, lengths, *, scale=None, with_scores: bool = False,
                      impl: str = "auto"):
     """Decode attention of one query per sequence against ``lengths[b]`` cache rows.
@@ -86,6 +88,7 @@ def decode_attention(q, k, v, lengths, *, scale=None, with_scores: bool = False,
                          interpret=impl == "interpret")
 
 
+@per_shard(heads=("q", "k", "v", "k_cache", "v_cache"), rows=("lengths",))
 def decode_append_attention(q, k, v, k_cache, v_cache, lengths, *, scale=None,
                             with_scores: bool = False, impl: str = "auto"):
     """A decode step in one launch (plus the split merge): write the new token's ``k``/``v``

@@ -58,6 +58,7 @@ from pallas_kernels._common import (
     scan_blocks,
     store_group,
 )
+from pallas_kernels._spmd import per_shard
 from pallas_kernels.decode import (NUM_STAGES, NUM_WARPS, append_rows,
                                    decode_attention_reference, fit_block_k)
 from pallas_kernels.merge import merge_splits
@@ -65,6 +66,9 @@ from pallas_kernels.merge import merge_splits
 BLOCK_K = 128
 
 
+# Retrieval heads are named by global id, so every device of "model" keeps all heads.
+@per_shard(heads=("q", "k", "v", "dense_k", "dense_v", "ring_k", "ring_v"), rows=("lengths",),
+           split_heads=False)
 def duo_decode_attention(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, retrieval, sink, *,
                          scale=None, impl: str = "auto"):
     """Append ``k, v`` to both caches, then decode attention of retrieval heads over the dense

@@ -37,11 +37,13 @@ from pallas_kernels._common import (
     qk_scores,
     resolve_impl,
 )
+from pallas_kernels._spmd import per_shard
 from pallas_kernels.decode import _check
 
 BLOCK_K = 128
 
 
+@per_shard(heads=("q", "k", "lse"), rows=("lengths",))
 def decode_scores(q, k, lengths, lse=None, *, scale=None, impl: str = "auto"):
     """Scores ``[B, Hkv, T]`` of every cache row for its KV head's query group (see the module)."""
     _check(q, k, k)

@@ -36,12 +36,14 @@ from pallas_kernels._common import (
     resolve_impl,
     store_group,
 )
+from pallas_kernels._spmd import per_shard
 from pallas_kernels.decode import _check
 from pallas_kernels.merge import merge_splits
 
 TARGET_PROGRAMS = 256
 
 
+@per_shard(heads=("q", "k", "v", "idx"))
 def topk_decode_attention(q, k, v, idx, *, scale=None, impl: str = "auto"):
     """Decode attention of each KV head's query group over its ``idx`` rows of the cache."""
     _check(q, k, v)

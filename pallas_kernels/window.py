@@ -42,9 +42,11 @@ from pallas_kernels._common import (
     scan_blocks,
     store_group,
 )
+from pallas_kernels._spmd import per_shard
 from pallas_kernels.decode import _check, decode_attention_reference, decode_pallas
 
 
+@per_shard(heads=("q", "k", "v"), rows=("lengths",))
 def window_decode_attention(q, k, v, lengths, *, scale=None, impl: str = "auto"):
     """Decode attention over the ``min(lengths[b], S + W)`` valid slots of a sink+window ring."""
     _check(q, k, v)

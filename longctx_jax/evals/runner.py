@@ -9,6 +9,7 @@ last batch padded), so each (length, batch) shape compiles once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -26,6 +27,7 @@ from longctx_jax.generate import (activation_dtype, check_request, generate_toke
                                   prefill_chunks)
 from longctx_jax.model import Decoder
 from longctx_jax.policies.base import AttentionPolicy
+from longctx_jax.sharding import check_mesh, constrain_caches, shard_params
 
 MODES = ("generate", "teacher-forced")
 _NEW_TOKENS = {"passkey": 16, "niah": 16, "kv": 48}  # equal where possible: shared compilations
@@ -49,8 +51,10 @@ def answer_tokens(task: str, variant: str = "single") -> int:
 def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
              depths: Sequence[float], samples: int, *, mode: str = "generate",
              variant: str = "single", haystack: str | None = None, seed: int = 0,
-             batch_size: int = 8, chunk_size: int = 512, progress: bool = True) -> dict:
-    """Evaluate ``policy`` on ``task``; returns a JSON-ready record (see ``longctx eval``)."""
+             batch_size: int = 8, chunk_size: int = 512, progress: bool = True,
+             mesh=None) -> dict:
+    """Evaluate ``policy`` on ``task``; returns a JSON-ready record (see ``longctx eval``).
+    ``mesh``: run sharded (``generate.generate_tokens``); ``data`` must divide the batch."""
     from tqdm.auto import tqdm
 
     if mode not in MODES:
@@ -58,6 +62,7 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
     if samples < 1 or batch_size < 1:
         raise LongctxError("samples and batch_size must be >= 1")
     batch_size = min(batch_size, samples)  # padding rows past the samples would be pure waste
+    check_mesh(model.config, mesh, batch_size)
     tok = model.tokenizer
     new_tokens = answer_tokens(task, variant)
     # One cache size per length (prompts vary by a few tokens), so each length compiles once.
@@ -77,10 +82,10 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
             batch = data[i:i + batch_size]
             if mode == "generate":
                 scores += _generate_batch(model, policy, batch, batch_size, new_tokens,
-                                          max_lens[n], chunk_size)
+                                          max_lens[n], chunk_size, mesh)
             else:
                 right, lp = _teacher_forced_batch(model, policy, batch, batch_size,
-                                                  max_lens[n], chunk_size)
+                                                  max_lens[n], chunk_size, mesh)
                 scores += right
                 logps += lp
             bar.update(len(batch))
@@ -104,21 +109,21 @@ def _fill(batch: list, size: int) -> list:
 
 
 def _generate_batch(model, policy, batch: list[Sample], batch_size: int, new_tokens: int,
-                    max_len: int, chunk_size: int) -> list[float]:
+                    max_len: int, chunk_size: int, mesh=None) -> list[float]:
     tok, cfg = model.tokenizer, model.config
     prompts = [tok.encode(s.prompt) for s in _fill(batch, batch_size)]
     check_request(cfg, policy, [len(p) for p in prompts], new_tokens, max_len, chunk_size)
     tokens, lengths = pad_prompts(prompts, chunk_size, min_width=max_len - new_tokens)
     out, count = generate_tokens(model.params, policy, tokens, lengths, jax.random.key(0), cfg=cfg,
                                  max_new_tokens=new_tokens, max_len=max_len,
-                                 chunk_size=chunk_size, stop_ids=tok.stop_ids)
+                                 chunk_size=chunk_size, stop_ids=tok.stop_ids, mesh=mesh)
     out, count = np.asarray(out), np.asarray(count)
     return [exact_match(s, tok.decode(out[i, :count[i]].tolist(), skip_special=True))
             for i, s in enumerate(batch)]
 
 
 def _teacher_forced_batch(model, policy, batch: list[Sample], batch_size: int, max_len: int,
-                          chunk_size: int) -> tuple[list[float], list[float]]:
+                          chunk_size: int, mesh=None) -> tuple[list[float], list[float]]:
     tok = model.tokenizer
     prompts = [tok.encode(s.prompt) for s in _fill(batch, batch_size)]
     answers = [tok.encode(s.prompt + answer_text(s))[len(p):] for s, p in
@@ -130,10 +135,15 @@ def _teacher_forced_batch(model, policy, batch: list[Sample], batch_size: int, m
         answer_ids[row, :len(a)] = a
     tokens, lengths = pad_prompts([p + a for p, a in zip(prompts, answers)], chunk_size,
                                   min_width=max_len)
-    right, logp = _answer_scores(model.params, policy, tokens, lengths,
-                                 np.array([len(p) for p in prompts], np.int32), answer_ids,
-                                 answer_len, cfg=model.config, max_len=max_len,
-                                 chunk_size=chunk_size)
+    params = model.params
+    with contextlib.ExitStack() as stack:
+        if mesh is not None:  # as in generate_tokens: kernels per shard, params placed
+            stack.enter_context(jax.set_mesh(mesh))
+            params = shard_params(model.config, params, mesh)
+        right, logp = _answer_scores(params, policy, tokens, lengths,
+                                     np.array([len(p) for p in prompts], np.int32), answer_ids,
+                                     answer_len, cfg=model.config, max_len=max_len,
+                                     chunk_size=chunk_size)
     k = len(batch)
     return np.asarray(right, float)[:k].tolist(), np.asarray(logp)[:k].tolist()
 
@@ -142,7 +152,8 @@ def _teacher_forced_batch(model, policy, batch: list[Sample], batch_size: int, m
 def _answer_scores(params, policy, tokens, lengths, prompt_len, answer_ids, answer_len, *, cfg,
                    max_len, chunk_size):
     """Per sample: all answer tokens top-1 (bool) and their summed log-probability."""
-    caches = policy.init_cache(cfg, tokens.shape[0], max_len, activation_dtype(params))
+    caches = constrain_caches(policy.init_cache(cfg, tokens.shape[0], max_len,
+                                                activation_dtype(params)))
     k = answer_ids.shape[1]
     gather = prompt_len[:, None] - 1 + jnp.arange(k)[None, :]  # positions predicting the answer
     hidden, _ = prefill_chunks(cfg, params, policy, tokens, lengths, caches, chunk_size, gather)
