@@ -42,7 +42,8 @@ from longctx_jax.model import forward_scanned, stack_layers
 from longctx_jax.synthetic import synthetic_text
 from longctx_jax.train.data import PasskeyData, context_buckets, sample_for_step
 from longctx_jax.train.duo_forward import DuoMixed
-from longctx_jax.train.loop import add_run_arguments, read_metrics, run_loop
+from longctx_jax.train.loop import (add_run_arguments, open_for_training, read_metrics,
+                                    run_loop)
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # What jax 0.11's cuDNN attention raises when it cannot run: NotImplementedError for shapes,
@@ -256,8 +257,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``longctx train duo``: check everything cheap first, then load the model and train."""
-    from longctx_jax.weights import open_model
-
     tc = TrainConfig(steps=args.steps, contexts=int_list(args.context, "--context"),
                      reg_weight=args.reg_weight, lr=args.lr, sink=args.sink, window=args.window,
                      num_passkeys=args.passkeys, passkey_items=args.passkey_items,
@@ -265,11 +264,8 @@ def run(args: argparse.Namespace) -> int:
                      checkpoint_every=args.checkpoint_every)
     text = (read_text(args.text_file, "--text-file") if args.text_file is not None
             else synthetic_text(args.seed))
-    source = open_model(args.model)
+    source = open_for_training(args.model, tc.buckets)
     cfg = source.config
-    if max(tc.buckets) > cfg.max_position:
-        raise LongctxError(f"--context {max(tc.buckets)} exceeds the model's maximum position "
-                           f"{cfg.max_position}")
     if tc.sink + tc.window >= min(tc.buckets):
         print(f"note: sink + window ({tc.sink + tc.window}) covers contexts up to that length; "
               "streaming heads only differ from full ones beyond it", file=sys.stderr)

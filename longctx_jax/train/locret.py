@@ -47,7 +47,8 @@ from longctx_jax.policies.base import AttentionPolicy, pytree_dataclass, static
 from longctx_jax.policies.locret import (HEADS_FILE, head_inputs, head_scores, model_shape,
                                          random_heads)
 from longctx_jax.train.data import PasskeyData, context_buckets
-from longctx_jax.train.loop import add_run_arguments, read_metrics, run_loop
+from longctx_jax.train.loop import (add_run_arguments, open_for_training, read_metrics,
+                                    run_loop)
 
 TOP_FRACTION = 0.1  # the overlap diagnostic's top 10%
 
@@ -335,30 +336,17 @@ def export_heads(path: pathlib.Path, w1: np.ndarray, w2: np.ndarray, meta: dict)
 
 def plot_run(records: Sequence[dict], path: str | os.PathLike, title: str) -> None:
     """Loss (log scale, raw and smoothed) and held-out top-10% overlap against the step."""
-    from longctx_jax.train.plots import _pyplot, _smooth
+    from longctx_jax.train.plots import loss_figure, save_figure
 
-    plt = _pyplot()
     steps = np.array([r["step"] for r in records])
-    loss = np.array([r["loss"] for r in records])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, loss, color="tab:blue", alpha=0.25, lw=0.8, label="loss (per step)")
-    ax.plot(steps, _smooth(loss, max(len(steps) // 25, 1)), color="tab:blue",
-            label="loss (smoothed)")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("SmoothL1 + 0.0025 smoothness")
-    right = ax.twinx()
+    plt, fig, ax, right = loss_figure(steps, np.array([r["loss"] for r in records]), "loss",
+                                      "SmoothL1 + 0.0025 smoothness")
     evals = [r for r in records if "heldout_overlap" in r]
     right.plot([r["step"] for r in evals], [r["heldout_overlap"] for r in evals], "o-",
                color="tab:red", label="held-out top-10% overlap")
     right.set_ylim(0, 1)
     right.set_ylabel("overlap")
-    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, ax, right, path, title, "center right")
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -384,8 +372,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``longctx train locret``: check everything cheap first, then load the model and train."""
     from longctx_jax.texts import sample_text
-    from longctx_jax.weights import open_model
-
     tc = TrainConfig(steps=args.steps, contexts=int_list(args.context, "--context"),
                      hidden=args.hidden, lr=args.lr, warmup=args.warmup, samples=args.samples,
                      heldout=args.heldout, eval_every=args.eval_every,
@@ -394,11 +380,8 @@ def run(args: argparse.Namespace) -> int:
                      checkpoint_every=args.checkpoint_every)
     text = (read_text(args.text_file, "--text-file") if args.text_file is not None
             else sample_text())
-    source = open_model(args.model)
+    source = open_for_training(args.model, tc.buckets)
     cfg = source.config
-    if max(tc.buckets) > cfg.max_position:
-        raise LongctxError(f"--context {max(tc.buckets)} exceeds the model's maximum position "
-                           f"{cfg.max_position}")
     data, heldout = (PasskeyData(source.tokenizer.encode, text, tc.num_passkeys, tc.passkey_items,
                                  seed=seed, noise_fraction=tc.noise_fraction)
                      for seed in (tc.seed, tc.seed + 1))

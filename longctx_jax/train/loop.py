@@ -135,6 +135,18 @@ def last_record(path: pathlib.Path) -> dict:
     return records[-1] if records else {}
 
 
+def open_for_training(model: str, contexts: Sequence[int]):
+    """The model's source (``weights.open_model``: config and tokenizer, no weights yet), once
+    its positions are checked to cover the longest training context."""
+    from longctx_jax.weights import open_model
+
+    source = open_model(model)
+    if max(contexts) > source.config.max_position:
+        raise LongctxError(f"--context {max(contexts)} exceeds the model's maximum position "
+                           f"{source.config.max_position}")
+    return source
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, defaults, *, outputs: str,
                       text_default: str, dtype_help: str) -> None:
     """The options every ``longctx train`` method shares: the run directory and schedule, the

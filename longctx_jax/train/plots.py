@@ -1,4 +1,4 @@
-"""Plots of a gate-training run (matplotlib, Agg backend: no display needed)."""
+"""Plots of training runs (matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
@@ -24,29 +24,41 @@ def _smooth(y: np.ndarray, n: int) -> np.ndarray:
     return np.convolve(np.pad(y, (n // 2, n - 1 - n // 2), mode="edge"), kernel, mode="valid")
 
 
-def plot_loss(records: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> None:
-    """Distillation loss (raw and smoothed, log scale) and mean gate against the step."""
+def loss_figure(steps: np.ndarray, loss: np.ndarray, label: str, ylabel: str):
+    """``(plt, fig, ax, right)``: the loss per step (faint) and its running mean on a log-scale
+    axis ``ax``, and a second y axis ``right`` for a run's other curve; :func:`save_figure`
+    finishes it."""
     plt = _pyplot()
-    steps = np.array([r["step"] for r in records])
-    distill = np.array([r["distill"] for r in records])
-    gate = np.array([r["mean_gate"] for r in records])
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, distill, color="tab:blue", alpha=0.25, lw=0.8, label="distill (per step)")
-    ax.plot(steps, _smooth(distill, max(len(steps) // 25, 1)), color="tab:blue",
-            label="distill (smoothed)")
+    ax.plot(steps, loss, color="tab:blue", alpha=0.25, lw=0.8, label=f"{label} (per step)")
+    ax.plot(steps, _smooth(loss, max(len(steps) // 25, 1)), color="tab:blue",
+            label=f"{label} (smoothed)")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("mean (h_full - h_mixed)^2 at answer positions")
-    right = ax.twinx()
-    right.plot(steps, gate, color="tab:red", label="mean gate")
-    right.set_ylim(0, 1.05)
-    right.set_ylabel("mean gate")
+    ax.set_ylabel(ylabel)
+    return plt, fig, ax, ax.twinx()
+
+
+def save_figure(plt, fig, ax, right, path: str | os.PathLike, title: str, legend: str) -> None:
+    """One legend for both axes of a :func:`loss_figure` (at ``legend``), the title, and the
+    figure written to ``path``."""
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=8)
-    ax.set_title(title or "DuoAttention gate training")
+    ax.legend(lines, [ln.get_label() for ln in lines], loc=legend, fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_loss(records: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> None:
+    """Distillation loss (raw and smoothed, log scale) and mean gate against the step."""
+    steps = np.array([r["step"] for r in records])
+    plt, fig, ax, right = loss_figure(steps, np.array([r["distill"] for r in records]), "distill",
+                                      "mean (h_full - h_mixed)^2 at answer positions")
+    right.plot(steps, [r["mean_gate"] for r in records], color="tab:red", label="mean gate")
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("mean gate")
+    save_figure(plt, fig, ax, right, path, title or "DuoAttention gate training", "upper right")
 
 
 def plot_gates(gates: np.ndarray, path: str | os.PathLike, title: str | None = None,
