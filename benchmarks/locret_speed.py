@@ -32,8 +32,9 @@ import numpy as np
 
 from benchmarks.duo_speed import SHAPES, decode_steps, prefill_only, random_caches
 from longctx_jax.cache import SlotKV
-from longctx_jax.model import random_params
+from longctx_jax.model import random_params, rope_inv_freq
 from longctx_jax.policies import make_policy
+from longctx_jax.policies.evicting import Renumbered
 from longctx_jax.policies.locret import Locret, head_scores, random_heads
 from longctx_jax.profiling import median_time
 
@@ -41,17 +42,23 @@ from longctx_jax.profiling import median_time
 def locret_decode_cache(policy: Locret, cfg, batch: int, max_len: int, dtype, held: int,
                         seed: int) -> tuple:
     """Locret's caches after a prefill that left ``held`` tokens per KV head: random keys,
-    values and scores, positions ``0 .. held - 1`` (their values do not change the work)."""
+    values and scores, cache positions ``0 .. held - 1`` and original positions spread over
+    the prompt (their values do not change the work)."""
     slots = policy.slots(max_len)
     key = jax.random.key(seed)
+    shape = (batch, cfg.num_kv_heads, slots)
+    rank = jnp.arange(slots)
     caches = []
-    for layer in range(cfg.num_layers):
+    for layer in range(cfg.num_layers):  # fresh arrays per layer: the caches are donated
+        cpos = jnp.broadcast_to(jnp.where(rank < held, rank, -1), shape).astype(jnp.int32)
+        pos = jnp.where(cpos >= 0, cpos * (max_len // held), -1)
         k1, k2, k3 = jax.random.split(jax.random.fold_in(key, layer), 3)
-        shape = (batch, cfg.num_kv_heads, slots)
-        pos = jnp.broadcast_to(jnp.where(jnp.arange(slots) < held, jnp.arange(slots), -1), shape)
-        caches.append(SlotKV(jax.random.normal(k1, (*shape, cfg.head_dim), dtype),
-                             jax.random.normal(k2, (*shape, cfg.head_dim), dtype),
-                             pos.astype(jnp.int32), jax.random.normal(k3, shape, jnp.float32)))
+        kv = SlotKV(jax.random.normal(k1, (*shape, cfg.head_dim), dtype),
+                    jax.random.normal(k2, (*shape, cfg.head_dim), dtype),
+                    pos if policy.positions == "cache" else cpos,
+                    jax.random.normal(k3, shape, jnp.float32))
+        caches.append(kv if policy.positions == "original" else
+                      Renumbered(kv, cpos, jnp.asarray(rope_inv_freq(cfg), jnp.float32)))
     return tuple(caches)
 
 
@@ -75,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=1024,
                     help="prefill chunk, for every method (Locret's C too)")
     ap.add_argument("--decode-room", type=int, default=256)
+    ap.add_argument("--positions", default="original", choices=("original", "cache"),
+                    help="Locret's key positions (cache: the paper's compaction)")
     ap.add_argument("--hidden", type=int, default=1024, help="random heads' width d_R")
     ap.add_argument("--locret-heads", default="random",
                     help="'random', or a heads.npz / training run shaped for --model")
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     params = random_params(cfg, jax.random.key(0), dtype)
     options = dict(budget=args.budget, stabilizers=args.stabilizers, chunk=args.chunk,
-                   decode_room=args.decode_room)
+                   decode_room=args.decode_room, positions=args.positions)
     if args.locret_heads == "random":
         w1, w2 = random_heads(cfg, args.hidden, jax.random.key(1))
         locret = Locret(**options, w1=w1.astype(dtype), w2=w2.astype(dtype))

@@ -236,15 +236,21 @@ def test_cache_positions_renumber_the_kept_tokens(tiny_heads):
         want = _attend(rope(q_raw[p][None], np.array([n + j]))[0], keys,
                        [v[tok, h] for h, tok in enumerate(tokens)])
         np.testing.assert_allclose(np.asarray(out[0, p]), want, atol=2e-5)
-    out, cache = policy.decode(0, inputs(slice(t, t + 1)), cache, step=jnp.int32(0))
-    tokens = [np.asarray(cache.kv.pos[0, h])[:n + t - last + 1] for h in range(hkv)]
-    assert all(tok[-1] == t for tok in tokens)
-    keys = [rope(k_raw[tok, h][:, None], np.arange(len(tok)))[:, 0] for h, tok in enumerate(tokens)]
-    want = _attend(rope(q_raw[t][None], np.array([n + t - last]))[0], keys,
-                   [v[tok, h] for h, tok in enumerate(tokens)])
-    np.testing.assert_allclose(np.asarray(out[0, 0]), want, atol=2e-5)
-    np.testing.assert_array_equal(np.asarray(cache.cpos[0, :, :n + t - last + 1]),
-                                  np.tile(np.arange(n + t - last + 1), (hkv, 1)))
+    # Decode, from the cache as prefill left it and as ``after_prefill`` settles it (keys
+    # rotated to their numbers once): the same step.
+    (settled,) = policy.after_prefill((cache,), jnp.array([t]))
+    assert settled.settled and not cache.settled
+    for start in (cache, settled):
+        out, new = policy.decode(0, inputs(slice(t, t + 1)), start, step=jnp.int32(0))
+        tokens = [np.asarray(new.kv.pos[0, h])[:n + t - last + 1] for h in range(hkv)]
+        assert all(tok[-1] == t for tok in tokens)
+        keys = [rope(k_raw[tok, h][:, None], np.arange(len(tok)))[:, 0]
+                for h, tok in enumerate(tokens)]
+        want = _attend(rope(q_raw[t][None], np.array([n + t - last]))[0], keys,
+                       [v[tok, h] for h, tok in enumerate(tokens)])
+        np.testing.assert_allclose(np.asarray(out[0, 0]), want, atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(new.cpos[0, :, :n + t - last + 1]),
+                                      np.tile(np.arange(n + t - last + 1), (hkv, 1)))
 
 
 def test_cache_bytes_do_not_grow_with_the_prompt():

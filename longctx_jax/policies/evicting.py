@@ -36,7 +36,10 @@ n - 1`` in order after every eviction, a piece continues from ``n``, and each ge
 takes the next number. The stored keys keep their original rotation and attention rotates
 them by ``cache position - position`` on the fly (:class:`Renumbered`): one rotation from the
 original, where re-rotating the stored keys at every eviction would pile up bf16 rounding.
-That costs a rotated copy of the cache per piece and per decode step.
+That costs a rotated copy of the cache per piece. Decode renumbers no kept token, so
+``after_prefill`` rotates the keys to their numbers once (``settled``) and decode steps read
+them as stored, at original positions' cost; a decode from a cache not settled (``score
+--decode-from``) rotates on the fly.
 """
 
 from __future__ import annotations
@@ -106,6 +109,13 @@ class Evicting(AttentionPolicy):
 
         return tuple(layer() for _ in range(cfg.num_layers))
 
+    def after_prefill(self, caches, lengths):
+        """Under cache positions, rotate the kept keys to their numbers once: decode renumbers
+        no kept token, so its steps then read the keys as stored instead of a rotated copy."""
+        if self.positions == "original":
+            return caches
+        return tuple(_settle(c) for c in caches)
+
     def scores(self, layer: int, x: AttnInputs, lse: jax.Array) -> jax.Array:
         """Scores ``[B, Hkv, T]`` (float32) of a prefill piece's tokens; ``lse [B, Hq, T]`` is
         the log-normaliser of the piece's attention (over the kept tokens and the piece)."""
@@ -146,15 +156,18 @@ class Evicting(AttentionPolicy):
         protected = kv.pos >= position[:, None, None] - self.stabilizers
         victim = jnp.argmin(jnp.where(protected, jnp.inf, kv.score), axis=-1)
         slot = jnp.where((count < kv.slots)[:, None], count[:, None], victim)
-        kv = kv.write(x.k, x.v, slot[..., None], x.positions, jnp.float32(jnp.inf))
-        q, keys = x.q, kv.k
+        q, k = x.q, x.k
         if isinstance(cache, Renumbered):  # the new token takes the next number
             number = jnp.max(cache.cpos, axis=(1, 2)) + 1  # [B]
-            q = apply_rope(x.q, (number - position)[:, None], cache.inv_freq)
+            shift = (number - position)[:, None]
+            q = apply_rope(x.q, shift, cache.inv_freq)
+            if cache.settled:  # stored at its cache position, like the keys it joins
+                k = apply_rope(x.k, shift, cache.inv_freq)
             at = jnp.arange(kv.slots) == slot[..., None]
             cache = dataclasses.replace(cache, cpos=jnp.where(at, number[:, None, None],
                                                               cache.cpos))
-            keys = cache.keys(kv)
+        kv = kv.write(k, x.v, slot[..., None], x.positions, jnp.float32(jnp.inf))
+        keys = cache.keys(kv) if isinstance(cache, Renumbered) else kv.k
         out, _ = pk.decode_attention(q[:, 0], keys, kv.v, jnp.minimum(count + 1, kv.slots))
         return out[:, None], _rewrap(cache, kv)
 
@@ -169,15 +182,25 @@ class Renumbered:
     kv: SlotKV
     cpos: jax.Array
     inv_freq: jax.Array
+    settled: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     logical_axes: ClassVar[dict] = {"cpos": ("batch", "kv_heads", "seq"),
                                     "inv_freq": ("head_dim",)}
 
     def keys(self, kv: SlotKV) -> jax.Array:
-        """``kv``'s keys rotated from their positions to their cache positions (float32 math)."""
+        """``kv``'s keys at their cache positions: as stored once settled, else rotated from
+        their positions (float32 math)."""
+        if self.settled:
+            return kv.k
         b, h, s, d = kv.k.shape
         shift = jnp.where(kv.pos >= 0, self.cpos - kv.pos, 0).reshape(b * h, s)
         return apply_rope(kv.k.reshape(b * h, s, 1, d), shift, self.inv_freq).reshape(b, h, s, d)
+
+
+@jax.jit
+def _settle(cache: Renumbered) -> Renumbered:
+    kv = dataclasses.replace(cache.kv, k=cache.keys(cache.kv).astype(cache.kv.k.dtype))
+    return dataclasses.replace(cache, kv=kv, settled=True)
 
 
 def _rewrap(cache, kv: SlotKV):
