@@ -118,8 +118,10 @@ class _DenseHeads(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], *self.shape))
-        y = jnp.einsum("...d,dn->...n", x, kernel.reshape(x.shape[-1], -1).astype(x.dtype))
-        y = y.reshape(*x.shape[:-1], *self.shape)
+        # Contracted as stored: flattening it to [d, n] would put an axis a mesh splits behind
+        # another (gate_up's I behind its 2), which XLA can only do by gathering the whole
+        # weight onto every device.
+        y = jnp.tensordot(x, kernel.astype(x.dtype), axes=1)
         if self.bias:
             y = y + self.param("bias", nn.initializers.zeros, self.shape).astype(x.dtype)
         return y

@@ -7,8 +7,9 @@ because the number of simulated CPU devices must be set before jax starts its ba
 KV heads). For each policy (its small options from ``policy_cases``, sized for the model) the
 script compares the last-token logits of a ragged batch's prefill (float tolerance), the greedy
 tokens of ``generate`` (equal; streamed to the host as well) and, with ``--score``, the NLL of
-``score`` (also over decode steps), on one device and on a ``data x model`` mesh; it checks that the caches' KV heads are
-split over ``model``, and prints ``ok POLICY`` per policy.
+``score`` (also over decode steps), on one device and on a ``data x model`` mesh; it checks that
+the caches' KV heads are split over ``model`` and that full attention's prefill gathers nothing
+between devices, and prints ``ok POLICY`` per policy.
 """
 
 import pathlib
@@ -89,6 +90,18 @@ def check_kernels_per_shard(cfg, params, policy, prompts, mesh):
     assert "shard_map" in str(jaxpr), "no kernel ran per shard"
 
 
+def check_nothing_gathered(cfg, params, policy, prompts, mesh):
+    """Full attention's prefill moves no weights or KV between devices: its compiled program has
+    no all-gather (only the all-reduces after the output and down projections)."""
+    tokens = np.zeros((len(prompts), 16), np.int32)
+    lengths = np.full(len(prompts), 16, np.int32)
+    with jax.set_mesh(mesh):
+        hlo = prefill_tokens.lower(shard_params(cfg, params, mesh), policy, tokens, lengths,
+                                   cfg=cfg, max_len=32, chunk_size=16).compile().as_text()
+    gathers = [line.strip()[:160] for line in hlo.splitlines() if "all-gather(" in line]
+    assert not gathers, "\n".join(gathers)
+
+
 def check_cache_layout(caches, data, model):
     """Every cache array with a KV-head axis that ``model`` divides is split over it."""
     split = 0
@@ -116,6 +129,8 @@ def main():
         got_logits, caches = prefill(cfg, params, policy, prompts, mesh)
         if policy_name == names.split(",")[0]:
             check_kernels_per_shard(cfg, params, policy, prompts, mesh)
+        if policy_name == "full":
+            check_nothing_gathered(cfg, params, policy, prompts, mesh)
         np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=RTOL,
                                    atol=ATOL, err_msg=policy_name)
         if policy_name != "retrieval":  # its host step hands decode the caches, placed again
