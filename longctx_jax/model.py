@@ -9,6 +9,7 @@ Layers are a Python loop (not ``nn.scan``) because caches may differ in shape fr
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -118,8 +119,10 @@ class _DenseHeads(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], *self.shape))
-        y = jnp.einsum("...d,dn->...n", x, kernel.reshape(x.shape[-1], -1).astype(x.dtype))
-        y = y.reshape(*x.shape[:-1], *self.shape)
+        # Contracted as stored: flattening it to [d, n] would put an axis a mesh splits behind
+        # another (gate_up's I behind its 2), which XLA can only do by gathering the whole
+        # weight onto every device.
+        y = jnp.tensordot(x, kernel.astype(x.dtype), axes=1)
         if self.bias:
             y = y + self.param("bias", nn.initializers.zeros, self.shape).astype(x.dtype)
         return y
@@ -189,19 +192,40 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return shapes
 
 
-def random_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:
-    """Random parameters (std 0.02, norms 1): for unit tests and speed benchmarks only."""
+def random_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
+                  shardings=None) -> dict:
+    """Random parameters (std 0.02, norms 1): for unit tests and speed benchmarks only.
+
+    ``shardings`` (the tree's ``NamedSharding``s, e.g. ``sharding.shardings(...)``): each weight
+    is made in its layout by a jitted call of its own, so a device holds only its shards and one
+    weight's temporaries (Llama-3-70B's 140 GB across GPUs); values may differ from unsharded
+    ones in the last bit (the scale and shift are fused).
+    """
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
     keys = jax.random.split(key, len(leaves))
     paths = [jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    places = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
     arrays = []
-    for path, k, shape in zip(paths, keys, leaves):
-        noise = 0.02 * jax.random.normal(k, shape, jnp.float32)
-        # Norm scales sit near 1 (with noise, so tests notice a norm wired to the wrong place).
-        arrays.append((noise + 1.0 if "norm" in path else noise).astype(dtype))
+    for path, k, shape, where in zip(paths, keys, leaves, places, strict=True):
+        norm = "norm" in path
+        arrays.append(_random_weight(k, shape, dtype, norm) if where is None
+                      else _placed_random_weight(k, shape, jnp.dtype(dtype), norm, where))
     return jax.tree.unflatten(treedef, arrays)
+
+
+def _random_weight(key, shape, dtype, norm: bool):
+    noise = 0.02 * jax.random.normal(key, shape, jnp.float32)
+    # Norm scales sit near 1 (with noise, so tests notice a norm wired to the wrong place).
+    return (noise + 1.0 if norm else noise).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _placed_random_weight(key, shape, dtype, norm: bool, sharding):
+    """:func:`_random_weight` made in ``sharding``'s layout (the random bits are partitionable:
+    each device draws only its own part). One compilation per shape and layout."""
+    return jax.lax.with_sharding_constraint(_random_weight(key, shape, dtype, norm), sharding)
 
 
 # ------------------------------------------------------------------------- scanned forward

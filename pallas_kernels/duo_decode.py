@@ -66,9 +66,10 @@ from pallas_kernels.merge import merge_splits
 BLOCK_K = 128
 
 
-# Retrieval heads are named by global id, so every device of "model" keeps all heads.
+# Retrieval heads are named by global id: split over "model" only when every shard holds the
+# same local ones (``_spmd.local_ids``), else every device keeps all heads.
 @per_shard(heads=("q", "k", "v", "dense_k", "dense_v", "ring_k", "ring_v"), rows=("lengths",),
-           split_heads=False)
+           head_ids={"retrieval": "k"})
 def duo_decode_attention(q, k, v, dense_k, dense_v, ring_k, ring_v, lengths, retrieval, sink, *,
                          scale=None, impl: str = "auto"):
     """Append ``k, v`` to both caches, then decode attention of retrieval heads over the dense
@@ -135,11 +136,20 @@ def _check(q, k, v, dense_k, dense_v, ring_k, ring_v, retrieval, sink) -> jax.Ar
     return ids
 
 
+@contextlib.contextmanager
 def _fold_if_concrete(x):
     """``jax.ensure_compile_time_eval()`` where ``x`` is concrete (ops on it run at trace time and
-    their results enter the program as constants), a plain context where it is traced."""
-    return contextlib.nullcontext() if isinstance(x, jax.core.Tracer) \
-        else jax.ensure_compile_time_eval()
+    their results enter the program as constants), a plain context where it is traced. The
+    folding runs outside any mesh: inside a per-shard ``shard_map`` (``_spmd``) the mesh's axes
+    are manual, where ops cannot run eagerly."""
+    if isinstance(x, jax.core.Tracer):
+        yield
+        return
+    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(_NO_MESH):
+        yield
+
+
+_NO_MESH = jax.sharding.AbstractMesh((), ())
 
 
 def _as_ids(retrieval) -> jax.Array:

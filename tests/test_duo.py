@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longctx_jax import LongctxError
 from longctx_jax.config import preset
 from longctx_jax.generate import generate
 from longctx_jax.model import Decoder, forward_scanned, random_params, stack_layers
@@ -206,6 +207,29 @@ def test_select_heads_by_ratio_and_threshold():
     assert sum(map(len, select_heads(gates))) == 2
     assert select_heads(gates, threshold=0.5) == ((0,), (1,), (2,))
     assert select_heads(gates, threshold=0.25) == ((0, 2), (1, 2), (1, 2))
+
+
+def test_select_heads_balanced_over_model_shards():
+    """``shards``: the same places in every contiguous block of heads (one block per device
+    under model sharding), scored by their mean gate; one shard is the plain selection."""
+    gates = np.random.default_rng(5).random((6, 8))
+    for ratio in (0.0, 0.25, 0.5, 1.0):
+        assert select_heads(gates, ratio, shards=1) == select_heads(gates, ratio)
+    heads = select_heads(gates, 0.25, shards=2)
+    assert sum(map(len, heads)) == 12  # round(0.25 * 48 / 2) = 6 places, in both blocks
+    places = gates.reshape(6, 2, 4).mean(axis=1)
+    best = np.argsort(-places.reshape(-1), kind="stable")[:6]
+    for layer, chosen in enumerate(heads):
+        local = [h for h in chosen if h < 4]
+        assert [h - 4 for h in chosen if h >= 4] == local  # the same places in each block
+        assert local == sorted(int(p) % 4 for p in best if p // 4 == layer)
+    assert select_heads(gates, threshold=0.5, shards=4) == tuple(
+        tuple(h for h in range(8) if gates[layer].reshape(4, 2).mean(0)[h % 2] > 0.5)
+        for layer in range(6))
+    with pytest.raises(LongctxError, match="shards must divide the 8 KV heads"):
+        select_heads(gates, 0.25, shards=3)
+    policy = Duo.from_gates(gates, retrieval_ratio=0.25, shards=2)
+    assert policy.heads == heads
 
 
 def test_shipped_gates_serve_smollm2_out_of_the_box(tiny):

@@ -1,8 +1,10 @@
 """pallas_kernels inside ``jax.shard_map``: batch over ``data``, KV heads over ``model``.
 
 Every op runs on a (2, 2) mesh and must equal the unsharded op; DuoAttention's dense and ring
-heads are split over ``model`` with each shard passing its own local retrieval ids. The script runs
-in a subprocess because the device count must be set before jax starts its backend.
+heads are split over ``model`` with each shard passing its own local retrieval ids, and, called
+under the mesh with global ids, split by the op itself where every shard holds the same ones.
+The script runs in a subprocess because the device count must be set before jax starts its
+backend.
 
 On a CPU (4 simulated devices) the kernels run under the Pallas interpreter. With the default
 ``check_vma=True`` every op traces (its outputs say which mesh axes they vary over); the values are
@@ -27,9 +29,10 @@ import jax
 IMPL = sys.argv[1]
 if IMPL == "interpret":
     jax.config.update("jax_num_cpu_devices", 4)
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
@@ -92,9 +95,42 @@ check("duo_decode_attention",
       (q, kn, vn, dk, dv, rk, rv, lengths, jnp.asarray([0, 1], jnp.int32)),
       (BH, BH, BH, BH, BH, BH, BH, P("data"), P("model")), (BH, BH, (BH,) * 4),
       want=pk.duo_decode_attention(q, kn, vn, dk, dv, rk, rv, lengths, (0, 3), sink, **kw))
+
+
+def shard_map_specs(jaxpr):
+    """The ``in_specs`` of every ``shard_map`` in ``jaxpr`` (nested ones too)."""
+    specs = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            specs += list(eqn.params["in_specs"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            specs += shard_map_specs(sub)
+    return specs
+
+
+# Called under a run's mesh (``Auto`` axes, as ``sharding.make_mesh`` makes) with global
+# retrieval ids, the op splits its heads over "model" itself when every shard holds the same
+# local ids ((0, 2): local (0,) on both shards), and keeps every head on each device when they
+# differ ((0, 3)); both give the unsharded result.
+auto = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+for ids, split in (((0, 2), True), ((0, 3), False)):
+    args = (q, kn, vn, dk, dv, rk, rv, lengths)
+    want = pk.duo_decode_attention(*args, ids, sink, impl="reference")
+    put = [jax.device_put(x, NamedSharding(auto, BH if x.ndim > 1 else P("data"))) for x in args]
+
+    def op(*a, ids=ids):
+        return pk.duo_decode_attention(*a, ids, sink, **kw)
+
+    with jax.set_mesh(auto):
+        specs = shard_map_specs(jax.make_jaxpr(op)(*put).jaxpr)
+        got = jax.jit(op)(*put)
+    assert (P("data", "model") in specs) == split, (ids, specs)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    print("ok duo_decode_attention under the mesh", ids)
 '''
 
-OPS = 6
+OPS = 8
 ROOT = Path(__file__).resolve().parents[1]
 
 

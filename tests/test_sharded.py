@@ -97,6 +97,13 @@ def test_sharded_equals_unsharded_random_model_fast():
     _check("random8", 2, 2, "full,duo")
 
 
+def test_duo_balanced_heads_split_over_model():
+    """DuoAttention with its retrieval heads balanced over ``model`` (``select_heads(...,
+    shards=2)``): every array of its caches splits, so each device holds half of the retrieval
+    KV, the fused decode kernel runs per shard, and the results equal one device's."""
+    _check("random8", 2, 2, "duo", "--balanced-duo")
+
+
 # ------------------------------------------------------------------------------ every policy
 
 @pytest.mark.slow

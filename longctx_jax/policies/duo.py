@@ -99,27 +99,39 @@ def _check_gates(gates: np.ndarray, where: str) -> np.ndarray:
 
 
 def select_heads(gates: np.ndarray, retrieval_ratio: float | None = None,
-                 threshold: float | None = None) -> tuple[tuple[int, ...], ...]:
+                 threshold: float | None = None, shards: int = 1) -> tuple[tuple[int, ...], ...]:
     """Retrieval KV heads per layer from ``gates [layers, kv_heads]``.
 
     By ratio (default 0.25): the ``round(ratio * layers * kv_heads)`` largest gates over the whole
     model (ties go to the earlier layer, then the lower head). By threshold: gates ``> threshold``.
+
+    ``shards`` (a mesh's ``model`` size; it must divide the KV heads) splits each layer's heads
+    into that many contiguous blocks, one per device under model sharding, and picks the same
+    places in every block, scored by their mean gate over the blocks (the ratio then picks
+    ``round(ratio * layers * kv_heads / shards)`` places). Every device then holds an equal part
+    of each layer's dense and ring caches, and its retrieval heads have the same local ids as
+    every other device's, so the fused decode kernel runs per shard with compile-time ids
+    (``pallas_kernels._spmd``); other selections keep every head's cache whole on each device.
     """
     gates = _check_gates(gates, "the given array")
     if retrieval_ratio is not None and threshold is not None:
         raise LongctxError("give either retrieval_ratio or threshold, not both")
+    layers, hkv = gates.shape
+    if not (isinstance(shards, int) and shards >= 1 and hkv % shards == 0):
+        raise LongctxError(f"shards must divide the {hkv} KV heads per layer, got {shards!r}")
+    places = gates.reshape(layers, shards, hkv // shards).mean(axis=1)
     if threshold is not None:
         _check_unit("threshold", threshold)
-        chosen = gates > threshold
+        chosen = places > threshold
     else:
         ratio = DEFAULT_RATIO if retrieval_ratio is None else retrieval_ratio
         _check_ratio(ratio)
-        n = int(round(ratio * gates.size))
-        order = np.argsort(-gates.reshape(-1), kind="stable")[:n]
-        chosen = np.zeros(gates.size, bool)
+        n = int(round(ratio * places.size))
+        order = np.argsort(-places.reshape(-1), kind="stable")[:n]
+        chosen = np.zeros(places.size, bool)
         chosen[order] = True
-        chosen = chosen.reshape(gates.shape)
-    return tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in chosen)
+        chosen = chosen.reshape(places.shape)
+    return tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in np.tile(chosen, shards))
 
 
 def _check_ratio(ratio: float) -> None:
@@ -201,11 +213,13 @@ class Duo(AttentionPolicy):
     @classmethod
     def from_gates(cls, gates, retrieval_ratio: float | None = None,
                    threshold: float | None = None, sink: int = 64, window: int = 256,
-                   positions: str = "original") -> "Duo":
-        """The policy for a gates array ``[layers, kv_heads]`` already in memory."""
+                   positions: str = "original", shards: int = 1) -> "Duo":
+        """The policy for a gates array ``[layers, kv_heads]`` already in memory; ``shards``:
+        retrieval heads balanced over that many model shards (see :func:`select_heads`)."""
         gates = np.asarray(gates, np.float32)
         return cls(retrieval_ratio=retrieval_ratio, threshold=threshold, sink=sink, window=window,
-                   positions=positions, heads=select_heads(gates, retrieval_ratio, threshold),
+                   positions=positions,
+                   heads=select_heads(gates, retrieval_ratio, threshold, shards),
                    kv_heads=gates.shape[1])
 
     def validate(self, cfg, max_len):
@@ -259,7 +273,8 @@ class Duo(AttentionPolicy):
         # kernel's window is ``slots - sink``; a ring cut to ``max_len`` slots holds every
         # position in its own slot, which any sink below the slot count reproduces. Under cache
         # positions the ring's sinks first move to the query (the kernel then stores the new
-        # token in the ring; a new sink is kept in ``sinks`` here).
+        # token in the ring; a new sink is kept in ``sinks`` here). The retrieval ids go as a
+        # tuple: compile-time constants, which a mesh can split per shard (``select_heads``).
         ring = cache.ring
         if isinstance(ring, SinkRing):
             streaming = [h for h in range(x.k.shape[2]) if h not in self.heads[layer]]
@@ -267,7 +282,7 @@ class Duo(AttentionPolicy):
         out, _, (dk, dv, rk, rv) = pk.duo_decode_attention(
             x.q[:, 0], x.k[:, 0], x.v[:, 0], cache.dense.k, cache.dense.v, ring.k, ring.v,
             (x.positions[:, 0] + 1).astype(jnp.int32),
-            jnp.asarray(self.heads[layer], jnp.int32), min(self.sink, ring.slots - 1))
+            self.heads[layer], min(self.sink, ring.slots - 1))
         ring = dataclasses.replace(ring, k=rk, v=rv) if isinstance(ring, SinkRing) else KV(rk, rv)
         return out[:, None], DuoCache(KV(dk, dv), ring)
 
