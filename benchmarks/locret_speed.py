@@ -43,7 +43,8 @@ def locret_decode_cache(policy: Locret, cfg, batch: int, max_len: int, dtype, he
                         seed: int) -> tuple:
     """Locret's caches after a prefill that left ``held`` tokens per KV head: random keys,
     values and scores, cache positions ``0 .. held - 1`` and original positions spread over
-    the prompt (their values do not change the work)."""
+    the prompt (their values do not change the work); under cache positions, keys settled at
+    their numbers, as ``after_prefill`` leaves them."""
     slots = policy.slots(max_len)
     key = jax.random.key(seed)
     shape = (batch, cfg.num_kv_heads, slots)
@@ -58,7 +59,8 @@ def locret_decode_cache(policy: Locret, cfg, batch: int, max_len: int, dtype, he
                     pos if policy.positions == "cache" else cpos,
                     jax.random.normal(k3, shape, jnp.float32))
         caches.append(kv if policy.positions == "original" else
-                      Renumbered(kv, cpos, jnp.asarray(rope_inv_freq(cfg), jnp.float32)))
+                      Renumbered(kv, cpos, jnp.asarray(rope_inv_freq(cfg), jnp.float32),
+                                 settled=True))
     return tuple(caches)
 
 
