@@ -7,7 +7,11 @@ heads and the MLP by its intermediate dimension over ``model``, caches by KV hea
 and by batch row over ``data``. The fused weights are stored head-major (see ``model.Block``), so
 a split along ``kv_heads`` keeps each KV head's query, key and value projections together; the
 output projection's ``heads`` axis is the query heads times the head dim, in KV-group order, so
-its blocks line up with them.
+its blocks line up with them. An untied output layer is split by vocabulary (``logits``): every
+decode step reads all of it, 1 GB at Llama-3-8B's shape, which whole on each device would cost
+every device that read; its logits stay split (a greedy pick gathers only each device's best).
+The embedding table stays whole: a lookup reads one row per token, split it would add an
+all-reduce.
 
 A run on a mesh (``make_mesh``, ``--mesh data=D,model=M``) places the parameters and caches by
 these rules (``shard_params``, ``shard_caches``; inside ``jax.jit``, ``constrain_caches``) and
@@ -30,7 +34,7 @@ from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
 
 RULES: Mapping[str, str | None] = {
-    "batch": "data", "kv_heads": "model", "heads": "model", "mlp": "model",
+    "batch": "data", "kv_heads": "model", "heads": "model", "mlp": "model", "logits": "model",
     "vocab": None, "embed": None, "qkv": None, "head_dim": None, "gate_up": None, "seq": None,
 }
 
@@ -56,7 +60,7 @@ def param_axes(cfg: ModelConfig) -> dict:
         axes[f"layer_{i}"] = {name: {k: _LAYER_AXES[name][k] for k in leaves}
                               for name, leaves in layer.items()}
     if "lm_head" in shapes:
-        axes["lm_head"] = {"kernel": ("embed", "vocab")}
+        axes["lm_head"] = {"kernel": ("embed", "logits")}
     return axes
 
 
@@ -184,7 +188,8 @@ def shardings(tree, axes, mesh: Mesh, rules: Mapping[str, str | None] = RULES):
 
 def shard_params(cfg: ModelConfig, params, mesh: Mesh):
     """``params`` placed on ``mesh`` by :data:`RULES`: attention by KV head, the MLP by its
-    intermediate dimension over ``model``; embeddings and norms replicated."""
+    intermediate dimension and an untied output layer by vocabulary over ``model``; the
+    embedding table and norms replicated."""
     return jax.device_put(params, shardings(params, param_axes(cfg), mesh))
 
 

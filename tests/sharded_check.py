@@ -68,7 +68,8 @@ def _model_and_options(name):
         options["duo"] = dict(sink=2, window=5)
         options["locret"] = {k: v for k, v in options["locret"].items() if k not in ("w1", "w2")}
         return model.config, model.params, options
-    cfg = tiny_config(num_heads=16, num_kv_heads=8, intermediate_size=128)
+    # A vocabulary every model axis divides, so the output layer splits by it.
+    cfg = tiny_config(num_heads=16, num_kv_heads=8, intermediate_size=128, vocab_size=128)
     w1, w2 = random_heads(cfg, 8, jax.random.key(1))
     options = dict(policy_cases.SMALL)
     options["locret"] = {**options["locret"], "w1": w1, "w2": w2}

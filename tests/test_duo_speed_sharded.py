@@ -61,7 +61,7 @@ def test_llama3_70b_plans_on_four_devices(tmp_path):
     run = _bench(tmp_path, "--model", "llama3-70b-random", "--mesh", "model=4", "--batch", "8",
                  "--contexts", "32768", "--prefill-contexts", "", "--methods", "full,duo",
                  "--plan")
-    assert 35 * 2**30 < run["params_device_bytes"] < 37 * 2**30  # a quarter, plus lm_head/embed
+    assert 34 * 2**30 < run["params_device_bytes"] < 35 * 2**30  # a quarter, plus the embedding
     full, duo = run["rows"]
     assert full["cache_device_bytes"] * 4 == full["cache_bytes"] == 80 * 33024 * 8 * 8 * 128 * 4
     assert duo["cache_device_bytes"] * 4 == duo["cache_bytes"]

@@ -37,6 +37,8 @@ def test_head_major_weights_shard_by_kv_head():
     assert layer["o"]["kernel"] == PartitionSpec("model", None)
     assert layer["gate_up"]["kernel"] == PartitionSpec(None, None, "model")
     assert layer["down"]["kernel"] == PartitionSpec("model", None)
+    assert specs["lm_head"]["kernel"] == PartitionSpec(None, "model")
+    assert specs["embed"]["embedding"] == PartitionSpec(None, None)
 
 
 def test_every_policy_cache_is_named():
