@@ -58,12 +58,14 @@ def test_readme_chat_streaming_example_runs(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_readme_commands_run(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    for argv in _commands():
+    for i, argv in enumerate(_commands()):
         if "--prompt-file" in argv:  # the user's own long prompt
             continue
         if argv[0] == "eval":
             argv = argv + ["--chunk-size", "64"]
-        assert main(_small(argv, tmp_path)) == 0, argv
+        out = tmp_path / str(i)  # each command's own outputs (two may name the same run)
+        out.mkdir()
+        assert main(_small(argv, out)) == 0, argv
 
 
 def test_readme_python_snippet_runs(capsys):
