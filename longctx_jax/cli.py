@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import sys
+import tempfile
 import time
 
 from longctx_jax.args import int_list, read_text
@@ -256,14 +257,22 @@ def _check_output(path: pathlib.Path | None, flag: str, kinds: tuple[str, ...] =
     if path.is_dir():
         raise LongctxError(f"{flag} {path} is a directory, not a file")
     if path.exists():
-        writable = os.access(path, os.W_OK)
-    else:  # the directories to create go below the nearest one that exists: it must be writable
-        parent = path.parent
-        while not parent.exists():
-            parent = parent.parent
-        writable = parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
-    if not writable:
-        raise LongctxError(f"{flag}: cannot write {path}: permission denied")
+        if not os.access(path, os.W_OK):
+            raise LongctxError(f"{flag}: cannot write {path}: permission denied")
+        return
+    # The directories to create go below the nearest one that exists: a file is made there and
+    # removed (permission bits alone say yes to root, and nothing to /proc-like file systems).
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LongctxError(f"{flag}: cannot write {path}: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise LongctxError(f"{flag}: cannot write {path}: "
+                           f"{(err.strerror or 'not writable').lower()}") from None
 
 
 def _open(args):

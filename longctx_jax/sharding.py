@@ -76,9 +76,9 @@ def cache_axes(caches):
         raise ValueError(f"no logical axes for a cache array of shape {np.shape(caches)}: "
                          "its dataclass must name them in `logical_axes`")
     named = getattr(type(caches), "logical_axes", {})
-    return dataclasses.replace(caches, **{
+    return dataclasses.replace(caches, **{  # static fields are not arrays: they stay as they are
         f.name: named[f.name] if f.name in named else cache_axes(getattr(caches, f.name))
-        for f in dataclasses.fields(caches)})
+        for f in dataclasses.fields(caches) if not f.metadata.get("static")})
 
 
 def partition_specs(axes, rules: Mapping[str, str | None] = RULES):

@@ -1,5 +1,7 @@
 """Logical axes: every parameter and cache array is named, dimension by dimension."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,14 +44,23 @@ def test_head_major_weights_shard_by_kv_head():
 
 
 def test_every_policy_cache_is_named():
+    """Every policy's cache arrays, in each cache form: Locret's and SnapKV's under cache
+    positions, before and after ``after_prefill`` settles them (a static field, not an array)."""
     cfg = tiny_config()
-    for name in available():
-        policy = make_policy(name, **policy_cases.SMALL[name])
+    forms = [(name, policy_cases.SMALL[name]) for name in available()]
+    forms += [(name, {**policy_cases.SMALL[name], "positions": "cache"})
+              for name in ("locret", "snapkv")]
+    for name, options in forms:
+        policy = make_policy(name, **options)
         caches = jax.eval_shape(lambda: policy.init_cache(cfg, 2, 512, jnp.float32))
+        if options.get("positions") == "cache":
+            caches = tuple(dataclasses.replace(c, settled=True) for c in caches)
         specs = partition_specs(cache_axes(caches))
 
         def check(leaf, spec):
             assert isinstance(spec, PartitionSpec) and len(spec) == np.ndim(leaf)
+            if np.ndim(leaf) == 1 and spec[0] is None:  # a constant of the model (RoPE's)
+                return
             assert spec[0] == "data"  # batch
             if np.ndim(leaf) >= 3:  # per KV head: keys, values, slot metadata
                 assert spec[1] == "model"
