@@ -127,7 +127,8 @@ def main(argv=None) -> int:
                   decode_steps=args.decode_steps, repeats=args.repeats,
                   command=" ".join(["python", "-m", "benchmarks.locret_speed", *sys.argv[1:]]))
     print(f"{args.model} {args.dtype} on {header['device']}, context {args.context}: Locret "
-          f"b={args.budget} n_s={args.stabilizers} C={args.chunk} ({slots} slots), streaming "
+          f"b={args.budget} n_s={args.stabilizers} C={args.chunk} ({slots} slots, {args.positions} "
+          f"positions), streaming "
           f"{args.sink}+{window}", flush=True)
     rows = []
     for name in args.methods.split(","):
