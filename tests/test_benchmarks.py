@@ -144,3 +144,18 @@ def test_quality_file_names_are_flat():
     assert file_stem("streaming:sink=64:window=256") == "streaming_sink64_window256"
     stem = file_stem("locret:budget=1024:heads=/root/runs/locret")
     assert "/" not in stem and stem.startswith("locret_budget1024_heads")
+
+
+def test_decode_kl_counts_recycled_full_steps(tmp_path, monkeypatch, tiny_smollm2_vocab):
+    """A fixed stride of 4 over 20 decoded tokens: 5 of every 20 steps are full, in every
+    layer; streaming reports no share."""
+    from benchmarks import decode_kl
+
+    monkeypatch.setattr(decode_kl, "load_model", lambda *_: tiny_smollm2_vocab)
+    out = tmp_path / "kl.json"
+    assert decode_kl.main(["--methods", "recycled:topk=8:stride=4,streaming:sink=4:window=8",
+                           "--max-tokens", "61", "--decode-from", "40", "--chunk-size", "64",
+                           "--json", str(out)]) == 0
+    recycled, streaming = json.loads(out.read_text())["rows"]
+    assert recycled["full_step_share"] == pytest.approx(5 / 20)
+    assert "full_step_share" not in streaming and recycled["kl"] > 0
