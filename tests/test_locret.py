@@ -240,6 +240,8 @@ def test_cache_positions_renumber_the_kept_tokens(tiny_heads):
     # rotated to their numbers once): the same step.
     (settled,) = policy.after_prefill((cache,), jnp.array([t]))
     assert settled.settled and not cache.settled
+    with pytest.raises(LongctxError, match="decode steps only"):
+        policy.prefill(0, inputs(slice(t, t + 1)), settled)
     for start in (cache, settled):
         out, new = policy.decode(0, inputs(slice(t, t + 1)), start, step=jnp.int32(0))
         tokens = [np.asarray(new.kv.pos[0, h])[:n + t - last + 1] for h in range(hkv)]

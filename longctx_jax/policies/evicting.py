@@ -130,6 +130,8 @@ class Evicting(AttentionPolicy):
         return jnp.concatenate(outs, axis=1), cache
 
     def _prefill_piece(self, layer, x: AttnInputs, cache):
+        if isinstance(cache, Renumbered) and cache.settled:  # its keys are no longer original
+            raise LongctxError("a settled cache (after_prefill) takes decode steps only")
         kv = cache.kv if isinstance(cache, Renumbered) else cache
         valid = x.positions >= 0
         live = jnp.any(valid, axis=1)  # rows with tokens in this piece
