@@ -37,7 +37,7 @@ BAD = {
     "full": [],
     "streaming": [dict(window=0), dict(sink=-1), dict(positions="bogus"), dict(positions=1)],
     "duo": [dict(window=0), dict(sink=-1), dict(positions="bogus"), dict(retrieval_ratio=1.5),
-            dict(retrieval_ratio=0.5, threshold=0.5), dict(heads=((0, 0), ()))],
+            dict(retrieval_ratio=0.5, threshold=0.5), dict(heads=((0, 0), ())), dict(shards=0)],
     "recycled": [dict(topk=0), dict(topk=-0.5), dict(topk=2.5), dict(stride=0), dict(pool=2),
                  dict(pool=0), dict(similarity=1.5), dict(similarity=-2.0), dict(check_every=0),
                  dict(sink=-1), dict(recent=-1)],

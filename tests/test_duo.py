@@ -229,7 +229,19 @@ def test_select_heads_balanced_over_model_shards():
     with pytest.raises(LongctxError, match="shards must divide the 8 KV heads"):
         select_heads(gates, 0.25, shards=3)
     policy = Duo.from_gates(gates, retrieval_ratio=0.25, shards=2)
-    assert policy.heads == heads
+    assert policy.heads == heads and policy.shards == 2
+
+
+def test_shards_option_balances_the_shipped_gates():
+    """``--shards`` (``duo:shards=M``) picks from the gates it loads as ``select_heads`` does."""
+    gates = load_gates()
+    policy = make_policy("duo", retrieval_ratio=0.4, shards=3)
+    assert policy.heads == select_heads(gates, 0.4, shards=3)
+    assert all(len(layer) in (0, 3) for layer in policy.heads)  # one place, on every device
+    with pytest.raises(LongctxError, match="shards must divide the 3 KV heads"):
+        make_policy("duo", shards=2)
+    with pytest.raises(LongctxError, match="shards must be an integer >= 1"):
+        make_policy("duo", shards=0)
 
 
 def test_shipped_gates_serve_smollm2_out_of_the_box(tiny):

@@ -181,6 +181,9 @@ class Duo(AttentionPolicy):
                             "own) or 'cache' (StreamingLLM's, within the cache: every distance "
                             "stays below sink + window, so contexts past the model's run in "
                             "range) (duo: of its streaming heads)")
+    shards: int = static(1, help="retrieval heads balanced over this many model shards (with "
+                         "--mesh model=M give M: each device then holds an equal share of the "
+                         "retrieval KV and runs its decode kernel alone)")
     heads: tuple[tuple[int, ...], ...] | None = static(None, cli=False)
     kv_heads: int | None = static(None, cli=False)  # KV heads per layer the gates are for
 
@@ -198,10 +201,12 @@ class Duo(AttentionPolicy):
             _check_unit("threshold", self.threshold)
         if self.retrieval_ratio is not None and self.threshold is not None:
             raise LongctxError("give either retrieval_ratio or threshold, not both")
+        if not (isinstance(self.shards, int) and self.shards >= 1):
+            raise LongctxError(f"duo shards must be an integer >= 1, got {self.shards!r}")
         if self.heads is None:
             gates = load_gates(self.gates)
             object.__setattr__(self, "heads", select_heads(gates, self.retrieval_ratio,
-                                                           self.threshold))
+                                                           self.threshold, self.shards))
             object.__setattr__(self, "kv_heads", gates.shape[1])
         else:
             heads = tuple(tuple(sorted(int(h) for h in layer)) for layer in self.heads)
@@ -218,7 +223,7 @@ class Duo(AttentionPolicy):
         retrieval heads balanced over that many model shards (see :func:`select_heads`)."""
         gates = np.asarray(gates, np.float32)
         return cls(retrieval_ratio=retrieval_ratio, threshold=threshold, sink=sink, window=window,
-                   positions=positions,
+                   positions=positions, shards=shards,
                    heads=select_heads(gates, retrieval_ratio, threshold, shards),
                    kv_heads=gates.shape[1])
 
