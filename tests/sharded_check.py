@@ -146,17 +146,19 @@ def main():
     mesh = make_mesh(data, model)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (72, 55, 64, 40)[:2 * data]]
-    for policy_name in names.split(","):
+    for entry in names.split(","):  # a policy name, options after it: locret:positions=cache
         t0 = time.perf_counter()
-        policy = make_policy(policy_name, **options[policy_name])
+        policy_name, *extra = entry.split(":")
+        policy = make_policy(policy_name, **{**options[policy_name],
+                                             **dict(e.split("=") for e in extra)})
         want_logits, _ = prefill(cfg, params, policy, prompts, None)
         got_logits, caches = prefill(cfg, params, policy, prompts, mesh)
-        if policy_name == names.split(",")[0]:
+        if entry == names.split(",")[0]:
             check_kernels_per_shard(cfg, params, policy, prompts, mesh)
         if policy_name == "full":
             check_nothing_gathered(cfg, params, policy, prompts, mesh)
         np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=RTOL,
-                                   atol=ATOL, err_msg=policy_name)
+                                   atol=ATOL, err_msg=entry)
         if policy_name != "retrieval":  # its host step hands decode the caches, placed again
             check_cache_layout(caches, data, model)
         if balanced and policy_name == "duo":
@@ -165,9 +167,9 @@ def main():
         streamed = []  # the host callback of each step, under the mesh too
         got = generate(cfg, params, policy, prompts, max_new_tokens=6, mesh=mesh,
                        stream=streamed.append)
-        np.testing.assert_array_equal(got.tokens, want.tokens, err_msg=policy_name)
+        np.testing.assert_array_equal(got.tokens, want.tokens, err_msg=entry)
         np.testing.assert_array_equal(np.stack(streamed, axis=1), got.tokens)
-        np.testing.assert_array_equal(got.lengths, want.lengths, err_msg=policy_name)
+        np.testing.assert_array_equal(got.lengths, want.lengths, err_msg=entry)
         if with_score and policy_name != "retrieval":  # retrieval decodes only in generate
             text = prompts[0]
             for decode_from in (None, len(text) - 8):
@@ -175,8 +177,8 @@ def main():
                 b = score(cfg, params, policy, text, progress=False, decode_from=decode_from,
                           mesh=mesh)
                 np.testing.assert_allclose(b.mean_nll, a.mean_nll, rtol=1e-5, atol=1e-5,
-                                           err_msg=policy_name)
-        print(f"ok {policy_name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+                                           err_msg=entry)
+        print(f"ok {entry} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
 
 if __name__ == "__main__":

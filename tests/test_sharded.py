@@ -97,6 +97,12 @@ def test_sharded_equals_unsharded_random_model_fast():
     _check("random8", 2, 2, "full,duo")
 
 
+def test_cache_positions_sharded():
+    """Locret and SnapKV under cache positions: their caches carry a static flag (settled after
+    prefill) beside the arrays, and still split over ``model``."""
+    _check("random8", 1, 2, "locret:positions=cache,snapkv:positions=cache")
+
+
 def test_duo_balanced_heads_split_over_model():
     """DuoAttention with its retrieval heads balanced over ``model`` (``select_heads(...,
     shards=2)``): every array of its caches splits, so each device holds half of the retrieval
