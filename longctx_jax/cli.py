@@ -408,18 +408,19 @@ def _score(args) -> int:
     if args.decode_from is not None:
         print(f"scored the {result.n_tokens - 1 - args.decode_from} predictions made by decode "
               f"steps (tokens {args.decode_from + 1}-{result.n_tokens - 1})")
-    header = f"{'method':<10} {'tokens':>7} {'mean_nll':>9} {'ppl':>9}"
+    scored = result.n_tokens - 1 - (args.decode_from or 0)  # predictions in the means
+    header = f"{'method':<10} {'scored':>7} {'mean_nll':>9} {'ppl':>9}"
     print(header + (f" {'KL':>8} {'top1':>6}" if reference is not None else ""))
     if reference is not None:
         record.update(compare=args.compare, compare_mean_nll=result.reference_nll,
                       compare_ppl=result.reference_ppl, kl=result.kl,
                       top1_agreement=result.top1_agreement)
-        print(f"{args.compare:<10} {result.n_tokens:>7} {result.reference_nll:>9.4f} "
+        print(f"{args.compare:<10} {scored:>7} {result.reference_nll:>9.4f} "
               f"{result.reference_ppl:>9.3f} {'-':>8} {'-':>6}")
-        print(f"{args.method:<10} {result.n_tokens:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f} "
+        print(f"{args.method:<10} {scored:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f} "
               f"{result.kl:>8.4f} {result.top1_agreement:>6.3f}")
     else:
-        print(f"{args.method:<10} {result.n_tokens:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f}")
+        print(f"{args.method:<10} {scored:>7} {result.mean_nll:>9.4f} {result.ppl:>9.3f}")
     _write_json(args.json, record)
     return 0
 

@@ -215,6 +215,13 @@ def test_score_compare_full(tmp_path, capsys):
     record = json.loads(out_json.read_text())
     assert code == 0 and record["compare"] == "full"
     assert record["kl"] > 0 and 0 < record["top1_agreement"] < 1
+    rows = [line.split() for line in out.splitlines() if line.startswith(("full ", "streaming "))]
+    assert [row[1] for row in rows] == ["95", "95"]  # the predictions scored, not the tokens
+    code, out, _ = _run(capsys, "score", "--text-file", str(text), "--max-tokens", "96",
+                        "--method", "streaming", "--sink", "4", "--window", "16",
+                        "--chunk-size", "32", "--compare", "full", "--decode-from", "80")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("full ", "streaming "))]
+    assert code == 0 and [row[1] for row in rows] == ["15", "15"]
     # Compared with itself, a policy has zero KL and full agreement.
     code, _, _ = _run(capsys, "score", "--text-file", str(text), "--max-tokens", "96",
                       "--chunk-size", "32", "--compare", "full", "--json", str(out_json))
