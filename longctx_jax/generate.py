@@ -323,10 +323,11 @@ def generate_tokens(params, policy: AttentionPolicy, tokens, lengths, key, *, cf
         if progress and tokens.shape[1] > chunk_size:
             from tqdm.auto import tqdm
 
-            bar = stack.enter_context(tqdm(total=tokens.shape[1], desc="prefill", unit="tok",
+            longest = int(np.max(np.asarray(lengths)))  # the prompt, not its padded width
+            bar = stack.enter_context(tqdm(total=longest, desc="prefill", unit="tok",
                                            delay=1.0, leave=False))
             ticker = jnp.int32(stack.enter_context(host_offload.registered(
-                lambda: bar.update(chunk_size))))
+                lambda: bar.update(max(0, min(chunk_size, bar.total - bar.n))))))
         t0 = time.perf_counter()
         logits, caches = prefill_tokens(params, bound, tokens, lengths, ticker, cfg=cfg,
                                         max_len=max_len, chunk_size=chunk_size)

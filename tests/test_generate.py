@@ -194,6 +194,31 @@ def test_prefill_reports_progress_per_chunk_and_times(tiny):
     assert out.cache_bytes == make_policy("full").cache_bytes(cfg, 1, 64, jnp.float32)
 
 
+def test_prefill_bar_counts_prompt_tokens_not_padding(tiny, monkeypatch):
+    """A 37-token prompt in chunks of 8 (padded to 40): the bar ends at 37 of 37."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **_):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    cfg, params = tiny
+    generate(cfg, params, make_policy("full"), [[1] * 37], max_new_tokens=2, chunk_size=8,
+             max_len=64, progress=True)
+    assert [(bar.total, bar.n) for bar in bars] == [(37, 37)]
+
+
 @pytest.mark.parametrize("method, opts", [("full", {}), ("streaming", dict(sink=2, window=6))])
 def test_decode_from_scores_the_decode_steps_like_teacher_forcing(tiny, method, opts):
     """For a policy whose decode matches its prefill, scoring through decode steps gives the
