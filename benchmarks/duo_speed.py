@@ -149,9 +149,11 @@ def random_caches(policy, cfg, batch, max_len, dtype, seed, mesh=None):
 # time, seconds that land inside whatever the caller times).
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _fill(key, shape, dtype, sharding):
-    """Normal values, or for integer leaves (row ids, positions) valid rows ``[0, shape[-1])``;
-    made in ``sharding``'s layout where given (the random bits are partitionable)."""
-    if jnp.issubdtype(dtype, jnp.integer):
+    """Normal values, for integer leaves (row ids, positions) valid rows ``[0, shape[-1])``, for
+    flags false; made in ``sharding``'s layout where given (the random bits are partitionable)."""
+    if dtype == jnp.bool_:
+        x = jnp.zeros(shape, dtype)
+    elif jnp.issubdtype(dtype, jnp.integer):
         x = jax.random.randint(key, shape, 0, shape[-1], dtype)
     else:
         x = jax.random.normal(key, shape, dtype)

@@ -7,10 +7,11 @@ of ``--repeats``), so fixed costs cancel. Rows per (batch, method): ``full``; ``
 ``--stride``; ``recycled`` with stride 1, i.e. every step a full step (dense attention over the
 whole cache, scoring and top-K selection), which the full step's cost is read from.
 
-``--select`` also times the parts of a full step alone, per layer call (each inside a loop of 32
-calls, one per layer), on scores shaped ``[B, Hkv, T]``: the top-K selection (``jax.lax.top_k``),
-the max-pooling before it, and a separate scoring pass (``decode_scores``, which the dense
-kernel's ``with_scores`` replaces).
+``--select`` also times the parts of a full step alone, per step of the whole model (32 layers),
+on scores shaped ``[B, Hkv, T]`` per layer: the top-K selection (``jax.lax.top_k`` or the radix
+select, layer by layer, and the radix select over all layers at once, as ``finish_step`` runs
+it), the max-pooling before it, and a separate scoring pass (``decode_scores`` per layer, which
+the dense kernel's ``with_scores`` replaces).
 
     python -m benchmarks.recycled_speed --contexts 131072 --batches 1,4 \\
         --json benchmarks/results/recycled_speed/llama3_8b_128k.json
@@ -56,23 +57,33 @@ def time_decode(params, cfg, policy, batch, context, short, long, repeats, dtype
 
 
 def time_selection(batch, kv_heads, t, k, repeats, layers=32):
-    """Per-call ms of each selection on random ``[batch, kv_heads, t]`` scores."""
-    scores = jax.random.normal(jax.random.key(0), (batch, kv_heads, t), jnp.float32)
+    """ms per full step of the model for each way to select the top ``k`` of ``[batch,
+    kv_heads, t]`` random scores in every one of ``layers`` layers: ``jax.lax.top_k`` layer by
+    layer, the radix select layer by layer, the radix select over all layers at once (what
+    ``finish_step`` runs), and the max-pooling before it (all layers at once)."""
+    scores = jax.random.normal(jax.random.key(0), (layers, batch, kv_heads, t), jnp.float32)
 
-    def looped(select):
+    def per_layer(select):
         @jax.jit
         def run(x):
             def body(i, acc):  # the input moves with i, so nothing is hoisted out of the loop
-                _, idx = select(x + i.astype(jnp.float32), k)
+                _, idx = select(x[i] + i.astype(jnp.float32), k)
                 return acc + jnp.sum(idx)
             return jax.lax.fori_loop(0, layers, body, jnp.int32(0))
-        return 1e3 * median_time(lambda: run(scores), repeats) / layers
+        return 1e3 * median_time(lambda: run(scores), repeats)
 
-    def pool(x, _):
-        return None, jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 7), (1, 1, 1),
-                                           "SAME").astype(jnp.int32)
+    def all_layers(fn):
+        run = jax.jit(lambda x: jnp.sum(fn(x)))
+        return 1e3 * median_time(lambda: run(scores), repeats)
 
-    return {"lax.top_k": looped(jax.lax.top_k), "max-pool 7": looped(pool)}
+    def pool(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 1, 7), (1, 1, 1, 1),
+                                     "SAME")
+
+    return {"lax.top_k, per layer": per_layer(jax.lax.top_k),
+            "radix select, per layer": per_layer(pk.top_k_unsorted),
+            "radix select, all layers at once": all_layers(lambda x: pk.top_k_unsorted(x, k)[1]),
+            "max-pool 7, all layers at once": all_layers(pool)}
 
 
 def time_scores(cfg, batch, t, repeats, dtype, layers=32):
@@ -136,10 +147,11 @@ def main(argv=None) -> int:
             if args.select:
                 k = round(topk * context) if topk < 1 else topk
                 sel = time_selection(batch, cfg.num_kv_heads, context, k, args.repeats)
-                sel["decode_scores"] = time_scores(cfg, batch, context, args.repeats, dtype)
+                sel["decode_scores, per layer"] = time_scores(cfg, batch, context, args.repeats,
+                                                             dtype)
                 record["selection"].append(dict(context=context, batch=batch, k=k,
-                                                ms_per_layer=sel))
-                print(f"ctx={context} batch={batch} per layer: " +
+                                                ms_per_step=sel))
+                print(f"ctx={context} batch={batch} per step of 32 layers: " +
                       ", ".join(f"{n} {v:.3f} ms" for n, v in sel.items()), flush=True)
                 _write(args.json, record)
     print("\n| context | batch | method | ms/token | vs full |\n| --- | --- | --- | --- | --- |")

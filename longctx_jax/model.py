@@ -154,7 +154,10 @@ class Decoder(nn.Module):
         for layer, cache in zip(self.layers, caches):
             x, cache = layer(x, positions, cache, policy, decode, step, phase)
             new_caches.append(cache)
-        return self.final_norm(x), tuple(new_caches)
+        new_caches = tuple(new_caches)
+        if decode:
+            new_caches = policy.finish_step(new_caches, positions, phase=phase)
+        return self.final_norm(x), new_caches
 
     def logits(self, hidden):
         """Float32 logits ``[..., vocab]`` from final hidden states."""

@@ -19,10 +19,11 @@ from pallas_kernels.decode import decode_append_attention, decode_attention
 from pallas_kernels.duo_decode import duo_decode_attention
 from pallas_kernels.merge import merge_attention
 from pallas_kernels.scores import decode_scores
+from pallas_kernels.select import top_k_unsorted
 from pallas_kernels.topk import topk_decode_attention
 from pallas_kernels.window import window_decode_attention
 
 __all__ = ["IMPLS", "band_attention_blockwise", "band_prefill_attention",
            "decode_append_attention", "decode_attention", "decode_scores", "default_impl",
            "duo_decode_attention", "masked_attention", "merge_attention", "query_heads",
-           "ring_slot", "topk_decode_attention", "window_decode_attention"]
+           "ring_slot", "top_k_unsorted", "topk_decode_attention", "window_decode_attention"]

@@ -13,6 +13,13 @@ from longctx_jax.policies import Full, make_policy
 from longctx_jax.policies.recycled import RecycledCache, recycle, select_top
 
 
+def _cache(kv, idx, score):
+    """A recycled layer cache over ``kv`` with the partial cache ``idx, score``."""
+    b, hkv, t, d = kv.k.shape
+    return RecycledCache(kv, idx, score, jnp.zeros((b, d)), jnp.full((b, hkv, t), -jnp.inf),
+                         jnp.bool_(False))
+
+
 def _softmax_attend(q, k, v, rows):
     """float64 attention of query heads ``q [g, D]`` over ``k, v [T, D]`` rows ``rows``."""
     s = q @ k[rows].T / np.sqrt(q.shape[-1])
@@ -35,7 +42,7 @@ def test_select_top_is_max_pool_then_top_k(seed):
             pooled = np.array([scores[i, j, max(0, p - pool // 2):p + pool // 2 + 1].max()
                                for p in range(n)])
             want = np.argsort(-pooled, kind="stable")[:k]
-            np.testing.assert_array_equal(np.sort(idx[i, j]), np.sort(want))
+            np.testing.assert_array_equal(idx[i, j], np.sort(want))
             np.testing.assert_allclose(np.sort(score[i, j]), np.sort(pooled[want]))
 
 
@@ -74,7 +81,7 @@ def test_partial_step_attends_to_the_recycled_rows_only():
     idx = np.stack([np.stack([rng.choice(position[i], k, replace=False) for _ in range(hkv)])
                     for i in range(b)]).astype(np.int32)
     score = rng.normal(size=(b, hkv, k)).astype(np.float32)
-    cache = RecycledCache(kv, jnp.asarray(idx), jnp.asarray(score), jnp.zeros((b, d)))
+    cache = _cache(kv, jnp.asarray(idx), jnp.asarray(score))
     q = rng.normal(size=(b, 1, hq, d)).astype(np.float32)
     new_k, new_v = (rng.normal(size=(b, 1, hkv, d)).astype(np.float32) for _ in range(2))
     x = AttnInputs(jnp.asarray(q), jnp.asarray(new_k), jnp.asarray(new_v),
@@ -169,11 +176,11 @@ def test_full_step_always_keeps_sink_and_recent_tokens():
     position = 29  # the new token; 30 tokens cached after it
     kv = KV(jnp.asarray(rng.normal(size=(b, hkv, t, d)), jnp.float32),
             jnp.asarray(rng.normal(size=(b, hkv, t, d)), jnp.float32))
-    cache = RecycledCache(kv, jnp.full((b, hkv, 8), -1, jnp.int32),
-                          jnp.full((b, hkv, 8), -jnp.inf), jnp.zeros((b, d)))
+    cache = _cache(kv, jnp.full((b, hkv, 8), -1, jnp.int32), jnp.full((b, hkv, 8), -jnp.inf))
     x = AttnInputs(*(jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
                      for h in (hq, hkv, hkv)), jnp.array([[position]], jnp.int32))
     policy = make_policy("recycled", topk=8, stride=4, pool=1, sink=2, recent=3)
     _, new = policy.decode(0, x, cache, step=jnp.int32(0), phase=0)
+    (new,) = policy.finish_step((new,), x.positions, phase=0)
     chosen = set(new.idx[0, 0].tolist())
     assert {0, 1, 27, 28, 29} <= chosen and len(chosen) == 8 and max(chosen) <= position

@@ -21,7 +21,8 @@ before RoPE (for learned scorers).
   steps from 0. ``phase`` is static: the decode loop runs ``decode_period`` steps per iteration,
   the first with ``phase = 0`` and the others with ``phase = 1``, so a periodic method (a full
   step every S steps, partial steps between) compiles two step bodies and chooses nothing at
-  run time.
+  run time. ``finish_step(caches, positions, *, phase) -> caches`` runs after every layer has
+  decoded (inside the jitted step), for work a policy batches over all layers at once.
 - Host state (an index in host memory, say) lives outside jit. ``session(cfg, batch, max_len)``
   is a context manager around one request that yields the policy to use inside it, typically
   this one with an int32 handle leaf into host state (a leaf, so every session reuses the
@@ -195,6 +196,12 @@ class AttentionPolicy:
 
     def decode(self, layer: int, x: AttnInputs, cache, *, step: jax.Array, phase: int = 0):
         raise NotImplementedError
+
+    def finish_step(self, caches: tuple, positions: jax.Array, *, phase: int = 0) -> tuple:
+        """After every layer has decoded the token at ``positions [B, 1]`` (inside the jitted
+        step): work a policy does for all layers at once, batched so that it costs a few kernel
+        launches instead of a few per layer. Default: none."""
+        return caches
 
     def session(self, cfg: ModelConfig, batch: int, max_len: int) -> ContextManager:
         """Host state for one request; yields the policy to run inside it (default: this one)."""

@@ -7,10 +7,12 @@ copy of keys and values). The decode loop runs ``stride`` steps per period (see
 ``policies.base``):
 
 - a *full step* (``phase=0``) attends to the whole cache (the dense decode kernel, new token
-  appended in place), scores every key by the largest attention probability its query group
-  gives it (the dense kernel writes them as it streams the keys: ``with_scores``, the same as
-  ``pallas_kernels.decode_scores`` from the step's ``lse``), max-pools the scores over
-  ``pool`` neighbouring positions, and keeps the top ``K`` per KV head;
+  appended in place) and scores every key by the largest attention probability its query
+  group gives it (the dense kernel writes them as it streams the keys: ``with_scores``, the
+  same as ``pallas_kernels.decode_scores`` from the step's ``lse``). Once every layer has
+  decoded (``finish_step``), the scores of all layers at once are max-pooled over ``pool``
+  neighbouring positions and the top ``K`` per KV head kept: one radix select
+  (``pallas_kernels.top_k_unsorted``) for the whole model instead of a sort per layer;
 - a *partial step* (``phase=1``) appends the new token to the whole cache, puts it in the
   partial cache in place of the entry the last full step scored lowest (new tokens outrank
   every scored key until the next refresh; when only they are left, the oldest goes), and
@@ -51,16 +53,22 @@ class RecycledCache:
     """``kv`` ``[B, Hkv, max_len, D]`` (every token); ``idx [B, Hkv, K]`` int32 rows of the
     partial cache (``-1`` = empty) and their ``score [B, Hkv, K]`` float32 from the last full
     step (above 0 for recent and appended tokens, ``+inf`` for sinks); ``query [B, D]``, the
-    mean pre-RoPE query of the last full step (for the query-driven schedule)."""
+    mean pre-RoPE query of the last full step (for the query-driven schedule); ``scores [B,
+    Hkv, max_len]`` float32, every key's score at this layer's last full step (``-inf``: no
+    key), and ``fresh`` (bool), whether this step was one: ``finish_step`` selects from them."""
 
     kv: KV
     idx: jax.Array
     score: jax.Array
     query: jax.Array
+    scores: jax.Array
+    fresh: jax.Array
 
     logical_axes: ClassVar[dict] = {"idx": ("batch", "kv_heads", "seq"),
                                     "score": ("batch", "kv_heads", "seq"),
-                                    "query": ("batch", "head_dim")}
+                                    "query": ("batch", "head_dim"),
+                                    "scores": ("batch", "kv_heads", "seq"),
+                                    "fresh": ()}
 
 
 @register("recycled")
@@ -125,7 +133,10 @@ class Recycled(AttentionPolicy):
         return tuple(RecycledCache(KV.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype),
                                    jnp.full(shape, -1, jnp.int32),
                                    jnp.full(shape, -jnp.inf, jnp.float32),
-                                   jnp.zeros((batch, cfg.head_dim), jnp.float32))
+                                   jnp.zeros((batch, cfg.head_dim), jnp.float32),
+                                   jnp.full((batch, cfg.num_kv_heads, max_len), -jnp.inf,
+                                            jnp.float32),
+                                   jnp.bool_(False))
                      for _ in range(cfg.num_layers))
 
     def prefill(self, layer, x, cache):
@@ -142,29 +153,53 @@ class Recycled(AttentionPolicy):
         return jax.lax.cond(fire, self._full, self._partial, x, cache)
 
     def _full(self, x, cache):
-        """Attend to the whole cache; rebuild the partial cache from this query's scores."""
+        """Attend to the whole cache and score every key (``finish_step`` selects)."""
         lengths = (x.positions[:, 0] + 1).astype(jnp.int32)
-        q = x.q[:, 0]
         out, _, (k_cache, v_cache), scores = pk.decode_append_attention(
-            q, x.k[:, 0], x.v[:, 0], cache.kv.k, cache.kv.v, lengths, with_scores=True)
-        kept = None
-        if self.sink or self.recent:  # ranked above every scored key (see ``recycle``)
-            pos = jnp.arange(scores.shape[-1])
-            live = pos < lengths[:, None]
-            kept = jnp.where(live & (pos < self.sink), jnp.inf,
-                             jnp.where(live & (pos >= lengths[:, None] - self.recent),
-                                       recent_score(pos), -jnp.inf))[:, None, :]
-        idx, score = select_top(scores, self.pool, cache.idx.shape[-1], kept)
+            x.q[:, 0], x.k[:, 0], x.v[:, 0], cache.kv.k, cache.kv.v, lengths, with_scores=True)
         query = cache.query if x.q_raw is None else \
             jnp.mean(x.q_raw[:, 0].astype(jnp.float32), axis=1)
-        return out[:, None], RecycledCache(KV(k_cache, v_cache), idx, score, query)
+        return out[:, None], dataclasses.replace(cache, kv=KV(k_cache, v_cache), query=query,
+                                                 scores=scores, fresh=jnp.bool_(True))
 
     def _partial(self, x, cache):
         """Append the new token, recycle it into the partial cache, attend to that."""
         kv = cache.kv.write(x.k, x.v, x.positions, in_range=True)
         idx, score = recycle(cache.idx, cache.score, x.positions[:, 0])
         out, _ = pk.topk_decode_attention(x.q[:, 0], kv.k, kv.v, idx)
-        return out[:, None].astype(x.q.dtype), RecycledCache(kv, idx, score, cache.query)
+        return out[:, None].astype(x.q.dtype), dataclasses.replace(
+            cache, kv=kv, idx=idx, score=score, fresh=jnp.bool_(False))
+
+    def finish_step(self, caches, positions, *, phase=0):
+        """After a full step: every layer's new partial cache from its scores, in one
+        selection over all layers (layers that took a partial step keep theirs)."""
+        if phase:
+            return caches
+        lengths = (positions[:, 0] + 1).astype(jnp.int32)
+        fresh = jnp.stack([c.fresh for c in caches])
+
+        def select(caches):
+            scores = jnp.stack([c.scores for c in caches])  # [L, B, Hkv, T]
+            idx, score = select_top(scores, self.pool, caches[0].idx.shape[-1],
+                                    self._kept(lengths, scores.shape[-1]))
+            return tuple(dataclasses.replace(c, idx=jnp.where(c.fresh, i, c.idx),
+                                             score=jnp.where(c.fresh, s, c.score))
+                         for c, i, s in zip(caches, idx, score))
+
+        if self.similarity is None:  # every layer took a full step
+            return select(caches)
+        return jax.lax.cond(jnp.any(fresh), select, lambda c: c, caches)
+
+    def _kept(self, lengths, t):
+        """Scores ``[B, 1, T]`` (``-inf`` elsewhere) that rank the first ``sink`` and the last
+        ``recent`` tokens above every scored key (see ``recycle``), or ``None``."""
+        if not (self.sink or self.recent):
+            return None
+        pos = jnp.arange(t)
+        live = pos < lengths[:, None]
+        return jnp.where(live & (pos < self.sink), jnp.inf,
+                         jnp.where(live & (pos >= lengths[:, None] - self.recent),
+                                   recent_score(pos), -jnp.inf))[:, None, :]
 
 
 def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -180,19 +215,21 @@ def recent_score(position: jax.Array) -> jax.Array:
 
 
 def select_top(scores: jax.Array, pool: int, k: int, kept: jax.Array | None = None):
-    """The partial cache from per-key ``scores [B, Hkv, T]`` (``-inf`` = no key): max-pool over
-    ``pool`` neighbouring positions, then the top ``k`` per KV head. ``kept`` (broadcastable to
+    """The partial cache from per-key ``scores [..., T]`` (``-inf`` = no key): max-pool over
+    ``pool`` neighbouring positions, then the top ``k`` of each row. ``kept`` (broadcastable to
     the scores, ``-inf`` elsewhere) overrides the pooled score of keys that must stay. Returns
-    ``(idx, score)``, each ``[B, Hkv, k]``, with ``idx = -1`` where fewer than ``k`` keys exist."""
+    ``(idx, score)``, each ``[..., k]`` (ascending rows), ``idx = -1`` where fewer than ``k``
+    keys exist."""
     if pool > 1:
-        pooled = jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, (1, 1, pool), (1, 1, 1),
-                                       "SAME")
+        window = (1,) * (scores.ndim - 1) + (pool,)
+        pooled = jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, window,
+                                       (1,) * scores.ndim, "SAME")
         # Pooling spreads a score onto neighbours; rows that hold no key stay out.
         scores = jnp.where(scores == -jnp.inf, -jnp.inf, pooled)
     if kept is not None:
         scores = jnp.where(kept > -jnp.inf, kept, scores)
-    score, idx = jax.lax.top_k(scores, k)
-    return jnp.where(score == -jnp.inf, -1, idx).astype(jnp.int32), score
+    score, idx = pk.top_k_unsorted(scores, k)
+    return jnp.where(score == -jnp.inf, -1, idx), score
 
 
 def recycle(idx: jax.Array, score: jax.Array, position: jax.Array):
