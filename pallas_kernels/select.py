@@ -3,11 +3,12 @@
 
 ``lax.top_k`` sorts on the GPU (XLA's comparison sort, whatever the key type): choosing 16K of
 128K keys for every KV head costs as much as sorting them. A selection needs no order, only
-the k-th largest value. Here each float becomes an order-preserving 32-bit key, and three
-histogram passes (11, 11 and 10 bits, scatter-adds) find that key digit by digit, keeping only
-the values whose higher digits match; one cumulative sum then gives every chosen value its
-output slot (ascending index), and one scatter writes them. Every op is a plain XLA op over
-all rows at once, so many rows (every layer's KV heads) cost little more than a few.
+the k-th largest value. Here each float becomes an order-preserving 32-bit key, and eight
+counting passes find the k-th largest key four bits at a time (each pass one read of the keys:
+how many are at or above each of 15 candidates; no atomics, so no contention when scores
+crowd into a few values); one cumulative sum then gives every chosen value its output slot
+(ascending index), and one scatter writes them. Every op is a plain XLA op over all rows at
+once, so many rows (every layer's KV heads) cost little more than a few.
 
 Reference: ``jax.lax.top_k`` (the tests compare the chosen sets on fresh random inputs,
 ties, infinities, ``k = 1`` and ``k = n``).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, width) from the most significant bits
+BITS = 4  # digits found per pass: 2**BITS - 1 counts per row and pass, one read of the keys
 
 
 def ordered_key(x: jax.Array) -> jax.Array:
@@ -38,24 +39,22 @@ def top_k_unsorted(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     rows = x.reshape(-1, n)
     key = ordered_key(rows)
     r = rows.shape[0]
-    row_ids = jnp.arange(r)[:, None]
-    prefix = jnp.zeros((r,), jnp.uint32)  # the digits of the k-th largest key found so far
-    need = jnp.full((r,), k, jnp.int32)  # how many of the keys matching ``prefix`` to take
-    for i, (shift, width) in enumerate(DIGITS):
-        digit = ((key >> shift) & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
-        match = jnp.ones_like(key, jnp.int32) if i == 0 else \
-            ((key >> (shift + width)) == prefix[:, None]).astype(jnp.int32)
-        hist = jnp.zeros((r, 1 << width), jnp.int32).at[row_ids, digit].add(match)
-        at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # matching keys with digit >= d
-        chosen = jnp.sum(at_least >= need[:, None], axis=1) - 1  # the k-th largest's digit
-        above = jnp.take_along_axis(at_least, chosen[:, None], 1)[:, 0] \
-            - jnp.take_along_axis(hist, chosen[:, None], 1)[:, 0]
-        need = need - above
-        prefix = (prefix << width) | chosen.astype(jnp.uint32)
-    greater, equal = key > prefix[:, None], key == prefix[:, None]
+    # The k-th largest key is the largest v with #(key >= v) >= k: find it BITS bits at a time,
+    # from the most significant, counting the keys at or above each candidate digit.
+    kth = jnp.zeros((r,), jnp.uint32)
+    for shift in range(32 - BITS, -1, -BITS):
+        # Sibling row sums over the same keys: XLA fuses them into one pass (a single
+        # [r, n, 15] reduction over n becomes a slow column reduction instead).
+        digit = sum((jnp.sum(key >= (kth + jnp.uint32(j << shift))[:, None], axis=1,
+                             dtype=jnp.int32) >= k).astype(jnp.uint32)
+                    for j in range(1, 1 << BITS))
+        kth = kth + (digit << shift)
+    greater, equal = key > kth[:, None], key == kth[:, None]
     counts = jnp.cumsum(jnp.stack([greater, equal]).astype(jnp.int32), axis=-1)
-    take = greater | (equal & (counts[1] <= need[:, None]))
-    slot = counts[0] + jnp.minimum(counts[1], need[:, None]) - 1
+    need = k - counts[0, :, -1:]  # how many keys equal to the k-th to take, first ones first
+    take = greater | (equal & (counts[1] <= need))
+    slot = counts[0] + jnp.minimum(counts[1], need) - 1
+    row_ids = jnp.arange(r)[:, None]
     position = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), rows.shape)
     idx = jnp.zeros((r, k), jnp.int32).at[row_ids, jnp.where(take, slot, k)].set(
         position, mode="drop")
