@@ -129,8 +129,7 @@ class Retrieval(AttentionPolicy):
         lengths = np.asarray(lengths)
         out = []
         for layer, kv in enumerate(caches):
-            k = np.array(kv.k, np.float32)  # copies: the decode loop consumes the buffers
-            v = np.array(kv.v, np.float32)
+            k, v = np.asarray(kv.k), np.asarray(kv.v)  # the store copies what it keeps
             for b, n in enumerate(lengths):
                 end = max(self.sink, int(n) - self.window)
                 store.load(b, layer, k[b, :, self.sink:end].swapaxes(0, 1),
@@ -188,9 +187,8 @@ def _keep_queries(layer, handle, q, positions) -> None:
 
 
 def _step(layer, attend, handle, q, k, v, evicted):
-    return host_offload.lookup(handle).step(layer, np.asarray(q), np.asarray(k, np.float32),
-                                            np.asarray(v, np.float32), np.asarray(evicted),
-                                            attend=attend)
+    return host_offload.lookup(handle).step(layer, np.asarray(q), np.asarray(k), np.asarray(v),
+                                            np.asarray(evicted), attend=attend)
 
 
 def available_host_bytes() -> int | None:
