@@ -8,7 +8,8 @@ gets the ``k`` rows with the largest *group* logit (its queries' maximum ``q . k
 keys it scanned, plus how many keys it scanned (inner products computed, centroids included):
 the cost an approximate index saves. A group probes together, so one read of what it probes
 serves all its queries: the query heads that share a KV head (GQA) retrieve as one group, and a
-query alone is a group of one. :meth:`keys` returns stored keys as float32.
+query alone is a group of one. :meth:`keys` returns stored keys as float32; ``nbytes`` is the
+host memory the index holds (keys, codes, lists).
 
 - ``flat``: exact, numpy (the oracle).
 - ``ivf``: clusters of the keys (faiss k-means, each head its own), all heads' lists in one
@@ -164,6 +165,11 @@ class Rows:
     def rows(self) -> np.ndarray:
         return self._data[:, :self.n]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held (reserved rows never written take no memory)."""
+        return self.rows.nbytes
+
     def append(self, rows: np.ndarray) -> None:
         need = self.n + rows.shape[1]
         if need > self._data.shape[1]:
@@ -202,6 +208,10 @@ class FlatIndex:
 
     def keys(self, rows: np.ndarray) -> np.ndarray:
         return as_float32(self._keys.gather(rows))
+
+    @property
+    def nbytes(self) -> int:
+        return self._keys.nbytes
 
     def stored_keys(self) -> np.ndarray:
         """Every key ``[H, n, D]`` (a view), e.g. to build another index from."""
@@ -308,6 +318,11 @@ class IVFIndex:
     def keys(self, rows: np.ndarray) -> np.ndarray:
         return as_float32(self._keys.gather(rows))
 
+    @property
+    def nbytes(self) -> int:
+        """The numpy keys, faiss's codes (as many bytes) and ids, the centroids."""
+        return 2 * self._keys.nbytes + 8 * int(self._sizes.sum()) + self.centroids.nbytes
+
 
 def _kmeans(faiss, keys: np.ndarray, nlist: int, train_per_list: int) -> np.ndarray:
     """``nlist`` centroids of ``keys [n, D]`` as faiss's IVF trains them for inner products
@@ -331,6 +346,7 @@ class HNSWIndex:
                                               self._faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = 80
             self._heads.append(index)
+        self._links = links
         self.scan = scan
         self.n = 0
         self.add(keys)
@@ -358,6 +374,11 @@ class HNSWIndex:
     def keys(self, rows: np.ndarray) -> np.ndarray:
         return np.stack([index.reconstruct_batch(np.maximum(r, 0))
                          for index, r in zip(self._heads, rows)])
+
+    @property
+    def nbytes(self) -> int:
+        """About: float32 keys and the base level's ``2 * links`` int32 neighbours per key."""
+        return len(self._heads) * self.n * (self._heads[0].d + 2 * self._links) * 4
 
 
 class QueryIVFIndex:
@@ -416,6 +437,12 @@ class QueryIVFIndex:
 
     def keys(self, rows: np.ndarray) -> np.ndarray:
         return as_float32(self._keys.gather(rows))
+
+    @property
+    def nbytes(self) -> int:
+        """The keys, the lists' row ids, the centroids."""
+        return (self._keys.nbytes + 8 * sum(len(x) for lists in self.lists for x in lists)
+                + self.centroids.nbytes)
 
 
 def _query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_hits: int,

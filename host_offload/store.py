@@ -116,6 +116,13 @@ class RetrievalStore:
         return int(batch * layers * (max_len * per_token
                                      + train_queries * kv_heads * head_dim * 4))
 
+    def nbytes(self) -> int:
+        """Host memory held now: indexes (keys included), values, positions, kept queries."""
+        return sum((0 if lay.index is None else lay.index.nbytes)
+                   + (0 if lay.values is None else lay.values.nbytes)
+                   + 8 * lay.n + sum(q.nbytes for q in lay.queries)
+                   for rows in self.layers for lay in rows)
+
     def add_queries(self, layer: int, q: np.ndarray, positions: np.ndarray) -> None:
         """Keep prefill queries ``q [B, T, Hq, D]`` at ``positions [B, T]`` (``-1``: padding)
         on the query stride."""
