@@ -63,22 +63,22 @@ def faiss_module():
     return faiss
 
 
-def make_heads_index(kind: str, keys: np.ndarray, queries: np.ndarray | None = None, *,
-                     k: int = 100, scan: float = 0.1, capacity: int = 0,
-                     train_per_list: int = TRAIN_PER_LIST):
-    """An index of ``kind`` over ``keys [H, n, D]`` (float32 or bfloat16); ``queries [H, m, D]``
-    (each head's prefill queries) train the attention-aware kind. ``capacity``: rows to reserve
-    (a store that knows its length never regrows); ``train_per_list``: ivf's k-means sample."""
+def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None, *,
+                     k: int = 100, scan: float = 0.1, train_per_list: int = TRAIN_PER_LIST):
+    """An index of ``kind`` over the keys ``[H, n, D]`` (float32 or bfloat16) of ``keys``, which
+    it takes over (grows, never copies; e.g. a flat index's :attr:`FlatIndex.key_rows`);
+    ``queries [H, m, D]`` (each head's prefill queries) train the attention-aware kind;
+    ``train_per_list``: ivf's k-means sample per list."""
     if kind == "flat":
-        return FlatIndex(keys, capacity)
+        return FlatIndex(keys)
     if kind == "ivf":
-        return IVFIndex(keys, scan, train_per_list, capacity)
+        return IVFIndex(keys, scan, train_per_list)
     if kind == "hnsw":
         return HNSWIndex(keys, scan)
     if kind == "qivf":
         if queries is None or not queries.shape[1]:
             raise ValueError("the qivf index needs prefill queries")
-        return QueryIVFIndex(keys, np.asarray(queries, np.float32), k, scan, capacity)
+        return QueryIVFIndex(keys, np.asarray(queries, np.float32), k, scan)
     raise ValueError(f"unknown index kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
@@ -86,7 +86,7 @@ def make_index(kind: str, keys: np.ndarray, queries: np.ndarray | None = None, *
                scan: float = 0.1):
     """One head's index over ``keys [n, D]``; ``queries [m, D]`` (prefill queries of the head)
     train the attention-aware kind. Its :meth:`OneHead.search` ranks for each query alone."""
-    return OneHead(make_heads_index(kind, np.asarray(keys)[None],
+    return OneHead(make_heads_index(kind, Rows(np.asarray(keys)[None]),
                                     None if queries is None else np.asarray(queries)[None],
                                     k=k, scan=scan))
 
@@ -192,30 +192,26 @@ class FlatIndex:
 
     scan = 1.0
 
-    def __init__(self, keys: np.ndarray, capacity: int = 0):
-        self._keys = Rows(keys, capacity)
+    def __init__(self, keys: Rows):
+        self.key_rows = keys
 
     @property
     def n(self) -> int:
-        return self._keys.n
+        return self.key_rows.n
 
     def add(self, keys: np.ndarray) -> None:
-        self._keys.append(keys)
+        self.key_rows.append(keys)
 
     def search(self, queries: np.ndarray, k: int):
-        ids = top_k(group_logits(queries, self._keys.rows[:, None]), k)
+        ids = top_k(group_logits(queries, self.key_rows.rows[:, None]), k)
         return ids, np.full(queries.shape[:2], self.n)
 
     def keys(self, rows: np.ndarray) -> np.ndarray:
-        return as_float32(self._keys.gather(rows))
+        return as_float32(self.key_rows.gather(rows))
 
     @property
     def nbytes(self) -> int:
-        return self._keys.nbytes
-
-    def stored_keys(self) -> np.ndarray:
-        """Every key ``[H, n, D]`` (a view), e.g. to build another index from."""
-        return self._keys.rows
+        return self.key_rows.nbytes
 
 
 def probes(scan: float, nlist: int) -> int:
@@ -259,16 +255,15 @@ class IVFIndex:
     same lists, and a key in the group's top ``k`` is in the top ``k`` of the query that scores
     it highest, so the union of the queries' own top ``k`` holds it at its group logit."""
 
-    def __init__(self, keys: np.ndarray, scan: float, train_per_list: int = TRAIN_PER_LIST,
-                 capacity: int = 0):
+    def __init__(self, keys: Rows, scan: float, train_per_list: int = TRAIN_PER_LIST):
         faiss = faiss_module()
-        heads, n, d = keys.shape
+        heads, n, d = keys.rows.shape
         self.nlist = max(1, int(round(math.sqrt(n))))
         self.centroids = np.stack([_kmeans(faiss, as_float32(x), self.nlist, train_per_list)
-                                   for x in keys])  # [H, nlist, D]
+                                   for x in keys.rows])  # [H, nlist, D]
         quantizer = faiss.IndexFlatIP(d)
         quantizer.add(self.centroids.reshape(-1, d))
-        if keys.dtype == np.float32:
+        if keys.rows.dtype == np.float32:
             index = faiss.IndexIVFFlat(quantizer, d, heads * self.nlist, faiss.METRIC_INNER_PRODUCT)
         else:  # a bfloat16 code is the key's own two bytes
             index = faiss.IndexIVFScalarQuantizer(quantizer, d, heads * self.nlist,
@@ -278,29 +273,33 @@ class IVFIndex:
         index.parallel_mode = 3  # search_preassigned: threads over the queries
         self._faiss, self._index, self._quantizer = faiss, index, quantizer
         self._sizes = np.zeros((heads, self.nlist), np.int64)
-        self._keys = Rows(keys[:, :0], capacity)
+        self._keys = keys
         self.scan = scan
-        self.add(keys)
+        self._add_codes(keys.rows, 0)
 
     @property
     def n(self) -> int:
         return self._keys.n
 
     def add(self, keys: np.ndarray) -> None:
+        self._add_codes(keys, self.n)
+        self._keys.append(keys)
+
+    def _add_codes(self, keys: np.ndarray, first: int) -> None:
+        """Put ``keys [H, m, D]``, rows ``first ..``, in their lists."""
         heads, m, d = keys.shape
         lists = _nearest(keys, self.centroids) + np.arange(heads)[:, None] * self.nlist
         order = np.argsort(lists.reshape(-1), kind="stable")  # each list's entries together
-        ids = ((self.n + np.arange(m)) * heads + np.arange(heads)[:, None]).reshape(-1)[order]
+        ids = ((first + np.arange(m)) * heads + np.arange(heads)[:, None]).reshape(-1)[order]
         codes = keys.reshape(-1, d)[order].view(np.uint8)  # faiss id = row * H + head
         where = lists.reshape(-1)[order]
-        starts = np.flatnonzero(np.diff(where, prepend=-1))
+        starts = np.flatnonzero(np.concatenate([[True], where[1:] != where[:-1]]))
         swig_ptr, invlists = self._faiss.swig_ptr, self._index.invlists
         for i, j in zip(starts, [*starts[1:], len(where)]):  # one append per list
             invlists.add_entries(int(where[i]), int(j - i), swig_ptr(ids[i:j]),
                                  swig_ptr(codes[i:j]))
         self._sizes += np.bincount(where, minlength=self._sizes.size).reshape(heads, -1)
         self._index.ntotal += heads * m
-        self._keys.append(keys)
 
     def search(self, queries: np.ndarray, k: int):
         heads, groups, g, d = queries.shape
@@ -338,18 +337,18 @@ def _kmeans(faiss, keys: np.ndarray, nlist: int, train_per_list: int) -> np.ndar
 class HNSWIndex:
     """faiss ``IndexHNSWFlat`` per head (inner product, 32 links per node)."""
 
-    def __init__(self, keys: np.ndarray, scan: float, links: int = 32):
+    def __init__(self, keys: Rows, scan: float, links: int = 32):
         self._faiss = faiss_module()
         self._heads = []
-        for _ in range(keys.shape[0]):
-            index = self._faiss.IndexHNSWFlat(keys.shape[2], links,
+        for _ in range(keys.rows.shape[0]):
+            index = self._faiss.IndexHNSWFlat(keys.rows.shape[2], links,
                                               self._faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = 80
             self._heads.append(index)
         self._links = links
         self.scan = scan
         self.n = 0
-        self.add(keys)
+        self.add(keys.rows)  # faiss keeps its own float32 copy
 
     def add(self, keys: np.ndarray) -> None:
         for index, x in zip(self._heads, keys):
@@ -385,14 +384,13 @@ class QueryIVFIndex:
     """Attention-aware IVF: clusters of prefill queries list the keys their queries rank top-k
     (see the module docstring). ``nlist`` defaults to ``sqrt(n)``."""
 
-    def __init__(self, keys: np.ndarray, queries: np.ndarray, k: int, scan: float,
-                 capacity: int = 0, nlist: int | None = None, min_hits: int = 1, iters: int = 10,
-                 seed: int = 0):
-        self._keys = Rows(keys, capacity)
-        n = keys.shape[1]
+    def __init__(self, keys: Rows, queries: np.ndarray, k: int, scan: float,
+                 nlist: int | None = None, min_hits: int = 1, iters: int = 10, seed: int = 0):
+        self._keys = keys
+        n = keys.n
         nlist = min(nlist or max(1, int(round(math.sqrt(n)))), queries.shape[1])
         built = [_query_lists(as_float32(x), q, k, nlist, min_hits, iters, seed)
-                 for x, q in zip(keys, queries)]
+                 for x, q in zip(keys.rows, queries)]
         self.centroids = np.stack([c for c, _ in built])  # [H, nlist, D]
         self.lists = [lists for _, lists in built]  # [H][nlist] row ids, most-ranked first
         self.nlist = nlist

@@ -63,15 +63,14 @@ class _Layer:
                capacity: int) -> bool:
         """Append the tokens ``k, v [m, Hkv, D]`` at positions ``pos [m]`` not yet stored (see
         the module docstring); whether any was."""
-        take = pos >= self.next
-        if not take.any():
+        first = int(np.searchsorted(pos, self.next))  # positions arrive in order
+        if first == len(pos):
             return False
-        if not take.all():
-            k, pos = k[take], pos[take]
-            v = None if v is None else v[take]
+        if first:
+            k, v, pos = k[first:], None if v is None else v[first:], pos[first:]
         keys = k.swapaxes(0, 1)
         if self.index is None:
-            self.index = hindex.FlatIndex(keys, capacity)
+            self.index = hindex.FlatIndex(hindex.Rows(keys, capacity))
             self.values = None if v is None else hindex.Rows(v.swapaxes(0, 1), capacity)
         else:
             self.index.add(keys)
@@ -147,12 +146,11 @@ class RetrievalStore:
             if not lay.queries:
                 return  # nothing to learn from: stay exact
             queries = np.concatenate(lay.queries)  # [m, Hq, D]
-            hkv = lay.index.stored_keys().shape[0]
+            hkv = lay.index.key_rows.rows.shape[0]
             queries = queries.reshape(len(queries), hkv, -1, queries.shape[-1])  # [m, Hkv, g, D]
             queries = queries.transpose(1, 0, 2, 3).reshape(hkv, -1, queries.shape[-1])
-        lay.index = hindex.make_heads_index(
-            self.kind, lay.index.stored_keys(), queries, k=self.k, scan=self.scan,
-            capacity=self.capacity, train_per_list=self.train_per_list)
+        lay.index = hindex.make_heads_index(self.kind, lay.index.key_rows, queries, k=self.k,
+                                            scan=self.scan, train_per_list=self.train_per_list)
         lay.built = True
 
     def insert(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
