@@ -7,8 +7,9 @@ context - window)`` (what a prefill of ``context`` tokens leaves on the host; ma
 copied to the host, indexed layer by layer), the device ring with random values, and decoding
 starts at position ``context``. Random keys have no structure for an index to find, so the search
 runs at a fixed scan budget instead of a recall target: ``--scan``, the fraction of each KV
-head's lists its query group probes (the share of keys that reads is measured and reported,
-centroids included). ivf's k-means trains on ``--train-per-list`` keys per list (default 64: a
+head's lists its query group probes (default 0.04: about 5% of the keys, as k-means lists of
+random keys differ in size and the probes favour the large ones; the share read is measured and
+reported, centroids included). ivf's k-means trains on ``--train-per-list`` keys per list (default 64: a
 subsample; random keys have no clusters to find). qivf learns from random prefill queries
 (``--train-queries`` per layer and KV head). Full attention runs where its cache and the weights
 fit the device, and is skipped with the reason otherwise.
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--index", default=None,
                     help="retrieval index kinds, comma list (default ivf for llama3-8b, "
                          "qivf,ivf for smollm2)")
-    ap.add_argument("--scan", type=float, default=0.05,
+    ap.add_argument("--scan", type=float, default=0.04,
                     help="fraction of each KV head's lists a query group probes")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--sink", type=int, default=128)

@@ -146,9 +146,9 @@ def as_float32(x: np.ndarray) -> np.ndarray:
 
 
 def group_logits(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """The group logit ``max_g q . key``: ``queries [..., g, D]``, ``keys [..., C, D]`` (any
-    dtype) -> ``[..., C]`` float32."""
-    return np.matmul(as_float32(keys), np.swapaxes(queries, -1, -2)).max(-1)
+    """The group logit ``max_g q . key``: ``queries [B, g, D]``, ``keys [B, C, D]`` (any dtype)
+    -> ``[B, C]`` float32."""
+    return np.matmul(as_float32(keys), queries.swapaxes(1, 2)).max(-1)
 
 
 class Rows:
@@ -203,7 +203,11 @@ class FlatIndex:
         self.key_rows.append(keys)
 
     def search(self, queries: np.ndarray, k: int):
-        ids = top_k(group_logits(queries, self.key_rows.rows[:, None]), k)
+        heads, groups, g, d = queries.shape
+        logits = np.matmul(as_float32(self.key_rows.rows),
+                           queries.reshape(heads, -1, d).swapaxes(1, 2))  # [H, n, G * g]
+        logits = logits.reshape(heads, -1, groups, g).max(-1).swapaxes(1, 2)  # [H, G, n]
+        ids = top_k(logits, k)
         return ids, np.full(queries.shape[:2], self.n)
 
     def keys(self, rows: np.ndarray) -> np.ndarray:
@@ -219,29 +223,38 @@ def probes(scan: float, nlist: int) -> int:
     return max(1, min(nlist, math.ceil(scan * nlist - 1e-9)))
 
 
-def _probe(queries: np.ndarray, centroids: np.ndarray, nprobe: int) -> np.ndarray:
+def _probe(queries: np.ndarray, centroids_t: np.ndarray, nprobe: int) -> np.ndarray:
     """Each group's ``nprobe`` lists by group logit with the centroids, best first:
-    ``queries [H, G, g, D]``, ``centroids [H, nlist, D]`` -> ``[H, G, nprobe]``."""
-    return top_k(group_logits(queries, centroids[:, None]), nprobe)
+    ``queries [H, G, g, D]``, ``centroids_t [H, D, nlist]`` (transposed, contiguous: the
+    small products run at BLAS speed) -> ``[H, G, nprobe]``."""
+    heads, groups, g, d = queries.shape
+    logits = np.matmul(queries.reshape(heads, -1, d), centroids_t)
+    return top_k(logits.reshape(heads, groups, g, -1).max(2), nprobe)
 
 
-def _nearest(keys: np.ndarray, centroids: np.ndarray, block: int = 16384) -> np.ndarray:
-    """Each key's list: the centroid it scores highest, ``keys [H, n, D]`` -> ``[H, n]``."""
+def _nearest(keys: np.ndarray, centroids_t: np.ndarray, block: int = 16384) -> np.ndarray:
+    """Each key's list: the centroid it scores highest, ``keys [H, n, D]`` -> ``[H, n]``
+    (``centroids_t [H, D, nlist]``)."""
     out = np.empty(keys.shape[:2], np.int64)
     for start in range(0, keys.shape[1], block):  # bounded [H, block, nlist] score matrices
         part = as_float32(keys[:, start:start + block])
-        out[:, start:start + block] = np.argmax(part @ np.swapaxes(centroids, 1, 2), -1)
+        out[:, start:start + block] = np.argmax(part @ centroids_t, -1)
     return out
 
 
 def _group_top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` best distinct ids of each row of ``ids [..., m]`` by ``logits`` (an id found
-    more than once counts at its largest logit; ``-1`` is no id)."""
-    order = np.lexsort((-logits, ids), axis=-1)  # by id, then best logit first
-    ids, logits = along(ids, order), along(logits, order)
+    """The ``k`` best distinct ids of each row of ``ids [..., m]`` (``-1``: none, ids below
+    ``2**31``) by ``logits`` float32, an id found more than once counting at its largest logit.
+    One sort of each (id, logit) pair packed into an int64 (id above, logit order below) puts
+    an id's copies together, best first."""
+    bits = logits.view(np.int32).astype(np.int64)
+    order = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # as integers, in the floats' order
+    packed = np.sort((ids << 32) | (0x7FFFFFFF - order), -1)  # low half: 0 is the best logit
+    ids = packed >> 32
     first = np.ones(ids.shape, bool)
     first[..., 1:] = ids[..., 1:] != ids[..., :-1]
-    best = top_k(np.where(first & (ids >= 0), logits, -np.inf), k)
+    rank = -(packed & 0xFFFFFFFF).astype(np.float64)
+    best = top_k(np.where(first & (ids >= 0), rank, -np.inf), k)
     return np.where(best >= 0, along(ids, np.maximum(best, 0)), -1)
 
 
@@ -259,10 +272,11 @@ class IVFIndex:
         faiss = faiss_module()
         heads, n, d = keys.rows.shape
         self.nlist = max(1, int(round(math.sqrt(n))))
-        self.centroids = np.stack([_kmeans(faiss, as_float32(x), self.nlist, train_per_list)
-                                   for x in keys.rows])  # [H, nlist, D]
+        centroids = np.stack([_kmeans(faiss, as_float32(x), self.nlist, train_per_list)
+                              for x in keys.rows])  # [H, nlist, D]
+        self.centroids_t = np.ascontiguousarray(centroids.swapaxes(1, 2))  # [H, D, nlist]
         quantizer = faiss.IndexFlatIP(d)
-        quantizer.add(self.centroids.reshape(-1, d))
+        quantizer.add(centroids.reshape(-1, d))
         if keys.rows.dtype == np.float32:
             index = faiss.IndexIVFFlat(quantizer, d, heads * self.nlist, faiss.METRIC_INNER_PRODUCT)
         else:  # a bfloat16 code is the key's own two bytes
@@ -288,7 +302,7 @@ class IVFIndex:
     def _add_codes(self, keys: np.ndarray, first: int) -> None:
         """Put ``keys [H, m, D]``, rows ``first ..``, in their lists."""
         heads, m, d = keys.shape
-        lists = _nearest(keys, self.centroids) + np.arange(heads)[:, None] * self.nlist
+        lists = _nearest(keys, self.centroids_t) + np.arange(heads)[:, None] * self.nlist
         order = np.argsort(lists.reshape(-1), kind="stable")  # each list's entries together
         ids = ((first + np.arange(m)) * heads + np.arange(heads)[:, None]).reshape(-1)[order]
         codes = keys.reshape(-1, d)[order].view(np.uint8)  # faiss id = row * H + head
@@ -304,7 +318,7 @@ class IVFIndex:
     def search(self, queries: np.ndarray, k: int):
         heads, groups, g, d = queries.shape
         nprobe = probes(self.scan, self.nlist)
-        probed = _probe(queries, self.centroids, nprobe)  # [H, G, nprobe]
+        probed = _probe(queries, self.centroids_t, nprobe)  # [H, G, nprobe]
         lists = probed + (np.arange(heads) * self.nlist)[:, None, None]
         lists = np.broadcast_to(lists[:, :, None], (heads, groups, g, nprobe)).reshape(-1, nprobe)
         self._index.nprobe = nprobe
@@ -320,7 +334,7 @@ class IVFIndex:
     @property
     def nbytes(self) -> int:
         """The numpy keys, faiss's codes (as many bytes) and ids, the centroids."""
-        return 2 * self._keys.nbytes + 8 * int(self._sizes.sum()) + self.centroids.nbytes
+        return 2 * self._keys.nbytes + 8 * int(self._sizes.sum()) + self.centroids_t.nbytes
 
 
 def _kmeans(faiss, keys: np.ndarray, nlist: int, train_per_list: int) -> np.ndarray:
@@ -366,8 +380,10 @@ class HNSWIndex:
             found[h] = index.search(np.ascontiguousarray(queries[h].reshape(-1, d)),
                                     k)[1].reshape(groups, g * k)
             scanned[h] = stats.ndis / groups
-        union = self.keys(found.reshape(heads, -1)).reshape(heads, groups, g * k, d)
-        logits = np.where(found >= 0, group_logits(queries, union), -np.inf)
+        union = self.keys(found.reshape(heads, -1))
+        logits = group_logits(queries.reshape(heads * groups, g, d),
+                              union.reshape(heads * groups, g * k, d)).reshape(found.shape)
+        logits = np.where(found >= 0, logits, -np.inf)
         return _group_top_k(found, logits, k), scanned
 
     def keys(self, rows: np.ndarray) -> np.ndarray:
@@ -391,7 +407,7 @@ class QueryIVFIndex:
         nlist = min(nlist or max(1, int(round(math.sqrt(n)))), queries.shape[1])
         built = [_query_lists(as_float32(x), q, k, nlist, min_hits, iters, seed)
                  for x, q in zip(keys.rows, queries)]
-        self.centroids = np.stack([c for c, _ in built])  # [H, nlist, D]
+        self.centroids_t = np.ascontiguousarray(np.stack([c.T for c, _ in built]))  # [H, D, nlist]
         self.lists = [lists for _, lists in built]  # [H][nlist] row ids, most-ranked first
         self.nlist = nlist
         self.scan = scan
@@ -403,7 +419,7 @@ class QueryIVFIndex:
     def add(self, keys: np.ndarray) -> None:
         first = self.n
         self._keys.append(keys)
-        for lists, home in zip(self.lists, _nearest(keys, self.centroids)):
+        for lists, home in zip(self.lists, _nearest(keys, self.centroids_t)):
             for i, c in enumerate(home):
                 lists[c] = np.append(lists[c], first + i)
 
@@ -411,7 +427,7 @@ class QueryIVFIndex:
         heads, groups, g, d = queries.shape
         nprobe = probes(self.scan, self.nlist)
         last = self.scan * self.nlist - (nprobe - 1)  # the share of the last list read
-        probed = _probe(queries, self.centroids, nprobe)
+        probed = _probe(queries, self.centroids_t, nprobe)
         seen = np.zeros(self.n, bool)
         cands = []
         for lists, groups_probed in zip(self.lists, probed):
@@ -440,7 +456,7 @@ class QueryIVFIndex:
     def nbytes(self) -> int:
         """The keys, the lists' row ids, the centroids."""
         return (self._keys.nbytes + 8 * sum(len(x) for lists in self.lists for x in lists)
-                + self.centroids.nbytes)
+                + self.centroids_t.nbytes)
 
 
 def _query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_hits: int,

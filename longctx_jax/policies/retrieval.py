@@ -65,8 +65,8 @@ class Retrieval(AttentionPolicy):
     index: str = static("flat", help="host index: flat (exact), ivf, hnsw (faiss-cpu), or "
                                      "qivf (clusters of prefill queries: attention-aware)")
     scan: float = static(0.1, help="search effort of an approximate index, in (0, 1]: the "
-                                   "fraction of lists probed (ivf, qivf) or efSearch as a "
-                                   "fraction of the keys (hnsw)")
+                                   "fraction of lists a KV head's query group probes (ivf, "
+                                   "qivf) or efSearch as a fraction of the keys (hnsw)")
     attend: str = static("host", help="where the retrieved keys are attended: 'host' (CPU, "
                                       "returns o and lse) or 'device' (host returns ids; the "
                                       "device keeps every token)")
