@@ -16,7 +16,10 @@ fit the device, and is skipped with the reason otherwise.
 
 ``--model smollm2``: the real SmolLM2 (``$LONGCTX_GGUF``), a real text of ``context`` tokens
 prefilled by each method and, for retrieval, moved to the host and indexed by the policy's own
-``after_prefill`` (qivf learns from the prefill's queries) with the library's defaults.
+``after_prefill`` (qivf learns from the prefill's queries) with the library's defaults. Each
+index gets its own scan (``--index kind:scan``; default ``qivf:0.008,ivf:0.1``: about 10% of the
+keys each, where one query's recall@100 is about 0.9 for both on SmolLM2 at 8K, see
+``benchmarks.retrieval_index``).
 
 Decode: the jitted ``decode_tokens`` loop (the one ``generate`` runs). ms/token is the slope
 between runs of ``--short`` and ``--long`` tokens (medians of ``--repeats``), so fixed costs
@@ -169,10 +172,10 @@ def run_random(args, record, dtype) -> None:
         max_len = 256 * -(-(context + total + 1) // 256)
         full_ms = None
         for method in args.methods:
-            for index in (args.index if method == "retrieval" else [None]):
+            for index, scan in (args.index if method == "retrieval" else [(None, None)]):
                 row = dict(context=context, method=method if index is None else
-                           f"retrieval:{index}")
-                policy = _policy(method, index, args)
+                           f"retrieval:{index}", scan=scan)
+                policy = _policy(method, index, scan, args)
                 if method == "full":
                     need = policy.cache_bytes(cfg, args.batch, max_len, dtype) + weights
                     if limit is not None and need > limit:
@@ -224,10 +227,10 @@ def run_real(args, record, dtype) -> None:
         lengths = jnp.full((args.batch,), context, jnp.int32)
         full_ms = None
         for method in args.methods:
-            for index in (args.index if method == "retrieval" else [None]):
+            for index, scan in (args.index if method == "retrieval" else [(None, None)]):
                 row = dict(context=context, method=method if index is None else
-                           f"retrieval:{index}")
-                policy = _policy(method, index, args)
+                           f"retrieval:{index}", scan=scan)
+                policy = _policy(method, index, scan, args)
                 rss0 = resident_bytes()
                 with policy.session(cfg, args.batch, max_len) as bound:
                     _, caches = prefill_tokens(params, bound, jnp.asarray(tokens), lengths,
@@ -252,10 +255,10 @@ def run_real(args, record, dtype) -> None:
                 _report(args, record, row)
 
 
-def _policy(method: str, index: str | None, args):
+def _policy(method: str, index: str | None, scan: float | None, args):
     if method == "retrieval":
         return make_policy("retrieval", sink=args.sink, window=args.window, k=args.k,
-                           index=index, scan=args.scan)
+                           index=index, scan=scan)
     if method == "streaming":
         return make_policy("streaming", sink=args.sink, window=args.window)
     return make_policy(method)
@@ -274,8 +277,12 @@ def _report(args, record, row) -> None:
         path.write_text(json.dumps(record, indent=1) + "\n")
 
 
+def _label(row) -> str:
+    return row["method"] if row["scan"] is None else f"{row['method']} (scan {row['scan']:g})"
+
+
 def _line(row) -> str:
-    head = f"ctx={row['context']:<7} {row['method']:<15}"
+    head = f"ctx={row['context']:<7} {_label(row):<26}"
     if "skipped" in row:
         return f"{head} skipped: {row['skipped']}"
     line = f"{head} {row['ms_per_token']:8.2f} ms/token"
@@ -298,7 +305,7 @@ def table(rows) -> str:
              "host GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['context']} | {r['method']} | skipped: {r['skipped']} |"
+            lines.append(f"| {r['context']} | {_label(r)} | skipped: {r['skipped']} |"
                          " - | - | - | - | - | - |")
             continue
         vs = "-" if r["vs_full"] is None else f"{r['vs_full']:.2f}x"
@@ -311,7 +318,7 @@ def table(rows) -> str:
                 other = f"{r['ms_per_token'] - h['total'] - stream[r['context']]:.2f}"
             scanned = f"{100 * r['keys_scanned']:.2f}%"
             gib = f"{r['host_bytes'] / 2**30:.2f}"
-        lines.append(f"| {r['context']} | {r['method']} | {r['ms_per_token']:.2f} | {vs} | "
+        lines.append(f"| {r['context']} | {_label(r)} | {r['ms_per_token']:.2f} | {vs} | "
                      f"{host} | {calls} | {other} | {scanned} | {gib} |")
     return "\n".join(lines)
 
@@ -324,10 +331,11 @@ def main(argv=None) -> int:
                     help="comma list (default 131072 for llama3-8b, 8192 for smollm2)")
     ap.add_argument("--methods", default="full,streaming,retrieval")
     ap.add_argument("--index", default=None,
-                    help="retrieval index kinds, comma list (default ivf for llama3-8b, "
-                         "qivf,ivf for smollm2)")
+                    help="retrieval indexes, comma list of kind or kind:scan (default ivf for "
+                         "llama3-8b, qivf:0.008,ivf:0.1 for smollm2)")
     ap.add_argument("--scan", type=float, default=0.04,
-                    help="fraction of each KV head's lists a query group probes")
+                    help="fraction of each KV head's lists a query group probes, for an index "
+                         "given without its own")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--sink", type=int, default=128)
     ap.add_argument("--window", type=int, default=512)
@@ -348,7 +356,9 @@ def main(argv=None) -> int:
     real = args.model == "smollm2"
     args.contexts = [int(c) for c in (args.contexts or ("8192" if real else "131072")).split(",")]
     args.methods = args.methods.split(",")
-    args.index = (args.index or ("qivf,ivf" if real else "ivf")).split(",")
+    args.index = [(kind, float(scan[0]) if scan else args.scan) for kind, *scan in
+                  (x.split(":") for x in (args.index or ("qivf:0.008,ivf:0.1" if real
+                                                         else "ivf")).split(","))]
     if args.short >= args.long:
         ap.error("--short must be below --long")
     dtype = jnp.dtype(args.dtype)

@@ -13,7 +13,8 @@ host memory the index holds (keys, codes, lists).
 
 - ``flat``: exact, numpy (the oracle).
 - ``ivf``: clusters of the keys (faiss k-means, each head its own), all heads' lists in one
-  faiss IVF (codes in the keys' dtype), searched in one call for every query of the layer.
+  faiss IVF (codes in the keys' dtype), searched in one call for every query of the layer;
+  the keys are kept in numpy too, to read the retrieved ones back at memory speed.
 - ``hnsw``: faiss HNSW per head; a group's union of its queries' results is re-ranked by the
   group logit.
 - ``qivf``: attention-aware, numpy. Decode queries and keys come from different projections,
@@ -66,7 +67,7 @@ def faiss_module():
 def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None, *,
                      k: int = 100, scan: float = 0.1, train_per_list: int = TRAIN_PER_LIST):
     """An index of ``kind`` over the keys ``[H, n, D]`` (float32 or bfloat16) of ``keys``, which
-    it takes over (grows, never copies; e.g. a flat index's :attr:`FlatIndex.key_rows`);
+    it takes over rather than copies (e.g. a flat index's :attr:`FlatIndex.key_rows`);
     ``queries [H, m, D]`` (each head's prefill queries) train the attention-aware kind;
     ``train_per_list``: ivf's k-means sample per list."""
     if kind == "flat":
@@ -223,7 +224,7 @@ def probes(scan: float, nlist: int) -> int:
     return max(1, min(nlist, math.ceil(scan * nlist - 1e-9)))
 
 
-def _probe(queries: np.ndarray, centroids_t: np.ndarray, nprobe: int) -> np.ndarray:
+def probe_lists(queries: np.ndarray, centroids_t: np.ndarray, nprobe: int) -> np.ndarray:
     """Each group's ``nprobe`` lists by group logit with the centroids, best first:
     ``queries [H, G, g, D]``, ``centroids_t [H, D, nlist]`` (transposed, contiguous: the
     small products run at BLAS speed) -> ``[H, G, nprobe]``."""
@@ -232,7 +233,7 @@ def _probe(queries: np.ndarray, centroids_t: np.ndarray, nprobe: int) -> np.ndar
     return top_k(logits.reshape(heads, groups, g, -1).max(2), nprobe)
 
 
-def _nearest(keys: np.ndarray, centroids_t: np.ndarray, block: int = 16384) -> np.ndarray:
+def nearest_lists(keys: np.ndarray, centroids_t: np.ndarray, block: int = 16384) -> np.ndarray:
     """Each key's list: the centroid it scores highest, ``keys [H, n, D]`` -> ``[H, n]``
     (``centroids_t [H, D, nlist]``)."""
     out = np.empty(keys.shape[:2], np.int64)
@@ -302,7 +303,7 @@ class IVFIndex:
     def _add_codes(self, keys: np.ndarray, first: int) -> None:
         """Put ``keys [H, m, D]``, rows ``first ..``, in their lists."""
         heads, m, d = keys.shape
-        lists = _nearest(keys, self.centroids_t) + np.arange(heads)[:, None] * self.nlist
+        lists = nearest_lists(keys, self.centroids_t) + np.arange(heads)[:, None] * self.nlist
         order = np.argsort(lists.reshape(-1), kind="stable")  # each list's entries together
         ids = ((first + np.arange(m)) * heads + np.arange(heads)[:, None]).reshape(-1)[order]
         codes = keys.reshape(-1, d)[order].view(np.uint8)  # faiss id = row * H + head
@@ -318,7 +319,7 @@ class IVFIndex:
     def search(self, queries: np.ndarray, k: int):
         heads, groups, g, d = queries.shape
         nprobe = probes(self.scan, self.nlist)
-        probed = _probe(queries, self.centroids_t, nprobe)  # [H, G, nprobe]
+        probed = probe_lists(queries, self.centroids_t, nprobe)  # [H, G, nprobe]
         lists = probed + (np.arange(heads) * self.nlist)[:, None, None]
         lists = np.broadcast_to(lists[:, :, None], (heads, groups, g, nprobe)).reshape(-1, nprobe)
         self._index.nprobe = nprobe
@@ -419,7 +420,7 @@ class QueryIVFIndex:
     def add(self, keys: np.ndarray) -> None:
         first = self.n
         self._keys.append(keys)
-        for lists, home in zip(self.lists, _nearest(keys, self.centroids_t)):
+        for lists, home in zip(self.lists, nearest_lists(keys, self.centroids_t)):
             for i, c in enumerate(home):
                 lists[c] = np.append(lists[c], first + i)
 
@@ -427,7 +428,7 @@ class QueryIVFIndex:
         heads, groups, g, d = queries.shape
         nprobe = probes(self.scan, self.nlist)
         last = self.scan * self.nlist - (nprobe - 1)  # the share of the last list read
-        probed = _probe(queries, self.centroids_t, nprobe)
+        probed = probe_lists(queries, self.centroids_t, nprobe)
         seen = np.zeros(self.n, bool)
         cands = []
         for lists, groups_probed in zip(self.lists, probed):
