@@ -3,16 +3,17 @@ beside full attention and streaming (the same sink + window, nothing on the host
 
 ``--model llama3-8b`` (default): Llama-3-8B's shape with random weights, no prefill. Every
 layer's host store is filled directly with random keys and values for positions ``[sink,
-context - window)`` (what a prefill of ``context`` tokens leaves on the host; made on the device,
-copied to the host, indexed layer by layer), the device ring with random values, and decoding
-starts at position ``context``. Random keys have no structure for an index to find, so the search
-runs at a fixed scan budget instead of a recall target: ``--scan``, the fraction of each KV
-head's lists its query group probes (default 0.04: about 5% of the keys, as k-means lists of
-random keys differ in size and the probes favour the large ones; the share read is measured and
-reported, centroids included). ivf's k-means trains on ``--train-per-list`` keys per list (default 64: a
-subsample; random keys have no clusters to find). qivf learns from random prefill queries
-(``--train-queries`` per layer and KV head). Full attention runs where its cache and the weights
-fit the device, and is skipped with the reason otherwise.
+context - window)`` (what a prefill of ``context`` tokens leaves on the host; made on the
+device, copied to the host and indexed, ``--fill-threads`` layers at a time), the device ring
+with random values, and decoding starts at position ``context``. Random keys have no structure
+for an index to find, so the search runs at a fixed scan budget instead of a recall target:
+``--scan``, the fraction of each KV head's lists its query group probes (default 0.04: about 5%
+of the keys, as k-means lists of random keys differ in size and the probes favour the large
+ones; the share read is measured and reported, centroids included). ivf's k-means trains on
+``--train-per-list`` keys per list (default 64: a subsample; random keys have no clusters to
+find). qivf learns from random prefill queries (``--train-queries`` per layer and KV head).
+Full attention runs where its cache and the weights fit the device, and is skipped with the
+reason otherwise.
 
 ``--model smollm2``: the real SmolLM2 (``$LONGCTX_GGUF``), a real text of ``context`` tokens
 prefilled by each method and, for retrieval, moved to the host and indexed by the policy's own
@@ -39,6 +40,7 @@ the process's resident memory while it was filled.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import gc
 import json
@@ -114,7 +116,8 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
     """A host store as a prefill of ``context`` tokens leaves it, filled with random keys and
     values for positions ``[sink, context - window)`` of every layer (and random prefill
     queries on its stride, for an index that learns from them), each layer indexed once
-    filled. Returns ``(store, seconds)``."""
+    filled. ``args.fill_threads`` layers at a time (each makes a few GiB of copies at 512K;
+    their faiss calls share the CPUs). Returns ``(store, seconds)``."""
     store = RetrievalStore(args.batch, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                            kind=policy.index, k=policy.k, scan=policy.scan, max_len=max_len,
                            group=cfg.num_heads // cfg.num_kv_heads,
@@ -122,9 +125,13 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
                            train_per_list=args.train_per_list or 64)
     pos = np.arange(policy.sink, context - policy.window)
     qpos = np.arange(0, context, store.query_stride)
-    t0 = time.perf_counter()
-    for layer in range(cfg.num_layers):
-        keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), layer), 2 * args.batch + 1)
+    faiss = hindex.faiss_module()
+    share = max(1, faiss.omp_get_max_threads() // args.fill_threads)
+
+    def fill(layer):
+        faiss.omp_set_num_threads(share)  # this thread's faiss calls only
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), layer),
+                                2 * args.batch + 1)
         if policy.index in hindex.NEEDS_QUERIES:
             q = jax.random.normal(keys[-1], (args.batch, len(qpos), cfg.num_heads, cfg.head_dim),
                                   dtype)
@@ -133,8 +140,12 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
             shape = (len(pos), cfg.num_kv_heads, cfg.head_dim)
             store.load(b, layer, np.asarray(jax.random.normal(keys[2 * b], shape, dtype)),
                        np.asarray(jax.random.normal(keys[2 * b + 1], shape, dtype)), pos)
-        print(f"\r  filled and indexed {layer + 1}/{cfg.num_layers} layers "
-              f"({time.perf_counter() - t0:.0f} s)", end="", flush=True)
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.fill_threads) as pool:
+        for done, _ in enumerate(pool.map(fill, range(cfg.num_layers)), 1):
+            print(f"\r  filled and indexed {done}/{cfg.num_layers} layers "
+                  f"({time.perf_counter() - t0:.0f} s)", end="", flush=True)
     print()
     return store, time.perf_counter() - t0
 
@@ -348,6 +359,8 @@ def main(argv=None) -> int:
                          "library's default)")
     ap.add_argument("--train-queries", type=int, default=1024,
                     help="random prefill queries per layer and KV head for qivf (llama3-8b)")
+    ap.add_argument("--fill-threads", type=int, default=4,
+                    help="layers filled and indexed at a time (llama3-8b)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (smollm2)")
     ap.add_argument("--text-file", default=None, help="text to prefill (smollm2)")
@@ -373,6 +386,7 @@ def main(argv=None) -> int:
         faiss_threads=faiss.omp_get_max_threads(), dtype=args.dtype, batch=args.batch,
         sink=args.sink, window=args.window, k=args.k, scan=args.scan,
         train_per_list=args.train_per_list, train_queries=args.train_queries,
+        fill_threads=args.fill_threads,
         short=args.short, long=args.long, repeats=args.repeats, rows=[],
         command=" ".join(["python", "-m", "benchmarks.retrieval_speed",
                           *(sys.argv[1:] if argv is None else argv)]))

@@ -300,20 +300,25 @@ class IVFIndex:
         self._add_codes(keys, self.n)
         self._keys.append(keys)
 
-    def _add_codes(self, keys: np.ndarray, first: int) -> None:
-        """Put ``keys [H, m, D]``, rows ``first ..``, in their lists."""
+    def _add_codes(self, keys: np.ndarray, first: int, block: int = 1 << 20) -> None:
+        """Put ``keys [H, m, D]``, rows ``first ..``, in their lists (heads in blocks of about
+        ``block`` keys, to bound the copy sorted by list)."""
         heads, m, d = keys.shape
         lists = nearest_lists(keys, self.centroids_t) + np.arange(heads)[:, None] * self.nlist
-        order = np.argsort(lists.reshape(-1), kind="stable")  # each list's entries together
-        ids = ((first + np.arange(m)) * heads + np.arange(heads)[:, None]).reshape(-1)[order]
-        codes = keys.reshape(-1, d)[order].view(np.uint8)  # faiss id = row * H + head
-        where = lists.reshape(-1)[order]
-        starts = np.flatnonzero(np.concatenate([[True], where[1:] != where[:-1]]))
+        ids = (first + np.arange(m)) * heads + np.arange(heads)[:, None]  # row * H + head
         swig_ptr, invlists = self._faiss.swig_ptr, self._index.invlists
-        for i, j in zip(starts, [*starts[1:], len(where)]):  # one append per list
-            invlists.add_entries(int(where[i]), int(j - i), swig_ptr(ids[i:j]),
-                                 swig_ptr(codes[i:j]))
-        self._sizes += np.bincount(where, minlength=self._sizes.size).reshape(heads, -1)
+        step = max(1, block // m)
+        for h in range(0, heads, step):
+            where = lists[h:h + step].reshape(-1)
+            order = np.argsort(where, kind="stable")  # each list's entries together
+            where, part_ids = where[order], ids[h:h + step].reshape(-1)[order]
+            codes = keys[h:h + step].reshape(-1, d)[order].view(np.uint8)
+            starts = np.flatnonzero(np.concatenate([[True], where[1:] != where[:-1]]))
+            for i, j in zip(starts, [*starts[1:], len(where)]):  # one append per list
+                invlists.add_entries(int(where[i]), int(j - i), swig_ptr(part_ids[i:j]),
+                                     swig_ptr(codes[i:j]))
+        self._sizes += np.bincount(lists.reshape(-1),
+                                   minlength=self._sizes.size).reshape(heads, -1)
         self._index.ntotal += heads * m
 
     def search(self, queries: np.ndarray, k: int):

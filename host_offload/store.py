@@ -108,10 +108,13 @@ class RetrievalStore:
 
     @staticmethod
     def host_bytes(batch: int, layers: int, kv_heads: int, head_dim: int, max_len: int, *,
-                   values: bool = True, train_queries: int = 0, itemsize: int = 4) -> int:
-        """Host memory a request of ``max_len`` tokens may take: keys (and values) of
-        ``itemsize`` bytes, the index's bookkeeping (list entries, ids), kept queries."""
-        per_token = kv_heads * (head_dim * itemsize * (2 if values else 1) + 48) + 8
+                   kind: str, values: bool = True, train_queries: int = 0,
+                   itemsize: int = 4) -> int:
+        """Host memory a request of ``max_len`` tokens may take with an index of ``kind``: keys
+        (twice where faiss keeps its own copy) and values of ``itemsize`` bytes, the index's
+        bookkeeping (list entries, ids, links), kept queries."""
+        copies = (2 if kind in hindex.NEEDS_FAISS else 1) + (1 if values else 0)
+        per_token = kv_heads * (head_dim * itemsize * copies + 64) + 8
         return int(batch * layers * (max_len * per_token
                                      + train_queries * kv_heads * head_dim * 4))
 

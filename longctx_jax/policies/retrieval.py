@@ -103,9 +103,10 @@ class Retrieval(AttentionPolicy):
     @contextlib.contextmanager
     def session(self, cfg, batch, max_len):
         device = self.attend == "device"
+        kept = self.train_queries if self.index in hindex.NEEDS_QUERIES else 0
         need = RetrievalStore.host_bytes(
-            batch, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, values=not device,
-            train_queries=self.train_queries if self.index in hindex.NEEDS_QUERIES else 0)
+            batch, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, kind=self.index,
+            values=not device, train_queries=kept)
         have = available_host_bytes()
         if have is not None and need > have:
             raise LongctxError(f"retrieval needs about {need / 2**30:.1f} GiB of host memory for "
