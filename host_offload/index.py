@@ -148,8 +148,9 @@ def as_float32(x: np.ndarray) -> np.ndarray:
 
 def group_logits(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """The group logit ``max_g q . key``: ``queries [B, g, D]``, ``keys [B, C, D]`` (any dtype)
-    -> ``[B, C]`` float32."""
-    return np.matmul(as_float32(keys), queries.swapaxes(1, 2)).max(-1)
+    -> ``[B, C]`` float32. (The maximum runs over the middle axis: over a last axis of ``g``
+    values numpy is a hundred times slower.)"""
+    return np.matmul(queries, as_float32(keys).swapaxes(1, 2)).max(1)
 
 
 class Rows:
@@ -205,10 +206,9 @@ class FlatIndex:
 
     def search(self, queries: np.ndarray, k: int):
         heads, groups, g, d = queries.shape
-        logits = np.matmul(as_float32(self.key_rows.rows),
-                           queries.reshape(heads, -1, d).swapaxes(1, 2))  # [H, n, G * g]
-        logits = logits.reshape(heads, -1, groups, g).max(-1).swapaxes(1, 2)  # [H, G, n]
-        ids = top_k(logits, k)
+        logits = np.matmul(queries.reshape(heads, -1, d),
+                           as_float32(self.key_rows.rows).swapaxes(1, 2))  # [H, G * g, n]
+        ids = top_k(logits.reshape(heads, groups, g, -1).max(2), k)
         return ids, np.full(queries.shape[:2], self.n)
 
     def keys(self, rows: np.ndarray) -> np.ndarray:
