@@ -243,12 +243,12 @@ def nearest_lists(keys: np.ndarray, centroids_t: np.ndarray, block: int = 16384)
     return out
 
 
-def _group_top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
+def group_top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
     """The ``k`` best distinct ids of each row of ``ids [..., m]`` (``-1``: none, ids below
     ``2**31``) by ``logits`` float32, an id found more than once counting at its largest logit.
     One sort of each (id, logit) pair packed into an int64 (id above, logit order below) puts
     an id's copies together, best first."""
-    bits = logits.view(np.int32).astype(np.int64)
+    bits = np.ascontiguousarray(logits, np.float32).view(np.int32).astype(np.int64)
     order = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # as integers, in the floats' order
     packed = np.sort((ids << 32) | (0x7FFFFFFF - order), -1)  # low half: 0 is the best logit
     ids = packed >> 32
@@ -259,11 +259,14 @@ def _group_top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
     return np.where(best >= 0, along(ids, np.maximum(best, 0)), -1)
 
 
+_CODES = {"float32": None, "bfloat16": "QT_bf16", "float16": "QT_fp16"}  # faiss codes per dtype
+
+
 class IVFIndex:
     """IVF on inner products: per head ``sqrt(n)`` lists from faiss k-means of its keys (at
     most ``train_per_list`` keys per list sampled), every head's lists in one faiss IVF whose
-    codes are the keys in their dtype (bfloat16 or float32), so a layer is one faiss search;
-    the keys are also kept in numpy, to read the retrieved ones back at memory speed.
+    codes are the keys in their dtype (float32, bfloat16 or float16), so a layer is one faiss
+    search; the keys are also kept in numpy, to read the retrieved ones back at memory speed.
 
     A group's top ``k`` by group logit among the keys it scanned is exact: its queries scan the
     same lists, and a key in the group's top ``k`` is in the top ``k`` of the query that scores
@@ -278,11 +281,14 @@ class IVFIndex:
         self.centroids_t = np.ascontiguousarray(centroids.swapaxes(1, 2))  # [H, D, nlist]
         quantizer = faiss.IndexFlatIP(d)
         quantizer.add(centroids.reshape(-1, d))
-        if keys.rows.dtype == np.float32:
+        dtype = keys.rows.dtype.name
+        if dtype not in _CODES:
+            raise ValueError(f"ivf keeps float32, bfloat16 or float16 keys, got {dtype}")
+        if _CODES[dtype] is None:
             index = faiss.IndexIVFFlat(quantizer, d, heads * self.nlist, faiss.METRIC_INNER_PRODUCT)
-        else:  # a bfloat16 code is the key's own two bytes
+        else:  # a 16-bit code is the key's own two bytes
             index = faiss.IndexIVFScalarQuantizer(quantizer, d, heads * self.nlist,
-                                                  faiss.ScalarQuantizer.QT_bf16,
+                                                  getattr(faiss.ScalarQuantizer, _CODES[dtype]),
                                                   faiss.METRIC_INNER_PRODUCT)
         index.is_trained = True
         index.parallel_mode = 3  # search_preassigned: threads over the queries
@@ -330,7 +336,7 @@ class IVFIndex:
         self._index.nprobe = nprobe
         logits, ids = self._index.search_preassigned(queries.reshape(-1, d), k, lists, None)
         rows = np.where(ids >= 0, ids // heads, -1).reshape(heads, groups, g * k)
-        best = _group_top_k(rows, logits.reshape(heads, groups, g * k), k)
+        best = group_top_k(rows, logits.reshape(heads, groups, g * k), k)
         scanned = self._sizes[np.arange(heads)[:, None, None], probed].sum(-1) + self.nlist
         return best, scanned
 
@@ -390,7 +396,7 @@ class HNSWIndex:
         logits = group_logits(queries.reshape(heads * groups, g, d),
                               union.reshape(heads * groups, g * k, d)).reshape(found.shape)
         logits = np.where(found >= 0, logits, -np.inf)
-        return _group_top_k(found, logits, k), scanned
+        return group_top_k(found, logits, k), scanned
 
     def keys(self, rows: np.ndarray) -> np.ndarray:
         return np.stack([index.reconstruct_batch(np.maximum(r, 0))

@@ -89,7 +89,7 @@ def test_group_top_k_takes_each_id_at_its_best_logit():
     rng = np.random.default_rng(7)
     ids = rng.integers(-1, 40, size=(5, 60))
     logits = rng.normal(size=(5, 60)).astype(np.float32) * 100
-    got = hindex._group_top_k(ids, logits, 12)
+    got = hindex.group_top_k(ids, logits, 12)
     for row, i, lg in zip(got, ids, logits):
         best = {}
         for j, x in zip(i, lg):
