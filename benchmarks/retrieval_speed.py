@@ -188,11 +188,11 @@ def run_random(args, record, dtype) -> None:
                            f"retrieval:{index}", scan=scan)
                 policy = _policy(method, index, scan, args)
                 if method == "full":
-                    need = policy.cache_bytes(cfg, args.batch, max_len, dtype) + weights
-                    if limit is not None and need > limit:
-                        row["skipped"] = (f"full attention's cache and weights need "
-                                          f"{need / 2**30:.1f} GiB; the device has "
-                                          f"{limit / 2**30:.1f} GiB")
+                    cache = policy.cache_bytes(cfg, args.batch, max_len, dtype)
+                    if limit is not None and cache + weights > limit:
+                        row["skipped"] = (f"full attention needs {cache / 2**30:.1f} GiB of KV "
+                                          f"cache beside {weights / 2**30:.1f} GiB of weights; "
+                                          f"the device allows {limit / 2**30:.1f} GiB")
                         _report(args, record, row)
                         continue
                 store = None
