@@ -1,23 +1,40 @@
-"""Maximum-inner-product indexes over one KV head's keys, behind one small interface.
+"""Maximum-inner-product indexes over the keys of a layer's KV heads, one object for all heads.
 
-Every index takes keys ``[n, D]`` (float32, ids = insertion order), grows with :meth:`add` and
-answers :meth:`search` with each query's ``k`` best ids by ``q . key`` and how many keys it
-scanned (inner products computed, centroids included): the cost an approximate index saves.
+A heads index holds keys ``[H, n, D]`` (``H`` heads, each indexed on its own; row ids are the
+insertion order, the same for every head), kept in the dtype they arrive in (float32, or
+bfloat16 at half the bytes), grows with :meth:`add` and answers :meth:`search` for *groups* of
+queries: ``queries [H, G, g, D]`` are ``G`` groups of ``g`` queries per head, and each group
+gets the ``k`` rows with the largest *group* logit (its queries' maximum ``q . key``) among the
+keys it scanned, plus how many keys it scanned (inner products computed, centroids included):
+the cost an approximate index saves. A group probes together, so one read of what it probes
+serves all its queries: the query heads that share a KV head (GQA) retrieve as one group, and a
+query alone is a group of one. :meth:`keys` returns stored keys as float32; ``nbytes`` is the
+host memory the index holds (keys, codes, lists).
 
 - ``flat``: exact, numpy (the oracle).
-- ``ivf``, ``hnsw``: faiss-cpu, built from the keys alone (``pip install 'longctx-jax[retrieval]'``).
+- ``ivf``: clusters of the keys (faiss k-means, each head its own), all heads' lists in one
+  faiss IVF (codes in the keys' dtype), searched in one call for every query of the layer;
+  the keys are kept in numpy too, to read the retrieved ones back at memory speed.
+- ``hnsw``: faiss HNSW per head; a group's union of its queries' results is re-ranked by the
+  group logit.
 - ``qivf``: attention-aware, numpy. Decode queries and keys come from different projections,
   so clusters of *keys* say little about which keys a query ranks first. Here the clusters are
   of prefill *queries*, and each cluster lists the keys that its queries rank in their top
-  ``k``: a query probes the lists of the clusters nearest to it, i.e. the keys that queries
+  ``k``: a group probes the lists of the clusters nearest to it, i.e. the keys that queries
   like it attended to. Keys no prefill query ranked (and keys added later) join the list of
   the cluster whose mean query scores them highest.
 
+``ivf`` and ``hnsw`` need faiss-cpu (``pip install 'longctx-jax[retrieval]'``).
+
 ``scan`` in ``(0, 1]`` (an attribute: change it between searches) is each kind's search effort:
-the fraction of lists probed (ivf, qivf) or ``efSearch`` as a fraction of the keys (hnsw, at
-least ``k``). qivf orders each list by how many prefill queries ranked the key, and reads a
-fractional last list from its head (``scan * nlist = 1.5``: the nearest list and the first half
-of the next), so its effort is continuous below one list.
+the fraction of lists probed (ivf, qivf; a group probes the lists its queries score highest by
+their maximum) or ``efSearch`` as a fraction of the keys (hnsw, at least ``k``). qivf orders
+each list by how many prefill queries ranked the key, and reads a fractional last list from its
+head (``scan * nlist = 1.5``: the nearest list and the first half of the next), so its effort is
+continuous below one list.
+
+:func:`make_index` is the one-head view (``keys [n, D]``, each query its own group) that recall
+studies use.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ KINDS = ("flat", "ivf", "hnsw", "qivf")
 NEEDS_FAISS = ("ivf", "hnsw")
 NEEDS_QUERIES = ("qivf",)
 INSTALL_HINT = "pip install 'longctx-jax[retrieval]'"
+TRAIN_PER_LIST = 256  # faiss's default sample for k-means: at most this many keys per list
 
 
 class MissingFaiss(ImportError):
@@ -46,191 +64,434 @@ def faiss_module():
     return faiss
 
 
-def make_index(kind: str, keys: np.ndarray, queries: np.ndarray | None = None, *, k: int = 100,
-               scan: float = 0.1):
-    """An index of ``kind`` over ``keys [n, D]``; ``queries [m, D]`` (prefill queries of the
-    same head) train the attention-aware kind."""
-    keys = np.ascontiguousarray(keys, np.float32)
+def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None, *,
+                     k: int = 100, scan: float = 0.1, train_per_list: int = TRAIN_PER_LIST):
+    """An index of ``kind`` over the keys ``[H, n, D]`` (float32 or bfloat16) of ``keys``, which
+    it takes over rather than copies (e.g. a flat index's :attr:`FlatIndex.key_rows`);
+    ``queries [H, m, D]`` (each head's prefill queries) train the attention-aware kind;
+    ``train_per_list``: ivf's k-means sample per list."""
     if kind == "flat":
         return FlatIndex(keys)
     if kind == "ivf":
-        return IVFIndex(keys, scan)
+        return IVFIndex(keys, scan, train_per_list)
     if kind == "hnsw":
         return HNSWIndex(keys, scan)
     if kind == "qivf":
-        if queries is None or not len(queries):
+        if queries is None or not queries.shape[1]:
             raise ValueError("the qivf index needs prefill queries")
         return QueryIVFIndex(keys, np.asarray(queries, np.float32), k, scan)
     raise ValueError(f"unknown index kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the ``k`` largest of each row of ``scores [m, n]``, best first (``-1`` pads rows
-    with fewer than ``k`` finite scores)."""
-    m, n = scores.shape
-    if n == 0:
-        return np.full((m, k), -1, np.int64)
-    kk = min(k, n)
-    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-    order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
-    ids = np.take_along_axis(part, order, 1)
-    ids = np.where(np.isfinite(np.take_along_axis(scores, ids, 1)), ids, -1)
-    return np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+def make_index(kind: str, keys: np.ndarray, queries: np.ndarray | None = None, *, k: int = 100,
+               scan: float = 0.1):
+    """One head's index over ``keys [n, D]``; ``queries [m, D]`` (prefill queries of the head)
+    train the attention-aware kind. Its :meth:`OneHead.search` ranks for each query alone."""
+    return OneHead(make_heads_index(kind, Rows(np.asarray(keys)[None]),
+                                    None if queries is None else np.asarray(queries)[None],
+                                    k=k, scan=scan))
 
 
-class _Growing:
-    """Keys in a buffer that doubles as it fills (amortised O(1) appends)."""
+class OneHead:
+    """A one-head index seen with ``keys [n, D]`` and ``queries [m, D]``, each query a group of
+    one: ``search`` returns each query's own ``(ids [m, k], scanned [m])``."""
 
-    def __init__(self, keys: np.ndarray):
-        self._keys = keys.copy()
-        self.n = len(keys)
+    def __init__(self, index):
+        self.index = index
 
     @property
-    def keys(self) -> np.ndarray:
-        return self._keys[:self.n]
+    def scan(self) -> float:
+        return self.index.scan
 
-    def _append(self, keys: np.ndarray) -> None:
-        need = self.n + len(keys)
-        if need > len(self._keys):
-            grown = np.empty((max(need, 2 * len(self._keys), 16), self._keys.shape[1]),
-                             np.float32)
-            grown[:self.n] = self.keys
-            self._keys = grown
-        self._keys[self.n:need] = keys
+    @scan.setter
+    def scan(self, value: float) -> None:
+        self.index.scan = value
+
+    @property
+    def n(self) -> int:
+        return self.index.n
+
+    def add(self, keys: np.ndarray) -> None:
+        self.index.add(np.asarray(keys)[None])
+
+    def search(self, queries: np.ndarray, k: int):
+        ids, scanned = self.index.search(np.asarray(queries, np.float32)[None, :, None], k)
+        return ids[0], scanned[0]
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the ``k`` largest along the last axis of ``scores [..., n]``, best first (``-1``
+    pads where fewer than ``k`` scores are finite)."""
+    n = scores.shape[-1]
+    if n == 0:
+        return np.full((*scores.shape[:-1], k), -1, np.int64)
+    kk = min(k, n)
+    part = np.argpartition(-scores, kk - 1, axis=-1)[..., :kk]
+    ids = along(part, np.argsort(-along(scores, part), axis=-1, kind="stable"))
+    ids = np.where(np.isfinite(along(scores, ids)), ids, -1)
+    if kk == k:
+        return ids
+    return np.pad(ids, [(0, 0)] * (ids.ndim - 1) + [(0, k - kk)], constant_values=-1)
+
+
+def along(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(a, idx, -1)`` for ``a`` and ``idx`` of the same leading shape,
+    without its per-call overhead (a decode step makes dozens of these)."""
+    rows = a.reshape(-1, a.shape[-1])
+    return rows[np.arange(len(rows))[:, None], idx.reshape(len(rows), -1)].reshape(idx.shape)
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32 (bfloat16 converts at memory speed; float32 is returned as is)."""
+    return np.asarray(x, np.float32)
+
+
+def group_logits(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The group logit ``max_g q . key``: ``queries [B, g, D]``, ``keys [B, C, D]`` (any dtype)
+    -> ``[B, C]`` float32. (The maximum runs over the middle axis: over a last axis of ``g``
+    values numpy is a hundred times slower.)"""
+    return np.matmul(queries, as_float32(keys).swapaxes(1, 2)).max(1)
+
+
+class Rows:
+    """Rows ``[H, n, D]`` in a buffer that doubles as it fills (amortised O(1) appends; a
+    ``capacity`` known ahead reserves every row at once, untouched pages cost no memory)."""
+
+    def __init__(self, rows: np.ndarray, capacity: int = 0):
+        h, n, d = rows.shape
+        self._data = np.empty((h, max(n, capacity, 16), d), rows.dtype)
+        self._data[:, :n] = rows
+        self.n = n
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self._data[:, :self.n]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held (reserved rows never written take no memory)."""
+        return self.rows.nbytes
+
+    def append(self, rows: np.ndarray) -> None:
+        need = self.n + rows.shape[1]
+        if need > self._data.shape[1]:
+            grown = np.empty((self._data.shape[0], max(need, 2 * self._data.shape[1]),
+                              self._data.shape[2]), self._data.dtype)
+            grown[:, :self.n] = self.rows
+            self._data = grown
+        self._data[:, self.n:need] = rows
         self.n = need
 
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows [H, R]`` of each head (``-1`` reads row 0), ``[H, R, D]``."""
+        h, cap, d = self._data.shape
+        flat = (np.arange(h)[:, None] * cap + np.maximum(rows, 0)).reshape(-1)
+        return np.take(self._data.reshape(h * cap, d), flat, 0).reshape(*rows.shape, d)
 
-class FlatIndex(_Growing):
+
+class FlatIndex:
     """Exact top-k by a full scan."""
 
     scan = 1.0
 
-    def add(self, keys: np.ndarray) -> None:
-        self._append(np.asarray(keys, np.float32))
-
-    def search(self, queries: np.ndarray, k: int):
-        ids = top_k(np.asarray(queries, np.float32) @ self.keys.T, k)
-        return ids, np.full(len(queries), self.n)
-
-
-class IVFIndex:
-    """faiss ``IndexIVFFlat`` (inner product), ``sqrt(n)`` lists trained on the keys."""
-
-    def __init__(self, keys: np.ndarray, scan: float):
-        faiss = faiss_module()
-        n, d = keys.shape
-        self.nlist = max(1, int(round(math.sqrt(n))))
-        self._quantizer = faiss.IndexFlatIP(d)
-        self._index = faiss.IndexIVFFlat(self._quantizer, d, self.nlist,
-                                         faiss.METRIC_INNER_PRODUCT)
-        self._index.cp.min_points_per_centroid = 1  # few keys: no warning, still clusters
-        self._index.train(keys)
-        self._index.add(keys)
-        self.scan = scan
-        self._sizes = np.array([self._index.invlists.list_size(i) for i in range(self.nlist)])
+    def __init__(self, keys: Rows):
+        self.key_rows = keys
 
     @property
     def n(self) -> int:
-        return self._index.ntotal
+        return self.key_rows.n
 
     def add(self, keys: np.ndarray) -> None:
-        keys = np.ascontiguousarray(keys, np.float32)
-        _, lists = self._quantizer.search(keys, 1)
-        self._index.add(keys)
-        np.add.at(self._sizes, lists[:, 0], 1)
+        self.key_rows.append(keys)
 
     def search(self, queries: np.ndarray, k: int):
-        queries = np.ascontiguousarray(queries, np.float32)
-        self._index.nprobe = probes(self.scan, self.nlist)
-        _, ids = self._index.search(queries, k)
-        _, probed = self._quantizer.search(queries, self._index.nprobe)
-        return ids, self._sizes[probed].sum(1) + self.nlist
+        heads, groups, g, d = queries.shape
+        logits = np.matmul(queries.reshape(heads, -1, d),
+                           as_float32(self.key_rows.rows).swapaxes(1, 2))  # [H, G * g, n]
+        ids = top_k(logits.reshape(heads, groups, g, -1).max(2), k)
+        return ids, np.full(queries.shape[:2], self.n)
 
-
-class HNSWIndex:
-    """faiss ``IndexHNSWFlat`` (inner product, 32 links per node)."""
-
-    def __init__(self, keys: np.ndarray, scan: float, links: int = 32):
-        self._faiss = faiss_module()
-        self._index = self._faiss.IndexHNSWFlat(keys.shape[1], links,
-                                                self._faiss.METRIC_INNER_PRODUCT)
-        self._index.hnsw.efConstruction = 80
-        self._index.add(keys)
-        self.scan = scan
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        return as_float32(self.key_rows.gather(rows))
 
     @property
-    def n(self) -> int:
-        return self._index.ntotal
-
-    def add(self, keys: np.ndarray) -> None:
-        self._index.add(np.ascontiguousarray(keys, np.float32))
-
-    def search(self, queries: np.ndarray, k: int):
-        queries = np.ascontiguousarray(queries, np.float32)
-        self._index.hnsw.efSearch = max(k, math.ceil(self.scan * self.n))
-        stats = self._faiss.cvar.hnsw_stats
-        stats.reset()
-        _, ids = self._index.search(queries, k)
-        return ids, np.full(len(queries), stats.ndis / max(len(queries), 1))
-
-
-class QueryIVFIndex(_Growing):
-    """Attention-aware IVF: clusters of prefill queries list the keys their queries rank top-k
-    (see the module docstring). ``nlist`` defaults to ``sqrt(n)``."""
-
-    def __init__(self, keys: np.ndarray, queries: np.ndarray, k: int, scan: float,
-                 nlist: int | None = None, min_hits: int = 1, iters: int = 10, seed: int = 0):
-        super().__init__(keys)
-        nlist = nlist or max(1, int(round(math.sqrt(len(keys)))))
-        self.centroids = spherical_kmeans(queries, min(nlist, len(queries)), iters, seed)
-        self.nlist = len(self.centroids)
-        self.scan = scan
-        hits = np.zeros((self.nlist, len(keys)), np.int32)
-        cluster = np.argmax(queries @ self.centroids.T, 1)
-        for start in range(0, len(queries), 4096):  # bounded [block, n] score matrices
-            block = slice(start, start + 4096)
-            ids = top_k(queries[block] @ keys.T, k)
-            rows = np.broadcast_to(cluster[block, None], ids.shape)
-            np.add.at(hits, (rows[ids >= 0], ids[ids >= 0]), 1)
-        member = hits >= min_hits
-        member[np.argmax(hits, 0), np.arange(len(keys))] |= hits.max(0) > 0  # every ranked key
-        unranked = ~member.any(0)
-        member[self._home(keys[unranked]), np.flatnonzero(unranked)] = True
-        # Most-ranked keys first, so a search can read the head of a list.
-        self.lists = [np.flatnonzero(row)[np.argsort(-count[row], kind="stable")]
-                      for row, count in zip(member, hits)]
-
-    def _home(self, keys: np.ndarray) -> np.ndarray:
-        """The cluster whose mean query scores each key highest."""
-        return np.argmax(keys @ self.centroids.T, 1) if len(keys) else np.zeros(0, np.int64)
-
-    def add(self, keys: np.ndarray) -> None:
-        keys = np.asarray(keys, np.float32)
-        first = self.n
-        self._append(keys)
-        for i, c in enumerate(self._home(keys)):
-            self.lists[c] = np.append(self.lists[c], first + i)
-
-    def search(self, queries: np.ndarray, k: int):
-        queries = np.asarray(queries, np.float32)
-        nprobe = probes(self.scan, self.nlist)
-        last = self.scan * self.nlist - (nprobe - 1)  # the share of the last list read
-        probed = top_k(queries @ self.centroids.T, nprobe)
-        ids = np.full((len(queries), k), -1, np.int64)
-        scanned = np.empty(len(queries), np.int64)
-        for i, (q, lists) in enumerate(zip(queries, probed)):
-            tail = self.lists[lists[-1]]
-            cand = np.unique(np.concatenate([self.lists[c] for c in lists[:-1]]
-                                            + [tail[:max(1, math.ceil(last * len(tail)))]]))
-            ids[i] = np.where((found := top_k((self.keys[cand] @ q)[None], k)[0]) >= 0,
-                              cand[np.maximum(found, 0)], -1)
-            scanned[i] = len(cand) + self.nlist
-        return ids, scanned
+    def nbytes(self) -> int:
+        return self.key_rows.nbytes
 
 
 def probes(scan: float, nlist: int) -> int:
     """Lists an IVF search probes: the fraction ``scan`` of ``nlist``, at least one."""
     return max(1, min(nlist, math.ceil(scan * nlist - 1e-9)))
+
+
+def probe_lists(queries: np.ndarray, centroids_t: np.ndarray, nprobe: int) -> np.ndarray:
+    """Each group's ``nprobe`` lists by group logit with the centroids, best first:
+    ``queries [H, G, g, D]``, ``centroids_t [H, D, nlist]`` (transposed, contiguous: the
+    small products run at BLAS speed) -> ``[H, G, nprobe]``."""
+    heads, groups, g, d = queries.shape
+    logits = np.matmul(queries.reshape(heads, -1, d), centroids_t)
+    return top_k(logits.reshape(heads, groups, g, -1).max(2), nprobe)
+
+
+def nearest_lists(keys: np.ndarray, centroids_t: np.ndarray, block: int = 16384) -> np.ndarray:
+    """Each key's list: the centroid it scores highest, ``keys [H, n, D]`` -> ``[H, n]``
+    (``centroids_t [H, D, nlist]``)."""
+    out = np.empty(keys.shape[:2], np.int64)
+    for start in range(0, keys.shape[1], block):  # bounded [H, block, nlist] score matrices
+        part = as_float32(keys[:, start:start + block])
+        out[:, start:start + block] = np.argmax(part @ centroids_t, -1)
+    return out
+
+
+def group_top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best distinct ids of each row of ``ids [..., m]`` (``-1``: none, ids below
+    ``2**31``) by ``logits`` float32, an id found more than once counting at its largest logit.
+    One sort of each (id, logit) pair packed into an int64 (id above, logit order below) puts
+    an id's copies together, best first."""
+    bits = np.ascontiguousarray(logits, np.float32).view(np.int32).astype(np.int64)
+    order = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # as integers, in the floats' order
+    packed = np.sort((ids << 32) | (0x7FFFFFFF - order), -1)  # low half: 0 is the best logit
+    ids = packed >> 32
+    first = np.ones(ids.shape, bool)
+    first[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    rank = -(packed & 0xFFFFFFFF).astype(np.float64)
+    best = top_k(np.where(first & (ids >= 0), rank, -np.inf), k)
+    return np.where(best >= 0, along(ids, np.maximum(best, 0)), -1)
+
+
+_CODES = {"float32": None, "bfloat16": "QT_bf16", "float16": "QT_fp16"}  # faiss codes per dtype
+
+
+class IVFIndex:
+    """IVF on inner products: per head ``sqrt(n)`` lists from faiss k-means of its keys (at
+    most ``train_per_list`` keys per list sampled), every head's lists in one faiss IVF whose
+    codes are the keys in their dtype (float32, bfloat16 or float16), so a layer is one faiss
+    search; the keys are also kept in numpy, to read the retrieved ones back at memory speed.
+
+    A group's top ``k`` by group logit among the keys it scanned is exact: its queries scan the
+    same lists, and a key in the group's top ``k`` is in the top ``k`` of the query that scores
+    it highest, so the union of the queries' own top ``k`` holds it at its group logit."""
+
+    def __init__(self, keys: Rows, scan: float, train_per_list: int = TRAIN_PER_LIST):
+        faiss = faiss_module()
+        heads, n, d = keys.rows.shape
+        self.nlist = max(1, int(round(math.sqrt(n))))
+        centroids = np.stack([_kmeans(faiss, as_float32(x), self.nlist, train_per_list)
+                              for x in keys.rows])  # [H, nlist, D]
+        self.centroids_t = np.ascontiguousarray(centroids.swapaxes(1, 2))  # [H, D, nlist]
+        quantizer = faiss.IndexFlatIP(d)
+        quantizer.add(centroids.reshape(-1, d))
+        dtype = keys.rows.dtype.name
+        if dtype not in _CODES:
+            raise ValueError(f"ivf keeps float32, bfloat16 or float16 keys, got {dtype}")
+        if _CODES[dtype] is None:
+            index = faiss.IndexIVFFlat(quantizer, d, heads * self.nlist, faiss.METRIC_INNER_PRODUCT)
+        else:  # a 16-bit code is the key's own two bytes
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, heads * self.nlist,
+                                                  getattr(faiss.ScalarQuantizer, _CODES[dtype]),
+                                                  faiss.METRIC_INNER_PRODUCT)
+        index.is_trained = True
+        index.parallel_mode = 3  # search_preassigned: threads over the queries
+        self._faiss, self._index, self._quantizer = faiss, index, quantizer
+        self._sizes = np.zeros((heads, self.nlist), np.int64)
+        self._keys = keys
+        self.scan = scan
+        self._add_codes(keys.rows, 0)
+
+    @property
+    def n(self) -> int:
+        return self._keys.n
+
+    def add(self, keys: np.ndarray) -> None:
+        self._add_codes(keys, self.n)
+        self._keys.append(keys)
+
+    def _add_codes(self, keys: np.ndarray, first: int, block: int = 1 << 20) -> None:
+        """Put ``keys [H, m, D]``, rows ``first ..``, in their lists (heads in blocks of about
+        ``block`` keys, to bound the copy sorted by list)."""
+        heads, m, d = keys.shape
+        lists = nearest_lists(keys, self.centroids_t) + np.arange(heads)[:, None] * self.nlist
+        ids = (first + np.arange(m)) * heads + np.arange(heads)[:, None]  # row * H + head
+        swig_ptr, invlists = self._faiss.swig_ptr, self._index.invlists
+        step = max(1, block // m)
+        for h in range(0, heads, step):
+            where = lists[h:h + step].reshape(-1)
+            order = np.argsort(where, kind="stable")  # each list's entries together
+            where, part_ids = where[order], ids[h:h + step].reshape(-1)[order]
+            codes = keys[h:h + step].reshape(-1, d)[order].view(np.uint8)
+            starts = np.flatnonzero(np.concatenate([[True], where[1:] != where[:-1]]))
+            for i, j in zip(starts, [*starts[1:], len(where)]):  # one append per list
+                invlists.add_entries(int(where[i]), int(j - i), swig_ptr(part_ids[i:j]),
+                                     swig_ptr(codes[i:j]))
+        self._sizes += np.bincount(lists.reshape(-1),
+                                   minlength=self._sizes.size).reshape(heads, -1)
+        self._index.ntotal += heads * m
+
+    def search(self, queries: np.ndarray, k: int):
+        heads, groups, g, d = queries.shape
+        nprobe = probes(self.scan, self.nlist)
+        probed = probe_lists(queries, self.centroids_t, nprobe)  # [H, G, nprobe]
+        lists = probed + (np.arange(heads) * self.nlist)[:, None, None]
+        lists = np.broadcast_to(lists[:, :, None], (heads, groups, g, nprobe)).reshape(-1, nprobe)
+        self._index.nprobe = nprobe
+        logits, ids = self._index.search_preassigned(queries.reshape(-1, d), k, lists, None)
+        rows = np.where(ids >= 0, ids // heads, -1).reshape(heads, groups, g * k)
+        best = group_top_k(rows, logits.reshape(heads, groups, g * k), k)
+        scanned = self._sizes[np.arange(heads)[:, None, None], probed].sum(-1) + self.nlist
+        return best, scanned
+
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        return as_float32(self._keys.gather(rows))
+
+    @property
+    def nbytes(self) -> int:
+        """The numpy keys, faiss's codes (as many bytes) and ids, the centroids."""
+        return 2 * self._keys.nbytes + 8 * int(self._sizes.sum()) + self.centroids_t.nbytes
+
+
+def _kmeans(faiss, keys: np.ndarray, nlist: int, train_per_list: int) -> np.ndarray:
+    """``nlist`` centroids of ``keys [n, D]`` as faiss's IVF trains them for inner products
+    (k-means assigning by inner product, 10 iterations, a sample of ``train_per_list`` keys
+    per centroid)."""
+    cp = faiss.ClusteringParameters()
+    cp.niter, cp.min_points_per_centroid, cp.max_points_per_centroid = 10, 1, train_per_list
+    clustering = faiss.Clustering(keys.shape[1], nlist, cp)
+    clustering.train(np.ascontiguousarray(keys), faiss.IndexFlatIP(keys.shape[1]))
+    return faiss.vector_to_array(clustering.centroids).reshape(nlist, -1)
+
+
+class HNSWIndex:
+    """faiss ``IndexHNSWFlat`` per head (inner product, 32 links per node)."""
+
+    def __init__(self, keys: Rows, scan: float, links: int = 32):
+        self._faiss = faiss_module()
+        self._heads = []
+        for _ in range(keys.rows.shape[0]):
+            index = self._faiss.IndexHNSWFlat(keys.rows.shape[2], links,
+                                              self._faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            self._heads.append(index)
+        self._links = links
+        self.scan = scan
+        self.n = 0
+        self.add(keys.rows)  # faiss keeps its own float32 copy
+
+    def add(self, keys: np.ndarray) -> None:
+        for index, x in zip(self._heads, keys):
+            index.add(np.ascontiguousarray(as_float32(x)))
+        self.n += keys.shape[1]
+
+    def search(self, queries: np.ndarray, k: int):
+        heads, groups, g, d = queries.shape
+        stats = self._faiss.cvar.hnsw_stats
+        found = np.empty((heads, groups, g * k), np.int64)
+        scanned = np.empty((heads, groups))
+        for h, index in enumerate(self._heads):
+            index.hnsw.efSearch = max(k, math.ceil(self.scan * self.n))
+            stats.reset()
+            found[h] = index.search(np.ascontiguousarray(queries[h].reshape(-1, d)),
+                                    k)[1].reshape(groups, g * k)
+            scanned[h] = stats.ndis / groups
+        union = self.keys(found.reshape(heads, -1))
+        logits = group_logits(queries.reshape(heads * groups, g, d),
+                              union.reshape(heads * groups, g * k, d)).reshape(found.shape)
+        logits = np.where(found >= 0, logits, -np.inf)
+        return group_top_k(found, logits, k), scanned
+
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        return np.stack([index.reconstruct_batch(np.maximum(r, 0))
+                         for index, r in zip(self._heads, rows)])
+
+    @property
+    def nbytes(self) -> int:
+        """About: float32 keys and the base level's ``2 * links`` int32 neighbours per key."""
+        return len(self._heads) * self.n * (self._heads[0].d + 2 * self._links) * 4
+
+
+class QueryIVFIndex:
+    """Attention-aware IVF: clusters of prefill queries list the keys their queries rank top-k
+    (see the module docstring). ``nlist`` defaults to ``sqrt(n)``."""
+
+    def __init__(self, keys: Rows, queries: np.ndarray, k: int, scan: float,
+                 nlist: int | None = None, min_hits: int = 1, iters: int = 10, seed: int = 0):
+        self._keys = keys
+        n = keys.n
+        nlist = min(nlist or max(1, int(round(math.sqrt(n)))), queries.shape[1])
+        built = [_query_lists(as_float32(x), q, k, nlist, min_hits, iters, seed)
+                 for x, q in zip(keys.rows, queries)]
+        self.centroids_t = np.ascontiguousarray(np.stack([c.T for c, _ in built]))  # [H, D, nlist]
+        self.lists = [lists for _, lists in built]  # [H][nlist] row ids, most-ranked first
+        self.nlist = nlist
+        self.scan = scan
+
+    @property
+    def n(self) -> int:
+        return self._keys.n
+
+    def add(self, keys: np.ndarray) -> None:
+        first = self.n
+        self._keys.append(keys)
+        for lists, home in zip(self.lists, nearest_lists(keys, self.centroids_t)):
+            for i, c in enumerate(home):
+                lists[c] = np.append(lists[c], first + i)
+
+    def search(self, queries: np.ndarray, k: int):
+        heads, groups, g, d = queries.shape
+        nprobe = probes(self.scan, self.nlist)
+        last = self.scan * self.nlist - (nprobe - 1)  # the share of the last list read
+        probed = probe_lists(queries, self.centroids_t, nprobe)
+        seen = np.zeros(self.n, bool)
+        cands = []
+        for lists, groups_probed in zip(self.lists, probed):
+            for p in groups_probed:
+                tail = lists[p[-1]]
+                seen[np.concatenate([lists[c] for c in p[:-1]]
+                                    + [tail[:max(1, math.ceil(last * len(tail)))]])] = True
+                cands.append(np.flatnonzero(seen))  # each key once, in row order
+                seen[cands[-1]] = False
+        sizes = np.array([len(c) for c in cands])
+        width = max(1, sizes.max())
+        padded = np.zeros((len(cands), width), np.int64)  # [H * G, C], row 0 past each size
+        for row, c in zip(padded, cands):
+            row[:len(c)] = c
+        keys = self._keys.gather(padded.reshape(heads, -1)).reshape(heads * groups, width, d)
+        logits = group_logits(queries.reshape(heads * groups, g, d), keys)
+        logits = np.where(np.arange(width) < sizes[:, None], logits, -np.inf)
+        best = top_k(logits, k)
+        ids = np.where(best >= 0, along(padded, np.maximum(best, 0)), -1)
+        return ids.reshape(heads, groups, k), (sizes + self.nlist).reshape(heads, groups)
+
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        return as_float32(self._keys.gather(rows))
+
+    @property
+    def nbytes(self) -> int:
+        """The keys, the lists' row ids, the centroids."""
+        return (self._keys.nbytes + 8 * sum(len(x) for lists in self.lists for x in lists)
+                + self.centroids_t.nbytes)
+
+
+def _query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_hits: int,
+                 iters: int, seed: int):
+    """One head's qivf structure from ``keys [n, D]`` and prefill ``queries [m, D]``:
+    ``(centroids [nlist, D], lists)``, each list the keys its cluster's queries rank in their
+    top ``k`` (at least ``min_hits`` times; every ranked key in its most-ranking cluster;
+    unranked keys in the cluster whose mean query scores them highest), most-ranked first."""
+    n = len(keys)
+    centroids = spherical_kmeans(queries, nlist, iters, seed)
+    hits = np.zeros((nlist, n), np.int32)
+    cluster = np.argmax(queries @ centroids.T, 1)
+    for start in range(0, len(queries), 4096):  # bounded [block, n] score matrices
+        block = slice(start, start + 4096)
+        ids = top_k(queries[block] @ keys.T, k)
+        rows = np.broadcast_to(cluster[block, None], ids.shape)
+        np.add.at(hits, (rows[ids >= 0], ids[ids >= 0]), 1)
+    member = hits >= min_hits
+    member[np.argmax(hits, 0), np.arange(n)] |= hits.max(0) > 0  # every ranked key
+    unranked = np.flatnonzero(~member.any(0))
+    member[np.argmax(keys[unranked] @ centroids.T, 1), unranked] = True
+    return centroids, [np.flatnonzero(row)[np.argsort(-count[row], kind="stable")]
+                       for row, count in zip(member, hits)]
 
 
 def spherical_kmeans(x: np.ndarray, n: int, iters: int, seed: int) -> np.ndarray:

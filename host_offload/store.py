@@ -1,17 +1,27 @@
 """The host half of retrieval attention: out-of-window keys and values of one request in host
-memory, one index per (sequence, layer, KV head), and the attention over what it retrieves.
+memory, one index per (sequence, layer) over its KV heads, and the attention over what it
+retrieves.
 
 Keys arrive in position order (the prompt's after prefill, then one token per decode step as it
 leaves the device window), each exactly once: an insert of a position already stored is
-ignored, so a step repeated for a finished sequence adds nothing. A KV head's query group
-retrieves together: each query head's top ``k`` from the index, their union re-ranked by the
-group's largest logit, the best ``k`` kept (exact for the flat index: a key in the group's top
-``k`` is in the top ``k`` of the query head that scores it highest).
+ignored, so a step repeated for a finished sequence adds nothing. Keys live in the index and
+values beside it, ``[Hkv, n, D]`` in the dtype they arrive in (bfloat16 halves the host memory
+and the bytes a search reads), with room for the request's length reserved up front (pages
+never written cost nothing, and nothing is copied as the store grows). A layer's index is exact
+(``flat``) until it holds ``min_index_keys`` keys (and, for an index that learns from queries,
+has prefill queries), then it is rebuilt as the store's kind.
+
+A KV head's query group retrieves together (see :mod:`host_offload.index`): it probes once,
+and gets the ``k`` keys with the largest group logit among those it scanned (the exact top
+``k`` for the flat index). One decode step of a layer is one call, for the whole batch, and
+vectorised over the KV heads; :attr:`RetrievalStore.stats` adds up where its time goes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 
 import numpy as np
 
@@ -20,45 +30,59 @@ from host_offload import index as hindex
 MIN_INDEX_KEYS = 256  # below this an exact scan is as cheap as any index
 
 
-class _Layer:
-    """One (sequence, layer): keys/values ``[n, Hkv, D]`` in a doubling buffer, their positions,
-    the next position to take, an index per KV head (``None`` until built), kept queries."""
+@dataclasses.dataclass
+class HostStats:
+    """Host seconds of decode steps (one :meth:`RetrievalStore.step` per layer per token) by
+    part, and what their searches read: ``scanned`` keys (centroids included) out of
+    ``stored`` (both summed over heads and searches)."""
 
-    def __init__(self, kv_heads: int, head_dim: int, values: bool):
-        self.k = np.zeros((0, kv_heads, head_dim), np.float32)
-        self.v = np.zeros((0, kv_heads, head_dim), np.float32) if values else None
-        self.pos = np.zeros(0, np.int64)
+    steps: int = 0
+    total: float = 0.0
+    insert: float = 0.0
+    search: float = 0.0
+    attend: float = 0.0
+    scanned: int = 0
+    stored: int = 0
+
+
+class _Layer:
+    """One (sequence, layer): the index holding the keys (``None`` until the first key), values
+    ``[Hkv, n, D]`` (``None`` when the device attends), positions, the next position to take,
+    whether the index is the store's kind yet, kept prefill queries."""
+
+    def __init__(self, capacity: int):
+        self.index = None
+        self.values = None
+        self.pos = np.zeros(capacity, np.int64)
         self.n = 0
         self.next = 0
-        self.indexes: list | None = None
+        self.built = False
         self.queries: list[np.ndarray] = []
 
-    def extend(self, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Append the tokens at positions ``pos`` not yet stored (see the module docstring);
-        returns the mask of those taken."""
-        take = pos >= self.next
-        if not take.any():
-            return take
-        k, v, pos = k[take], v[take], pos[take]
+    def extend(self, k: np.ndarray, v: np.ndarray | None, pos: np.ndarray,
+               capacity: int) -> bool:
+        """Append the tokens ``k, v [m, Hkv, D]`` at positions ``pos [m]`` not yet stored (see
+        the module docstring); whether any was."""
+        first = int(np.searchsorted(pos, self.next))  # positions arrive in order
+        if first == len(pos):
+            return False
+        if first:
+            k, v, pos = k[first:], None if v is None else v[first:], pos[first:]
+        keys = k.swapaxes(0, 1)
+        if self.index is None:
+            self.index = hindex.FlatIndex(hindex.Rows(keys, capacity))
+            self.values = None if v is None else hindex.Rows(v.swapaxes(0, 1), capacity)
+        else:
+            self.index.add(keys)
+            if self.values is not None:
+                self.values.append(v.swapaxes(0, 1))
         need = self.n + len(pos)
-        if need > len(self.k):
-            size = max(need, 2 * len(self.k), 16)
-            self.k = _grow(self.k, size)
-            self.v = None if self.v is None else _grow(self.v, size)
-            self.pos = _grow(self.pos, size)
-        self.k[self.n:need] = k
-        if self.v is not None:
-            self.v[self.n:need] = v
+        if need > len(self.pos):
+            self.pos = np.concatenate([self.pos, np.zeros(max(need, len(self.pos)), np.int64)])
         self.pos[self.n:need] = pos
         self.n = need
         self.next = int(pos[-1]) + 1
-        return take
-
-
-def _grow(a: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros((size, *a.shape[1:]), a.dtype)
-    out[:len(a)] = a
-    return out
+        return True
 
 
 class RetrievalStore:
@@ -68,26 +92,38 @@ class RetrievalStore:
     ``train_queries``: prefill queries kept per (sequence, layer, KV head) for an index that
     learns from them (a stride over positions, so the whole prompt is represented).
     ``values=False`` keeps keys only (the device attends over its own copy).
+    ``train_per_list``: the ivf index's k-means sample per list.
     """
 
     def __init__(self, batch: int, layers: int, kv_heads: int, head_dim: int, *, kind: str,
                  k: int, scan: float, max_len: int, group: int, train_queries: int = 8192,
-                 values: bool = True, min_index_keys: int = MIN_INDEX_KEYS):
+                 values: bool = True, min_index_keys: int = MIN_INDEX_KEYS,
+                 train_per_list: int = hindex.TRAIN_PER_LIST):
         self.kind, self.k, self.scan, self.min_index_keys = kind, k, scan, min_index_keys
+        self.values, self.train_per_list, self.capacity = values, train_per_list, max_len
         self.scale = head_dim ** -0.5
         self.query_stride = max(1, math.ceil(max_len * group / max(train_queries, 1)))
-        self.layers = [[_Layer(kv_heads, head_dim, values) for _ in range(layers)]
-                       for _ in range(batch)]
+        self.layers = [[_Layer(max_len) for _ in range(layers)] for _ in range(batch)]
+        self.stats = HostStats()
 
     @staticmethod
     def host_bytes(batch: int, layers: int, kv_heads: int, head_dim: int, max_len: int, *,
-                   values: bool = True, train_queries: int = 0) -> int:
-        """Host memory a request of ``max_len`` tokens may take: keys (and values) in float32
-        with their doubling buffers' slack, index lists, kept queries."""
-        per_token = kv_heads * head_dim * 4 * (2 if values else 1) + 8
-        rows = batch * layers
-        return int(rows * (2 * max_len * per_token + max_len * kv_heads * 16
-                           + train_queries * kv_heads * head_dim * 4))
+                   kind: str, values: bool = True, train_queries: int = 0,
+                   itemsize: int = 4) -> int:
+        """Host memory a request of ``max_len`` tokens may take with an index of ``kind``: keys
+        (twice where faiss keeps its own copy) and values of ``itemsize`` bytes, the index's
+        bookkeeping (list entries, ids, links), kept queries."""
+        copies = (2 if kind in hindex.NEEDS_FAISS else 1) + (1 if values else 0)
+        per_token = kv_heads * (head_dim * itemsize * copies + 64) + 8
+        return int(batch * layers * (max_len * per_token
+                                     + train_queries * kv_heads * head_dim * 4))
+
+    def nbytes(self) -> int:
+        """Host memory held now: indexes (keys included), values, positions, kept queries."""
+        return sum((0 if lay.index is None else lay.index.nbytes)
+                   + (0 if lay.values is None else lay.values.nbytes)
+                   + 8 * lay.n + sum(q.nbytes for q in lay.queries)
+                   for rows in self.layers for lay in rows)
 
     def add_queries(self, layer: int, q: np.ndarray, positions: np.ndarray) -> None:
         """Keep prefill queries ``q [B, T, Hq, D]`` at ``positions [B, T]`` (``-1``: padding)
@@ -100,56 +136,45 @@ class RetrievalStore:
                 rows[layer].queries.append(np.asarray(q[b, keep[b]], np.float32))
 
     def load(self, b: int, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
-        """Store prompt tokens ``k, v [n, Hkv, D]`` at ``pos [n]`` and (re)build the indexes."""
-        self.layers[b][layer].extend(k, v, pos)
-        self._maybe_build(self.layers[b][layer])
+        """Store prompt tokens ``k, v [n, Hkv, D]`` at ``pos [n]`` and build the index."""
+        lay = self.layers[b][layer]
+        lay.extend(k, v if self.values else None, pos, self.capacity)
+        self._maybe_build(lay)
 
     def _maybe_build(self, lay: _Layer) -> None:
-        if lay.indexes is not None or lay.n < (1 if self.kind == "flat" else self.min_index_keys):
+        if self.kind == "flat" or lay.built or lay.n < self.min_index_keys:
             return
-        hkv = lay.k.shape[1]
         queries = None
         if self.kind in hindex.NEEDS_QUERIES:
             if not lay.queries:
                 return  # nothing to learn from: stay exact
             queries = np.concatenate(lay.queries)  # [m, Hq, D]
-            g = queries.shape[1] // hkv
-            queries = queries.reshape(len(queries), hkv, g, -1)
-        lay.indexes = [hindex.make_index(
-            self.kind, lay.k[:lay.n, h],
-            None if queries is None else queries[:, h].reshape(-1, queries.shape[-1]),
-            k=self.k, scan=self.scan) for h in range(hkv)]
+            hkv = lay.index.key_rows.rows.shape[0]
+            queries = queries.reshape(len(queries), hkv, -1, queries.shape[-1])  # [m, Hkv, g, D]
+            queries = queries.transpose(1, 0, 2, 3).reshape(hkv, -1, queries.shape[-1])
+        lay.index = hindex.make_heads_index(self.kind, lay.index.key_rows, queries, k=self.k,
+                                            scan=self.scan, train_per_list=self.train_per_list)
+        lay.built = True
 
     def insert(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
         """One token per sequence leaving the device window: ``k, v [B, Hkv, D]`` at ``pos [B]``
         (below the first host position, or already stored: ignored)."""
         for b, rows in enumerate(self.layers):
             lay = rows[layer]
-            if pos[b] < 0 or not lay.extend(k[b:b + 1], v[b:b + 1], pos[b:b + 1]).any():
-                continue
-            if lay.indexes is None:
+            if pos[b] >= 0 and lay.extend(k[b:b + 1], v[b:b + 1] if self.values else None,
+                                          pos[b:b + 1], self.capacity):
                 self._maybe_build(lay)
-            else:
-                for h, ix in enumerate(lay.indexes):
-                    ix.add(k[b:b + 1, h])
 
     def retrieve(self, b: int, layer: int, q: np.ndarray) -> np.ndarray:
         """Row ids ``[Hkv, k]`` (``-1``: none) of the keys that each KV head's query group
         ``q [Hkv, g, D]`` retrieves from sequence ``b``'s store."""
         lay = self.layers[b][layer]
-        hkv = q.shape[0]
-        out = np.full((hkv, self.k), -1, np.int64)
         if lay.n == 0:
-            return out
-        for h in range(hkv):
-            if lay.indexes is None:
-                cand = np.arange(lay.n)
-            else:
-                found = lay.indexes[h].search(q[h], self.k)[0]
-                cand = np.unique(found[found >= 0])
-            best = hindex.top_k((q[h] @ lay.k[cand, h].T).max(0)[None], self.k)[0]
-            out[h] = np.where(best >= 0, cand[np.maximum(best, 0)], -1)
-        return out
+            return np.full((q.shape[0], self.k), -1, np.int64)
+        rows, scanned = lay.index.search(hindex.as_float32(q)[:, None], self.k)
+        self.stats.scanned += int(scanned.sum())
+        self.stats.stored += lay.n * q.shape[0]
+        return rows[:, 0]
 
     def attend(self, b: int, layer: int, q: np.ndarray, rows: np.ndarray):
         """Attention of ``q [Hkv, g, D]`` over the stored ``rows [Hkv, K]`` of sequence ``b``:
@@ -157,16 +182,15 @@ class RetrievalStore:
         lay = self.layers[b][layer]
         if lay.n == 0:
             return np.zeros(q.shape, np.float32), np.full(q.shape[:2], -np.inf, np.float32)
-        heads = np.arange(q.shape[0])[:, None]
-        safe = np.maximum(rows, 0)
-        keys, values = lay.k[safe, heads], lay.v[safe, heads]  # [Hkv, K, D]
-        logits = np.einsum("hgd,hkd->hgk", q, keys) * self.scale
+        keys = lay.index.keys(rows)  # [Hkv, K, D] float32
+        values = hindex.as_float32(lay.values.gather(rows))
+        logits = np.matmul(hindex.as_float32(q), keys.swapaxes(1, 2)) * self.scale
         logits = np.where(rows[:, None, :] >= 0, logits, -np.inf)
         top = logits.max(-1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
         w = np.exp(logits - top)
         total = w.sum(-1)
-        o = np.einsum("hgk,hkd->hgd", w, values) / np.where(total > 0, total, 1.0)[..., None]
+        o = np.matmul(w, values) / np.where(total > 0, total, 1.0)[..., None]
         with np.errstate(divide="ignore"):
             lse = np.log(total) + top[..., 0]
         return o.astype(np.float32), lse.astype(np.float32)
@@ -177,20 +201,25 @@ class RetrievalStore:
         Hkv, D]`` at ``evicted [B]``), then retrieve for ``q [B, Hq, D]``. Returns
         ``(o [B, Hq, D], lse [B, Hq])`` with ``attend``, else the retrieved positions
         ``[B, Hkv, k]`` int32 (``-1``: none)."""
+        stats = self.stats
+        t0 = time.perf_counter()
         self.insert(layer, k, v, evicted)
+        t1 = time.perf_counter()
         b_, hq, d = q.shape
-        hkv = k.shape[1]
-        qg = q.reshape(b_, hkv, hq // hkv, d).astype(np.float32)
-        if not attend:
-            out = np.full((b_, hkv, self.k), -1, np.int32)
-            for b in range(b_):
-                rows = self.retrieve(b, layer, qg[b])
-                lay = self.layers[b][layer]
-                out[b] = np.where(rows >= 0, lay.pos[np.maximum(rows, 0)], -1)
-            return out
-        o = np.zeros((b_, hq, d), np.float32)
-        lse = np.full((b_, hq), -np.inf, np.float32)
-        for b in range(b_):
-            ob, lb = self.attend(b, layer, qg[b], self.retrieve(b, layer, qg[b]))
-            o[b], lse[b] = ob.reshape(hq, d), lb.reshape(hq)
-        return o, lse
+        qg = hindex.as_float32(q).reshape(b_, k.shape[1], -1, d)
+        found = [self.retrieve(b, layer, qg[b]) for b in range(b_)]
+        t2 = time.perf_counter()
+        if attend:
+            parts = [self.attend(b, layer, qg[b], rows) for b, rows in enumerate(found)]
+            out = (np.stack([o for o, _ in parts]).reshape(b_, hq, d),
+                   np.stack([lse for _, lse in parts]).reshape(b_, hq))
+        else:
+            out = np.stack([np.where(rows >= 0, lay[layer].pos[np.maximum(rows, 0)], -1)
+                            for rows, lay in zip(found, self.layers)]).astype(np.int32)
+        t3 = time.perf_counter()
+        stats.steps += 1
+        stats.insert += t1 - t0
+        stats.search += t2 - t1
+        stats.attend += t3 - t2
+        stats.total += t3 - t0
+        return out

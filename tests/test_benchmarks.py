@@ -159,3 +159,47 @@ def test_decode_kl_counts_recycled_full_steps(tmp_path, monkeypatch, tiny_smollm
     recycled, streaming = json.loads(out.read_text())["rows"]
     assert recycled["full_step_share"] == pytest.approx(5 / 20)
     assert "full_step_share" not in streaming and recycled["kl"] > 0
+
+
+def test_retrieval_speed_times_random_caches_and_skips_what_cannot_fit(tmp_path, monkeypatch):
+    """Random weights at a tiny shape: full attention is skipped once it cannot fit the device,
+    every retrieval row splits its host time and counts one host call per layer per token."""
+    from benchmarks import retrieval_speed
+
+    from conftest import tiny_config
+
+    monkeypatch.setattr(retrieval_speed, "preset", lambda _: tiny_config(max_position=4096))
+    monkeypatch.setattr(retrieval_speed, "device_limit", lambda: 1)
+    out = tmp_path / "speed.json"
+    assert retrieval_speed.main(["--contexts", "600", "--index", "ivf,qivf", "--sink", "8",
+                                 "--window", "32", "--scan", "0.2", "--short", "2", "--long",
+                                 "4", "--repeats", "1", "--train-queries", "64", "--dtype",
+                                 "float32", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert "no prefill" in record["caches"] and record["command"].endswith(str(out))
+    full, streaming, *retrieval = record["rows"]
+    assert full["method"] == "full" and "need" in full["skipped"] and "ms_per_token" not in full
+    assert streaming["vs_full"] is None
+    assert [r["method"] for r in retrieval] == ["retrieval:ivf", "retrieval:qivf"]
+    for row in retrieval:
+        assert row["host_calls_per_token"] == pytest.approx(2)  # two layers, batch of one
+        assert set(row["host_ms_per_token"]) == {"total", "insert", "search", "attend"}
+        assert 0 < row["keys_scanned"] < 1 and row["host_bytes"] > 600 * 2 * 2 * 16 * 4
+
+
+def test_retrieval_speed_prefills_the_real_tokenizer_text(tmp_path, monkeypatch,
+                                                          tiny_smollm2_vocab):
+    """The real-model mode: a text prefilled by each method, retrieval indexed from it by the
+    policy (qivf learns from the prefill's queries)."""
+    from benchmarks import retrieval_speed
+
+    monkeypatch.setattr(retrieval_speed, "load_model", lambda *_: tiny_smollm2_vocab)
+    out = tmp_path / "speed.json"
+    assert retrieval_speed.main(["--model", "smollm2", "--contexts", "300", "--methods",
+                                 "full,retrieval", "--index", "qivf", "--sink", "4",
+                                 "--window", "16", "--short", "2", "--long", "4", "--repeats",
+                                 "1", "--chunk", "128", "--dtype", "float32", "--json",
+                                 str(out)]) == 0
+    full, qivf = json.loads(out.read_text())["rows"]
+    assert full["vs_full"] == 1.0 and qivf["method"] == "retrieval:qivf"
+    assert qivf["host_calls_per_token"] == pytest.approx(2) and qivf["build_s"] >= 0

@@ -62,6 +62,43 @@ def test_flat_index_is_exact_top_k():
     assert (scanned == 300).all()
 
 
+def test_ivf_group_search_is_exact_over_the_lists_the_group_probes():
+    """One faiss search for every head: each group's top k by its largest logit among the keys
+    of the lists it probed (bfloat16 codes read exactly), and the keys it scanned."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(6)
+    keys = rng.normal(size=(3, 2000, 16)).astype(ml_dtypes.bfloat16)
+    ix = hindex.make_heads_index("ivf", hindex.Rows(keys[:, :1990]), scan=0.1)
+    ix.add(keys[:, 1990:])
+    q = rng.normal(size=(3, 2, 4, 16)).astype(np.float32)  # 2 groups of 4 queries per head
+    rows, scanned = ix.search(q, 10)
+    nprobe = hindex.probes(0.1, ix.nlist)
+    lists = hindex.nearest_lists(keys, ix.centroids_t)
+    probed = hindex.probe_lists(q, ix.centroids_t, nprobe)
+    exact = keys.astype(np.float32)
+    for h in range(3):
+        for grp in range(2):
+            cand = np.flatnonzero(np.isin(lists[h], probed[h, grp]))
+            score = (q[h, grp] @ exact[h, cand].T).max(0)
+            np.testing.assert_array_equal(rows[h, grp], cand[np.argsort(-score)[:10]])
+            assert scanned[h, grp] == len(cand) + ix.nlist
+    np.testing.assert_array_equal(ix.keys(rows[:, 0]), exact[np.arange(3)[:, None], rows[:, 0]])
+
+
+def test_group_top_k_takes_each_id_at_its_best_logit():
+    rng = np.random.default_rng(7)
+    ids = rng.integers(-1, 40, size=(5, 60))
+    logits = rng.normal(size=(5, 60)).astype(np.float32) * 100
+    got = hindex.group_top_k(ids, logits, 12)
+    for row, i, lg in zip(got, ids, logits):
+        best = {}
+        for j, x in zip(i, lg):
+            if j >= 0:
+                best[j] = max(best.get(j, -np.inf), x)
+        want = sorted(best, key=lambda j: -best[j])[:12]
+        assert row.tolist() == want + [-1] * (12 - len(want))
+
+
 def test_group_retrieval_is_the_top_k_of_the_group_max():
     """The store's union-then-rerank over a query group is the exact top-k of the group's
     largest logit per key."""
@@ -74,6 +111,24 @@ def test_group_retrieval_is_the_top_k_of_the_group_max():
     for h in range(2):
         score = (q[h] @ k[:, h].T).max(0)
         np.testing.assert_array_equal(rows[h], np.argsort(-score, kind="stable")[:10])
+
+
+def test_bfloat16_kv_is_kept_as_it_arrives():
+    """A bfloat16 cache is stored at 2 bytes a value (keys, values), and attention over it
+    matches the float32 computation on the same values."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(8)
+    k, v = rng.normal(size=(2, 300, 2, 8)).astype(ml_dtypes.bfloat16)
+    stores = [RetrievalStore(1, 1, 2, 8, kind="flat", k=5, scan=1.0, max_len=512, group=2)
+              for _ in range(2)]
+    stores[0].load(0, 0, k, v, np.arange(300))
+    stores[1].load(0, 0, k.astype(np.float32), v.astype(np.float32), np.arange(300))
+    assert stores[0].nbytes() == 2 * 300 * 2 * 8 * 2 + 8 * 300
+    q = rng.normal(size=(2, 2, 8)).astype(np.float32)
+    rows = stores[0].retrieve(0, 0, q)
+    np.testing.assert_array_equal(rows, stores[1].retrieve(0, 0, q))
+    for got, want in zip(stores[0].attend(0, 0, q, rows), stores[1].attend(0, 0, q, rows)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_window_merged_with_retrieved_is_attention_over_the_union():

@@ -65,8 +65,8 @@ class Retrieval(AttentionPolicy):
     index: str = static("flat", help="host index: flat (exact), ivf, hnsw (faiss-cpu), or "
                                      "qivf (clusters of prefill queries: attention-aware)")
     scan: float = static(0.1, help="search effort of an approximate index, in (0, 1]: the "
-                                   "fraction of lists probed (ivf, qivf) or efSearch as a "
-                                   "fraction of the keys (hnsw)")
+                                   "fraction of lists a KV head's query group probes (ivf, "
+                                   "qivf) or efSearch as a fraction of the keys (hnsw)")
     attend: str = static("host", help="where the retrieved keys are attended: 'host' (CPU, "
                                       "returns o and lse) or 'device' (host returns ids; the "
                                       "device keeps every token)")
@@ -103,9 +103,10 @@ class Retrieval(AttentionPolicy):
     @contextlib.contextmanager
     def session(self, cfg, batch, max_len):
         device = self.attend == "device"
+        kept = self.train_queries if self.index in hindex.NEEDS_QUERIES else 0
         need = RetrievalStore.host_bytes(
-            batch, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, values=not device,
-            train_queries=self.train_queries if self.index in hindex.NEEDS_QUERIES else 0)
+            batch, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, kind=self.index,
+            values=not device, train_queries=kept)
         have = available_host_bytes()
         if have is not None and need > have:
             raise LongctxError(f"retrieval needs about {need / 2**30:.1f} GiB of host memory for "
@@ -129,8 +130,7 @@ class Retrieval(AttentionPolicy):
         lengths = np.asarray(lengths)
         out = []
         for layer, kv in enumerate(caches):
-            k = np.array(kv.k, np.float32)  # copies: the decode loop consumes the buffers
-            v = np.array(kv.v, np.float32)
+            k, v = np.asarray(kv.k), np.asarray(kv.v)  # the store copies what it keeps
             for b, n in enumerate(lengths):
                 end = max(self.sink, int(n) - self.window)
                 store.load(b, layer, k[b, :, self.sink:end].swapaxes(0, 1),
@@ -188,9 +188,8 @@ def _keep_queries(layer, handle, q, positions) -> None:
 
 
 def _step(layer, attend, handle, q, k, v, evicted):
-    return host_offload.lookup(handle).step(layer, np.asarray(q), np.asarray(k, np.float32),
-                                            np.asarray(v, np.float32), np.asarray(evicted),
-                                            attend=attend)
+    return host_offload.lookup(handle).step(layer, np.asarray(q), np.asarray(k), np.asarray(v),
+                                            np.asarray(evicted), attend=attend)
 
 
 def available_host_bytes() -> int | None:
