@@ -633,6 +633,45 @@ def test_band_prefill_traced_offsets_do_not_recompile():
     assert step._cache_size() == 1
 
 
+# --------------------------------------------------------------------------- prefix prefill
+# b, hq, hkv, tq, cache slots, d, dtype, q_start
+PREFIX_CASES = [
+    (2, 4, 4, 19, 64, 32, f32, 0),      # g=1, the first chunk: no prefix
+    (1, 9, 3, 33, 100, 64, bf16, 50),   # g=3 (SmolLM2's), a chunk off the blocks
+    (2, 8, 2, 24, 70, 16, f32, 40),     # g=4, cache longer than prefix + chunk
+    (1, 16, 2, 7, 7 + 61, 128, bf16, 61),  # g=8, the cache just holds prefix + chunk
+]
+
+
+@pytest.mark.parametrize("case", PREFIX_CASES, ids=lambda c: f"hq{c[1]}hkv{c[2]}tq{c[3]}s{c[4]}"
+                         f"q{c[7]}{jnp.dtype(c[6]).name}")
+def test_prefix_prefill_equals_causal_band_over_the_written_cache(case):
+    """The prefix + causal-square split, merged by lse, is the band kernel's causal attention
+    over the cache once the chunk is written in; the cache's rows from ``q_start`` on (stale
+    values here) do not count."""
+    b, hq, hkv, tq, slots, d, dtype, q_start = case
+    q, k_cache, v_cache = _inputs(_seed("prefix", case), b, hq, hkv, tq, slots, d, dtype)
+    k = k_cache[:, :, q_start:q_start + tq]
+    v = v_cache[:, :, q_start:q_start + tq]
+    stale = 100 * _inputs(_seed("stale", case), b, 1, hkv, 1, slots - q_start, d, dtype)[1]
+    k_stale = k_cache.at[:, :, q_start:].set(stale)
+    v_stale = v_cache.at[:, :, q_start:].set(-stale)
+    want = band_prefill_reference(q, k_cache, v_cache, q_start=q_start, k_start=0, sink=0,
+                                  window=slots)
+    impl = "cudnn" if ON_GPU and dtype == bf16 else "reference"
+    got = pk.prefix_prefill_attention(q, k, v, k_stale, v_stale, q_start=jnp.int32(q_start),
+                                      impl=impl)
+    _assert_close(got, want, dtype, lse_tol=1e-3 if impl == "cudnn" else None)
+
+
+def test_prefix_prefill_checks():
+    q, k, v = _inputs(_seed("prefix-checks"), 1, 4, 2, 8, 8, 16, f32)
+    with pytest.raises(ValueError, match="want q"):
+        pk.prefix_prefill_attention(q, k[:, :, :5], v[:, :, :5], k, v, q_start=0)
+    with pytest.raises(ValueError, match="unknown impl"):
+        pk.prefix_prefill_attention(q, k, v, k, v, q_start=0, impl="pallas")
+
+
 # --------------------------------------------------------------------------- references (cheap)
 shapes = st.tuples(st.integers(1, 3), st.sampled_from([(1, 1), (3, 1), (4, 1), (8, 1), (6, 2)]),
                    st.integers(1, 70), st.sampled_from([8, 16, 32]))

@@ -6,12 +6,31 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from longctx_jax.cache import KV
-from longctx_jax.policies.base import AttentionPolicy, chunk_start, heads_first, register
+from longctx_jax.errors import LongctxError
+from longctx_jax.policies.base import AttentionPolicy, chunk_start, heads_first, register, static
+
+PREFILL_KERNELS = ("band", "cudnn")
 
 
 @register("full")
 class Full(AttentionPolicy):
-    """Every token attends to every earlier token; the cache holds ``max_len`` slots per layer."""
+    """Every token attends to every earlier token; the cache holds ``max_len`` slots per layer.
+
+    ``prefill_kernel`` picks the chunk-over-cache attention of prefill, where nearly all of a
+    long prompt's attention time goes: ``"band"``, the Pallas band kernel over the cache (with
+    ``tiles``, default :func:`pallas_kernels.band_prefill.default_tiles`), or ``"cudnn"``,
+    cuDNN's flash attention over the cached prefix and the chunk, merged by lse (on a GPU in
+    bf16/f16; elsewhere the same split in jnp).
+    """
+
+    prefill_kernel: str = static("band", help="the prefill attention kernel: 'band' (the Pallas "
+                                 "band kernel) or 'cudnn' (cuDNN flash attention, on a GPU)")
+    tiles: pk.Tiles | None = static(None, cli=False)
+
+    def __post_init__(self):
+        if self.prefill_kernel not in PREFILL_KERNELS:
+            raise LongctxError(f"full prefill_kernel must be one of {', '.join(PREFILL_KERNELS)}"
+                               f"; got {self.prefill_kernel!r}")
 
     def init_cache(self, cfg, batch, max_len, dtype):
         return tuple(KV.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
@@ -19,10 +38,13 @@ class Full(AttentionPolicy):
 
     def prefill(self, layer, x, cache):
         cache = cache.write(x.k, x.v, x.positions)
-        # Causal attention over the whole cache is a band with no sink and an unbounded window.
-        out, _ = pk.band_prefill_attention(heads_first(x.q), cache.k, cache.v,
-                                           q_start=chunk_start(x.positions), k_start=0,
-                                           sink=0, window=cache.slots)
+        q, start = heads_first(x.q), chunk_start(x.positions)
+        if self.prefill_kernel == "cudnn":
+            out, _ = pk.prefix_prefill_attention(q, heads_first(x.k), heads_first(x.v), cache.k,
+                                                 cache.v, q_start=start)
+        else:  # causal attention over the whole cache: a band with no sink, unbounded window
+            out, _ = pk.band_prefill_attention(q, cache.k, cache.v, q_start=start, k_start=0,
+                                               sink=0, window=cache.slots, tiles=self.tiles)
         return heads_first(out), cache
 
     def decode(self, layer, x, cache, *, step, phase=0):
