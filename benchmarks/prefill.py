@@ -12,12 +12,12 @@ Sections, in the order they run:
   token only. It runs in a child process before this one touches the GPU: JAX reserves most of
   the GPU's memory when it starts.
 - ``--sweep``: the attention of one chunk (``--sweep-chunk`` queries) of a ``--sweep-context``
-  prompt, alone: at the start and at the end of the prompt with every band kernel tiling of
-  ``--tiles``, and at the start, second and end chunk with the default tiling and with cuDNN
-  (``prefix_prefill_attention``; the second chunk's short prefix in a long cache shows whether
-  cuDNN skips the keys past it), each checked against the default band kernel; plus cuDNN's
-  causal attention over the whole prompt in one call (its kernel where its mask fits). Time per
-  call from the profiler (the kernels' summed time) and the wall clock (median of
+  prompt, alone, at its first, second and last chunk (those of ``--sweep-at``): at the first and
+  last with every band kernel tiling of ``--tiles``, at all three with the default tiling and
+  with cuDNN (``prefix_prefill_attention``; the second chunk's short prefix in a long cache shows
+  whether cuDNN skips the keys past it), each checked against the default band kernel; plus
+  cuDNN's causal attention over the whole prompt in one call (its kernel where its mask fits).
+  Time per call from the profiler (the kernels' summed time) and the wall clock (median of
   ``--sweep-repeats``).
 - end to end, every ``--contexts`` x ``--chunks`` x ``--kernels``: the jitted prefill of the
   library (``generate.prefill_tokens``, as ``generate`` runs it) on random tokens, compiled
@@ -27,8 +27,9 @@ Sections, in the order they run:
   ``band:TILES`` (e.g. ``band:q32k64w8s3pack``), ``band:best`` (the sweep's fastest tiling at
   the end of the prompt) or ``cudnn``. Rows that would start past ``--deadline-s`` seconds into
   the run are skipped (and listed), so a time-limited run keeps what it measured.
-- ``--profile CONTEXT``: one end-to-end run of the first kernel at that context under the
-  profiler: device time per kind of kernel and the attention time of each chunk.
+- ``--profile CONTEXT``: one end-to-end run at that context (first chunk size, first kernel or
+  ``--profile-kernel``) under the profiler: device time per kind of kernel and the attention
+  time of each chunk.
 
 The floor is the prefill's FLOPs (matrix products plus causal attention, counted as 4 D FLOPs
 per visible query-key pair and head) over ``--peak-tflops`` (default: the card's dense bf16 peak,
@@ -69,9 +70,9 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 # Tilings swept by default (Llama-3's group of 4 query heads: a packed program has 4 x block_q
 # rows): today's default first, then taller tiles, more warps and stages, and packed groups.
 SWEEP_TILES = ("q64k64w4s3", "q64k64w4s2", "q64k128w4s2", "q128k64w4s3", "q128k64w8s3",
-               "q128k64w8s2", "q128k128w8s2", "q128k32w4s3", "q16k64w4s3pack", "q32k64w4s3pack",
-               "q32k64w8s3pack", "q32k64w8s2pack", "q32k128w8s2pack", "q32k32w8s4pack",
-               "q64k64w8s2pack", "q64k32w8s3pack")
+               "q128k64w8s2", "q128k64w8s4", "q128k128w8s2", "q128k128w8s3", "q128k32w4s3",
+               "q16k64w4s3pack", "q32k64w4s3pack", "q32k64w8s3pack", "q32k64w8s2pack",
+               "q32k128w8s2pack", "q32k32w8s4pack", "q64k64w8s2pack", "q64k32w8s3pack")
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -139,9 +140,10 @@ def lse_err(got, want) -> float:
 
 # --------------------------------------------------------------------------- sections
 def sweep(cfg: ModelConfig, context: int, chunk: int, tiles: list[Tiles], repeats: int,
-          record) -> Tiles | None:
-    """The attention of one chunk at the start and at the end of a ``context``-token prompt
-    (the cache holds the whole prompt, as in prefill); returns the fastest tiling at the end."""
+          where_at: list[str], record) -> Tiles | None:
+    """The attention of one chunk at the start, second and last chunk of a ``context``-token
+    prompt (those of ``where_at``; the cache holds the whole prompt, as in prefill); returns the
+    fastest tiling at the end."""
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     interpret = jax.default_backend() != "gpu"
     keys = jax.random.split(jax.random.key(7), 3)
@@ -158,7 +160,7 @@ def sweep(cfg: ModelConfig, context: int, chunk: int, tiles: list[Tiles], repeat
     # The second chunk: a short prefix in a long cache shows whether cuDNN's padding mask skips
     # the keys past the prefix (the band kernel never visits them).
     for where, start in (("start", 0), ("second", chunk), ("end", context - chunk)):
-        if start + chunk > context:
+        if where not in where_at or start + chunk > context:
             continue
         s = jnp.int32(start)
         flops = chunk_attention_flops(cfg, start, chunk)
@@ -180,7 +182,8 @@ def sweep(cfg: ModelConfig, context: int, chunk: int, tiles: list[Tiles], repeat
         results = [(t, add(f"band:{t.label()}", lambda t=t: band(q, k, v, s, t)))
                    for t in (tiles if where != "second" else [default])]
         if where == "end":
-            done = [(r.get("device_ms") or r["wall_ms"], t) for t, r in results if "error" not in r]
+            done = [(r.get("device_ms") or r["wall_ms"], t) for t, r in results
+                    if "error" not in r]
             best = min(done, key=lambda x: x[0])[1] if done else None
         add("cudnn (prefix + square, merged)" if cudnn_applies(q.dtype, d)
             else "prefix + square split, jnp", lambda: cudnn(q, k, v, s))
@@ -359,9 +362,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-context", type=int, default=131072)
     ap.add_argument("--sweep-chunk", type=int, default=4096)
     ap.add_argument("--sweep-repeats", type=int, default=5)
+    ap.add_argument("--sweep-at", default="start,second,end",
+                    help="which chunks of the prompt the sweep times")
     ap.add_argument("--tiles", default=",".join(SWEEP_TILES), help="band tilings to sweep")
     ap.add_argument("--profile", type=int, default=None, metavar="CONTEXT",
-                    help="profile one end-to-end run at this context (first chunk, kernel)")
+                    help="profile one end-to-end run at this context (first chunk size)")
+    ap.add_argument("--profile-kernel", default=None,
+                    help="the kernel of --kernels to profile (default: the first)")
     ap.add_argument("--hf", action="store_true", help="also time HF transformers (torch)")
     ap.add_argument("--hf-chunk", type=int, default=4096)
     ap.add_argument("--hf-repeats", type=int, default=2)
@@ -406,7 +413,7 @@ def main(argv=None) -> int:
     if args.sweep:
         tiles = [Tiles.parse(t) for t in args.tiles.split(",") if t]
         best = sweep(cfg, args.sweep_context, args.sweep_chunk, tiles, args.sweep_repeats,
-                     add("sweep"))
+                     args.sweep_at.split(","), add("sweep"))
         record["best_tiles"] = best and best.label()
     specs = [s for s in args.kernels.split(",") if s]
     for spec in specs:  # a bad spec fails here, before any compilation
@@ -433,7 +440,8 @@ def main(argv=None) -> int:
                 print(f"e2e ctx={context} chunk={chunk} {spec}: "
                       + (f"{row['seconds']:.3f} s (compile {row['compile_s']:.1f} s)"
                          if "seconds" in row else row["error"]), flush=True)
-                if run and args.profile == context and chunk == chunks[0] and spec == specs[0]:
+                if run and args.profile == context and chunk == chunks[0] \
+                        and spec == (args.profile_kernel or specs[0]):
                     record["profile"] = dict(context=context, chunk=chunk, kernel=spec,
                                              summary=profile(run, math.ceil(context / chunk)))
                     write()
