@@ -1,7 +1,7 @@
 """Full-attention prefill speed: end to end, the attention kernel along the prompt, cuDNN,
 HF transformers and the compute floor, side by side in one run.
 
-    python -m benchmarks.prefill --contexts 32768,131072 --chunks 4096 --hf --json OUT.json
+    python -m benchmarks.prefill --contexts 32768,131072 --kernels auto,band --hf --json OUT.json
     python -m benchmarks.prefill --contexts 32768 --chunks 2048,4096,8192,16384 --sweep \\
         --kernels band,band:best,cudnn --profile 32768 --json OUT.json
 
@@ -23,10 +23,14 @@ Sections, in the order they run:
   library (``generate.prefill_tokens``, as ``generate`` runs it) on random tokens, compiled
   ahead (compile seconds reported apart), median of ``--repeats`` runs; the last token's logits
   are compared with the first kernel's at the same context (``logits err``, relative L2, a
-  check that a kernel computes the same prefill). A kernel is ``band`` (default tiles),
-  ``band:TILES`` (e.g. ``band:q32k64w8s3pack``), ``band:best`` (the sweep's fastest tiling at
-  the end of the prompt) or ``cudnn``. Rows that would start past ``--deadline-s`` seconds into
-  the run are skipped (and listed), so a time-limited run keeps what it measured.
+  check that a kernel computes the same prefill). A kernel is ``auto`` (``Full()``'s default:
+  cuDNN where it runs, else the band kernel), ``band`` (default tiles), ``band:TILES`` (e.g.
+  ``band:q32k64w8s3pack``), ``band:best`` (the sweep's fastest tiling at the end of the prompt)
+  or ``cudnn``. Chunks default to 4096 tokens, as HF's here (``--hf-chunk``): on an H100 a 32K
+  prefill took the same time at 2K, 4K, 8K and 16K (1.418-1.439 s,
+  ``benchmarks/results/prefill_h100/prefill_a.json``), so a larger chunk would only hold larger
+  activations. Rows that would start past ``--deadline-s`` seconds into the run are skipped
+  (and listed), so a time-limited run keeps what it measured.
 - ``--profile CONTEXT``: one end-to-end run at that context (first chunk size, first kernel or
   ``--profile-kernel``) under the profiler: device time per kind of kernel and the attention
   time of each chunk.
@@ -62,13 +66,14 @@ from longctx_jax.policies import Full
 from longctx_jax.profiling import (format_summary, kind_of, median_time, summarize,
                                    traced_events)
 from pallas_kernels.band_prefill import Tiles, band_pallas, default_tiles
-from pallas_kernels.prefix_prefill import cudnn_applies
+from pallas_kernels.prefix_prefill import cudnn_problem
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device name, most specific first.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0))
 
 # Tilings swept by default (Llama-3's group of 4 query heads: a packed program has 4 x block_q
-# rows): today's default first, then taller tiles, more warps and stages, and packed groups.
+# rows): the earlier default first, then taller tiles, more warps and stages (the default now is
+# q128k128w8s3), and packed groups.
 SWEEP_TILES = ("q64k64w4s3", "q64k64w4s2", "q64k128w4s2", "q128k64w4s3", "q128k64w8s3",
                "q128k64w8s2", "q128k64w8s4", "q128k128w8s2", "q128k128w8s3", "q128k32w4s3",
                "q16k64w4s3pack", "q32k64w4s3pack", "q32k64w8s3pack", "q32k64w8s2pack",
@@ -98,17 +103,19 @@ def chunk_attention_flops(cfg: ModelConfig, q_start: int, tq: int) -> float:
 
 
 def parse_kernel(spec: str, best: Tiles | None) -> Full:
-    """``band``, ``band:TILES``, ``band:best`` or ``cudnn`` -> the full-attention policy."""
+    """``auto``, ``band``, ``band:TILES``, ``band:best`` or ``cudnn`` -> the full-attention
+    policy."""
     name, _, tiles = spec.partition(":")
-    if name == "cudnn" and not tiles:
-        return Full(prefill_kernel="cudnn")
+    if name in ("auto", "cudnn") and not tiles:
+        return Full(prefill_kernel=name)
     if name != "band":
-        raise ValueError(f"unknown kernel {spec!r}: want band, band:TILES, band:best or cudnn")
+        raise ValueError(f"unknown kernel {spec!r}: want auto, band, band:TILES, band:best or "
+                         "cudnn")
     if tiles == "best":
         if best is None:
             raise ValueError("band:best needs --sweep (it takes the sweep's fastest tiling)")
-        return Full(tiles=best)
-    return Full(tiles=Tiles.parse(tiles) if tiles else None)
+        return Full(prefill_kernel="band", tiles=best)
+    return Full(prefill_kernel="band", tiles=Tiles.parse(tiles) if tiles else None)
 
 
 # --------------------------------------------------------------------------- timing
@@ -164,7 +171,7 @@ def sweep(cfg: ModelConfig, context: int, chunk: int, tiles: list[Tiles], repeat
             continue
         s = jnp.int32(start)
         flops = chunk_attention_flops(cfg, start, chunk)
-        default = default_tiles(chunk, hq // hkv, q.dtype)
+        default = default_tiles(chunk, q.dtype, d)
         want = band(q, k, v, s, default)
 
         def add(kernel, fn):
@@ -185,7 +192,7 @@ def sweep(cfg: ModelConfig, context: int, chunk: int, tiles: list[Tiles], repeat
             done = [(r.get("device_ms") or r["wall_ms"], t) for t, r in results
                     if "error" not in r]
             best = min(done, key=lambda x: x[0])[1] if done else None
-        add("cudnn (prefix + square, merged)" if cudnn_applies(q.dtype, d)
+        add("cudnn (prefix + square, merged)" if cudnn_problem(q.dtype, d) is None
             else "prefix + square split, jnp", lambda: cudnn(q, k, v, s))
     full = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                 implementation="cudnn"))
@@ -353,10 +360,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama3-8b-random", choices=sorted(SHAPES))
     ap.add_argument("--contexts", default="32768,131072")
-    ap.add_argument("--chunks", default="4096", help="prefill chunk sizes, comma separated")
-    ap.add_argument("--kernels", default="band",
-                    help="comma list of band, band:TILES (e.g. band:q32k64w8s3pack), "
-                         "band:best (needs --sweep), cudnn")
+    ap.add_argument("--chunks", default="4096",
+                    help="prefill chunk sizes, comma separated (why 4096: see above)")
+    ap.add_argument("--kernels", default="auto",
+                    help="comma list of auto (the default's choice), band, band:TILES (e.g. "
+                         "band:q32k64w8s3pack), band:best (needs --sweep), cudnn")
     ap.add_argument("--repeats", type=int, default=3, help="timed end-to-end runs per row")
     ap.add_argument("--sweep", action="store_true", help="time the kernel alone (see above)")
     ap.add_argument("--sweep-context", type=int, default=131072)

@@ -9,7 +9,8 @@ log of the softmax denominator over the visible keys) in float32; no visible key
 selection; ``decode_attention``/``decode_append_attention`` with ``with_scores=True`` return
 them too, from logits stored while streaming the cache (no second read of K).
 ``prefix_prefill_attention`` is full prefill's chunk-over-cache attention by cuDNN (two masked
-calls merged by lse); ``Tiles`` tunes the band kernel.
+calls merged by lse; ``cudnn_problem`` says why it cannot run, ``None`` when it can); ``Tiles``
+tunes the band kernel.
 ``default_impl(impl)`` is a context under which ``"auto"`` means ``impl``. See README.md beside
 this file for the contracts and timings.
 """
@@ -20,12 +21,12 @@ from pallas_kernels.band_prefill import Tiles, band_prefill_attention
 from pallas_kernels.decode import decode_append_attention, decode_attention
 from pallas_kernels.duo_decode import duo_decode_attention
 from pallas_kernels.merge import merge_attention
-from pallas_kernels.prefix_prefill import prefix_prefill_attention
+from pallas_kernels.prefix_prefill import cudnn_problem, prefix_prefill_attention
 from pallas_kernels.scores import decode_scores
 from pallas_kernels.topk import topk_decode_attention
 from pallas_kernels.window import window_decode_attention
 
-__all__ = ["IMPLS", "Tiles", "band_attention_blockwise", "band_prefill_attention",
+__all__ = ["IMPLS", "Tiles", "band_attention_blockwise", "band_prefill_attention", "cudnn_problem",
            "decode_append_attention", "decode_attention", "decode_scores", "default_impl",
            "duo_decode_attention", "masked_attention", "merge_attention",
            "prefix_prefill_attention", "query_heads", "ring_slot", "topk_decode_attention",

@@ -85,9 +85,33 @@ class Tiles:
                 + ("pack" if self.pack else ""))
 
 
-def default_tiles(tq: int, g: int, dtype) -> Tiles:
-    """Tiles for a chunk of ``tq`` queries, group size ``g``, inputs of ``dtype``."""
-    return Tiles(block_q=max(16, min(64, next_pow2(tq))))
+def smem_bytes(tiles: Tiles, d: int, itemsize: int) -> int:
+    """Shared memory unpacked tiles take, as estimated here: the query tile plus a K and a V tile
+    per pipeline stage, ``d`` wide, ``itemsize`` bytes each."""
+    return (tiles.block_q + 2 * tiles.num_stages * tiles.block_k) * d * itemsize
+
+
+# Measured on an H100 (bf16, D=128, group of 4; benchmarks/results/prefill_h100/): the last 4K
+# chunk of a 128K prompt runs at 461-465 TFLOP/s with 128 x 128 tiles, 8 warps and 3 stages,
+# against 350-360 with the earlier 64 x 64, 4 warps, 3 stages; the best packed tiling reached
+# 444-445 (q32k64w8s3pack), so the group is not packed. A whole 128K prefill: 13.5 s against 16.6.
+BEST_TILES = Tiles(block_q=128, block_k=128, num_warps=8, num_stages=3)
+EARLIER_TILES = Tiles(block_q=64, block_k=64, num_warps=4, num_stages=3)
+# BEST_TILES' shared memory at bf16, D=128 (224 KiB of the 227 an H100 SM gives one block) is the
+# budget: float32 inputs or wider heads take the earlier tiles, halved until they fit.
+SMEM_BUDGET = smem_bytes(BEST_TILES, 128, 2)
+
+
+def default_tiles(tq: int, dtype, d: int) -> Tiles:
+    """Tiles for a chunk of ``tq`` queries of head dim ``d`` in ``dtype``: :data:`BEST_TILES`
+    where they fit :data:`SMEM_BUDGET`, else :data:`EARLIER_TILES` halved until they do; never
+    taller than the chunk (rounded up to a power of two, at least 16)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    tiles = BEST_TILES if smem_bytes(BEST_TILES, d, itemsize) <= SMEM_BUDGET else EARLIER_TILES
+    while smem_bytes(tiles, d, itemsize) > SMEM_BUDGET and tiles.block_k > 16:
+        tiles = dataclasses.replace(tiles, block_q=max(16, tiles.block_q // 2),
+                                    block_k=tiles.block_k // 2)
+    return dataclasses.replace(tiles, block_q=max(16, min(tiles.block_q, next_pow2(tq))))
 
 
 @per_shard(heads=("q", "k", "v"))
@@ -179,7 +203,7 @@ def band_pallas(q, k, v, q_start, k_start, *, sink, window, scale=None, interpre
     b, hq, tq, d = q.shape
     _, hkv, tk, _ = k.shape
     g = hq // hkv
-    tiles = tiles or default_tiles(tq, g, q.dtype)
+    tiles = tiles or default_tiles(tq, q.dtype, d)
     heads = g if tiles.pack else 1  # query heads per program
     scale = d ** -0.5 if scale is None else scale
     kernel = functools.partial(_kernel, sink=sink, window=window, scale2=scale * LOG2E,

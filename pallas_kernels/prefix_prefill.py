@@ -14,12 +14,19 @@ one call with a padding mask (key length ``q_start``; every prefix key precedes 
 the square another with the causal mask, merged by lse. ``jax.nn.dot_product_attention``
 returns no lse; jax's cuDNN wrapper underneath it does (``return_residual=True``).
 
-``impl``: ``"cudnn"`` (a GPU, bf16/f16, head dim a multiple of 8 up to 256), ``"reference"``
-(the same split with jnp attention for each part, for CPU tests) or ``"auto"`` (cuDNN where it
-applies, else the reference).
+``impl``: ``"cudnn"`` (a GPU, bf16/f16, head dim a multiple of 8 up to 256, or 128 before
+Hopper), ``"reference"`` (the same split with jnp attention for each part, for CPU tests) or
+``"auto"`` (cuDNN where it applies, else the reference). The wrapper is private jax API
+(``jax._src.cudnn``): :func:`_cudnn_part` is the one place that touches it, and
+:func:`cudnn_problem` traces that function at a small shape before it is chosen, so a jax that
+moved or changed the wrapper (or refuses the shapes, or finds no cuDNN) gives a reason instead of
+a failure inside a model: ``"auto"`` (here and in ``Full``'s default) then takes another kernel
+and ``"cudnn"`` raises it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +38,30 @@ from pallas_kernels.merge import merge_attention
 IMPLS = ("auto", "cudnn", "reference")
 
 
-def cudnn_applies(dtype, head_dim: int) -> bool:
-    """Whether cuDNN's flash attention takes these inputs on the default backend."""
-    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 256)
+def cudnn_problem(dtype, head_dim: int) -> str | None:
+    """Why cuDNN's flash attention cannot run the split for inputs of ``dtype`` and ``head_dim``
+    on the default backend; ``None`` when it can."""
+    if jax.default_backend() != "gpu":
+        return f"the backend is {jax.default_backend()}, not a GPU"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN's flash attention takes bf16 or f16, not {jnp.dtype(dtype).name}"
+    return _wrapper_problem(jnp.dtype(dtype).name, int(head_dim))
+
+
+@functools.cache
+def _wrapper_problem(dtype: str, head_dim: int) -> str | None:
+    """Trace both calls of :func:`_cudnn_part` at a small shape: the jax wrapper's own checks
+    (cuDNN found, head dim, GPU generation) and its signature run at trace time."""
+    q = jax.ShapeDtypeStruct((1, 1, 8, head_dim), jnp.dtype(dtype))
+    try:
+        for causal in (False, True):
+            jax.eval_shape(functools.partial(_cudnn_part, causal=causal, scale=1.0), q, q, q,
+                           jnp.int32(1))
+    except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError,
+            RuntimeError) as e:  # the wrapper moved, changed or refuses: say which
+        return (f"jax {jax.__version__}'s cuDNN attention wrapper (private API) fails: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return None
 
 
 @per_shard(heads=("q", "k", "v", "k_cache", "v_cache"))
@@ -51,8 +78,12 @@ def prefix_prefill_attention(q, k, v, k_cache, v_cache, *, q_start, scale=None,
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r} for prefix_prefill_attention; choose from "
                          f"{', '.join(IMPLS)}")
+    problem = cudnn_problem(q.dtype, d) if impl != "reference" else None
     if impl == "auto":
-        impl = "cudnn" if cudnn_applies(q.dtype, d) else "reference"
+        impl = "reference" if problem else "cudnn"
+    elif problem:
+        raise ValueError(f"prefix_prefill_attention: cuDNN cannot run here ({problem}); use "
+                         "impl='reference', or the band kernel")
     scale = d ** -0.5 if scale is None else scale
     q_start = jnp.asarray(q_start, jnp.int32)
     part = _cudnn_part if impl == "cudnn" else _reference_part
@@ -72,7 +103,8 @@ def _reference_part(q, k, v, q_start, scale, *, causal):
 
 
 def _cudnn_part(q, k, v, q_start, scale, *, causal):
-    """:func:`_reference_part` by cuDNN flash attention (layout ``[B, H, T, D]``)."""
+    """:func:`_reference_part` by cuDNN flash attention (layout ``[B, H, T, D]``): the only
+    use of jax's private cuDNN wrapper (see :func:`cudnn_problem`)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     b, _, tq, _ = q.shape

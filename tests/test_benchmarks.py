@@ -198,6 +198,8 @@ def test_prefill_flops_and_peaks():
     assert prefill.peak_tflops("NVIDIA H100 80GB HBM3") == prefill.peak_tflops("NVIDIA H200")
     assert prefill.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert prefill.peak_tflops("cpu") is None
+    assert prefill.parse_kernel("auto", None) == prefill.Full()  # the library's default
+    assert prefill.parse_kernel("band", None).prefill_kernel == "band"
     with pytest.raises(ValueError, match="unknown kernel"):
         prefill.parse_kernel("flash", None)
     with pytest.raises(ValueError, match="needs --sweep"):

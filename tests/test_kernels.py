@@ -7,6 +7,7 @@ seed per test case (``KERNEL_TEST_SEED`` shifts them all), never zeros.
 """
 
 import os
+import sys
 import zlib
 
 import chex
@@ -621,6 +622,24 @@ def test_band_tiles_spelling_and_checks():
             Tiles.parse(bad)
 
 
+def test_band_default_tiles_fit_shared_memory():
+    """bf16/f16 at D <= 128 get the tiles measured fastest on an H100; float32 or D=256 keep the
+    earlier tiles, halved where even those would not fit the same shared memory."""
+    from pallas_kernels.band_prefill import (BEST_TILES, EARLIER_TILES, SMEM_BUDGET, default_tiles,
+                                             smem_bytes)
+
+    assert BEST_TILES.label() == "q128k128w8s3" and EARLIER_TILES.label() == "q64k64w4s3"
+    assert default_tiles(4096, bf16, 128) == default_tiles(4096, jnp.float16, 64) == BEST_TILES
+    assert default_tiles(4096, f32, 128) == default_tiles(4096, bf16, 256) == EARLIER_TILES
+    assert default_tiles(4096, f32, 256).label() == "q32k32w4s3"
+    assert default_tiles(40, bf16, 128).label() == "q64k128w8s3"  # no taller than the chunk
+    assert default_tiles(1, f32, 128).label() == "q16k64w4s3"
+    for d in (16, 32, 64, 128, 256):
+        for dtype in (bf16, f32):
+            assert smem_bytes(default_tiles(4096, dtype, d), d, jnp.dtype(dtype).itemsize) \
+                <= SMEM_BUDGET
+
+
 def test_band_prefill_traced_offsets_do_not_recompile():
     q, k, v = _inputs(_seed("band-jit"), 1, 8, 2, 24, 64, 32, f32)
     step = jax.jit(lambda q, k, v, s: pk.band_prefill_attention(
@@ -670,6 +689,34 @@ def test_prefix_prefill_checks():
         pk.prefix_prefill_attention(q, k[:, :, :5], v[:, :, :5], k, v, q_start=0)
     with pytest.raises(ValueError, match="unknown impl"):
         pk.prefix_prefill_attention(q, k, v, k, v, q_start=0, impl="pallas")
+
+
+def test_cudnn_problem_is_a_reason_not_a_failure(monkeypatch):
+    """Where cuDNN cannot run (a CPU; no cuDNN found; jax's private wrapper gone) the probe
+    returns why, ``auto`` takes the jnp split and an explicit ``cudnn`` raises that reason."""
+    from pallas_kernels import prefix_prefill
+
+    q, k, v = _inputs(_seed("cudnn-problem"), 1, 4, 2, 8, 8, 16, bf16)
+    if not ON_GPU:
+        assert "not a GPU" in pk.cudnn_problem(bf16, 128)
+        with pytest.raises(ValueError, match="cuDNN cannot run here.*not a GPU"):
+            pk.prefix_prefill_attention(q, k, v, k, v, q_start=0, impl="cudnn")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "float32" in pk.cudnn_problem(f32, 128)
+    monkeypatch.setattr(prefix_prefill, "_wrapper_problem",
+                        prefix_prefill._wrapper_problem.__wrapped__)  # uncached
+    if not ON_GPU:  # a "GPU" without cuDNN: jax's wrapper refuses when traced
+        assert "RuntimeError: cuDNN is not detected" in pk.cudnn_problem(bf16, 128)
+    import jax._src.cudnn as cudnn_package  # the wrapper's module, made unimportable
+
+    monkeypatch.delattr(cudnn_package, "fused_attention_stablehlo")
+    monkeypatch.setitem(sys.modules, "jax._src.cudnn.fused_attention_stablehlo", None)
+    problem = pk.cudnn_problem(bf16, 128)
+    assert "private API" in problem and "ModuleNotFoundError" in problem
+    want = band_prefill_reference(q, k, v, q_start=0, k_start=0, sink=0, window=8)
+    _assert_close(pk.prefix_prefill_attention(q, k, v, k, v, q_start=0), want, bf16)
+    with pytest.raises(ValueError, match="ModuleNotFoundError"):
+        pk.prefix_prefill_attention(q, k, v, k, v, q_start=0, impl="cudnn")
 
 
 # --------------------------------------------------------------------------- references (cheap)
