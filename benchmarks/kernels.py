@@ -30,7 +30,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from longctx_jax.profiling import traced_events
-from pallas_kernels.band_prefill import band_pallas
+from pallas_kernels.band_prefill import Tiles, band_pallas
 from pallas_kernels.decode import decode_pallas
 from pallas_kernels.topk import topk_pallas
 from pallas_kernels.window import window_pallas
@@ -312,7 +312,7 @@ def bench_band(b, tq, tk, sink, window, hq, hkv, d, reps, cfgs=(), baselines=Tru
 
     def ours(q, k, v, s, **cfg):
         if cfg:
-            return band_pallas(q, k, v, s, 0, sink=sink, window=window, **cfg)
+            return band_pallas(q, k, v, s, 0, sink=sink, window=window, tiles=Tiles(**cfg))
         return pk.band_prefill_attention(q, k, v, q_start=s, k_start=0, sink=sink, window=window,
                                          impl="pallas")
 

@@ -15,6 +15,8 @@ from jax.experimental.pallas import triton as plgpu
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453  # log2(e), ln(2): base-2 softmax units
+
 # Head dims the Pallas kernels take: Triton tiles are powers of two and its dot needs K >= 16.
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -99,15 +101,18 @@ def dot_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def online_softmax_step(s, v, o, m, l, precision):
+def online_softmax_step(s, v, o, m, l, precision, base2: bool = False):
     """One flash-attention update with scores ``s [M, N]`` (-inf = hidden) and values ``v [N, D]``.
 
     ``m`` may be -inf (nothing seen yet) and a row of ``s`` may be all -inf; neither makes NaN.
+    ``base2``: ``s`` and ``m`` are in base-2 units (logits times ``log2 e``), so each score costs
+    one ``exp2`` (a single instruction on a GPU; ``exp`` lowers to a longer libdevice routine).
     """
+    exp = jnp.exp2 if base2 else jnp.exp
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[:, None])
-    corr = jnp.exp(m - m_safe)
+    p = exp(s - m_safe[:, None])
+    corr = exp(m - m_safe)
     l = l * corr + jnp.sum(p, axis=1)
     pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              precision=precision, preferred_element_type=jnp.float32)
@@ -132,12 +137,14 @@ def add_one_key(q, k, v, on, scale, o, m, l, logit=None):
     return o * corr[:, None] + p[:, None] * v.astype(jnp.float32), m_new, l * corr + p
 
 
-def finish_softmax(o, m, l):
-    """``(o / l, lse)``; rows with no visible key give ``(0, -inf)``."""
+def finish_softmax(o, m, l, base2: bool = False):
+    """``(o / l, lse)`` with ``lse`` in natural-log units (``m`` in base 2 if ``base2``); rows with
+    no visible key give ``(0, -inf)``."""
     empty = l == 0.0
     out = o / jnp.where(empty, 1.0, l)[:, None]
-    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
-    return out, lse
+    safe_l = jnp.where(empty, 1.0, l)
+    lse = (m + jnp.log2(safe_l)) * LN2 if base2 else m + jnp.log(safe_l)
+    return out, jnp.where(empty, -jnp.inf, lse)
 
 
 def qk_scores(q, k, scale, precision):

@@ -34,7 +34,7 @@ UNLIMITED = {
 
 # Options that must be refused with a LongctxError (beyond an unknown option name).
 BAD = {
-    "full": [],
+    "full": [dict(prefill_kernel="bogus")],
     "streaming": [dict(window=0), dict(sink=-1), dict(positions="bogus"), dict(positions=1)],
     "duo": [dict(window=0), dict(sink=-1), dict(positions="bogus"), dict(retrieval_ratio=1.5),
             dict(retrieval_ratio=0.5, threshold=0.5), dict(heads=((0, 0), ())), dict(shards=0)],

@@ -203,3 +203,48 @@ def test_retrieval_speed_prefills_the_real_tokenizer_text(tmp_path, monkeypatch,
     full, qivf = json.loads(out.read_text())["rows"]
     assert full["vs_full"] == 1.0 and qivf["method"] == "retrieval:qivf"
     assert qivf["host_calls_per_token"] == pytest.approx(2) and qivf["build_s"] >= 0
+
+
+def test_prefill_benchmark_runs_every_section_on_a_cpu(tmp_path, capsys):
+    """The prefill benchmark end to end at a tiny shape: kernel sweep (interpreted), the best
+    tiling and cuDNN's split (in jnp) through the real prefill, FLOPs and the floor column."""
+    from benchmarks import prefill
+
+    out = tmp_path / "prefill.json"
+    assert prefill.main(["--model", "tiny-random", "--contexts", "48", "--chunks", "16",
+                         "--kernels", "band,band:best,cudnn", "--sweep", "--sweep-context",
+                         "48", "--sweep-chunk", "16", "--sweep-repeats", "1", "--tiles",
+                         "q16k16,q16k32pack", "--repeats", "1", "--peak-tflops", "2",
+                         "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python -m benchmarks.prefill --model tiny-random")
+    assert record["best_tiles"] in ("q16k16w4s3", "q16k32w4s3pack")
+    sweep = {(r["where"], r["kernel"]): r for r in record["sweep"]}
+    assert {w for w, _ in sweep} == {"start", "second", "end"}
+    assert all(r["rel_err_out"] < 2e-2 and "wall_ms" in r for r in sweep.values())
+    rows = record["e2e"]
+    assert [r["kernel"] for r in rows] == ["band", "band:best", "cudnn"]
+    assert all(r["logits_rel_err"] < 2e-2 for r in rows)  # bf16 weights and activations
+    flops = prefill.prefill_flops(prefill.SHAPES["tiny-random"], 48)
+    assert rows[0]["flops"] == flops
+    assert rows[0]["floor_s"] == sum(flops.values()) / 2e12
+    assert "x floor" in capsys.readouterr().out
+
+
+def test_prefill_flops_and_peaks():
+    """Llama-3-8B at 128K: ~1.8e15 FLOPs in the matrix products, ~4.5e15 in causal attention;
+    the floor's peak follows the device name."""
+    from benchmarks import prefill
+    from longctx_jax.config import preset
+
+    flops = prefill.prefill_flops(preset("llama3-8b"), 131072)
+    assert 1.8e15 < flops["matmul"] < 1.9e15 and 4.5e15 < flops["attention"] < 4.6e15
+    assert prefill.peak_tflops("NVIDIA H100 80GB HBM3") == prefill.peak_tflops("NVIDIA H200")
+    assert prefill.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert prefill.peak_tflops("cpu") is None
+    assert prefill.parse_kernel("auto", None) == prefill.Full()  # the library's default
+    assert prefill.parse_kernel("band", None).prefill_kernel == "band"
+    with pytest.raises(ValueError, match="unknown kernel"):
+        prefill.parse_kernel("flash", None)
+    with pytest.raises(ValueError, match="needs --sweep"):
+        prefill.parse_kernel("band:best", None)

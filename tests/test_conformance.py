@@ -212,7 +212,7 @@ def test_periodic_schedule_runs_phase_0_then_period_minus_1_partial_steps(tiny):
     want = generate(cfg, params, Full(), [prompt], max_new_tokens=7, chunk_size=4)
     seen = []
     with host_offload.registered(seen) as handle:
-        got = generate(cfg, params, EveryThird(jnp.int32(handle)), [prompt], max_new_tokens=7,
+        got = generate(cfg, params, EveryThird(log=jnp.int32(handle)), [prompt], max_new_tokens=7,
                        chunk_size=4)
     assert got.ids(0) == want.ids(0)
     assert seen == [(0, 0), (1, 1), (2, 1), (3, 0), (4, 1), (5, 1), (6, 0)]

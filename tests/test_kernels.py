@@ -7,6 +7,7 @@ seed per test case (``KERNEL_TEST_SEED`` shifts them all), never zeros.
 """
 
 import os
+import sys
 import zlib
 
 import chex
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pallas_kernels as pk
-from pallas_kernels.band_prefill import band_pallas, band_prefill_reference
+from pallas_kernels.band_prefill import Tiles, band_pallas, band_prefill_reference
 from pallas_kernels.decode import decode_attention_reference, decode_pallas
 from pallas_kernels import decode as decode_module
 from pallas_kernels.duo_decode import duo_decode_attention_reference, duo_pallas
@@ -569,15 +570,24 @@ def test_decode_with_scores_matches_scores_kernel_and_ignores_garbage():
 
 
 # --------------------------------------------------------------------------- band prefill
-# b, hq, hkv, tq, tk, d, dtype, sink, window, q_start, k_start, block_q, block_k
+# b, hq, hkv, tq, tk, d, dtype, sink, window, q_start, k_start, tiles (None = defaults)
 BAND_CASES = [
-    (1, 4, 4, 50, 130, 32, f32, 4, 20, 80, 0, 16, 16),      # g=1, chunk in the middle
-    (2, 24, 8, 33, 100, 64, bf16, 0, 30, 67, 0, 16, 32),    # g=3, window-only, last chunk
-    (1, 32, 8, 40, 90, 128, bf16, 5, 0, 50, 0, None, None),  # g=4, sink-only, defaults
-    (1, 16, 2, 64, 200, 16, f32, 0, 10**6, 100, 0, 32, 16),  # g=8, plain causal
-    (2, 8, 2, 20, 60, 32, f32, 3, 7, 0, 0, 16, 16),         # first chunk: causal edge
-    (1, 8, 2, 30, 50, 32, f32, 4, 8, 300, 270, 16, 16),     # keys start past the sinks
-    (1, 4, 2, 1, 40, 32, bf16, 2, 9, 39, 0, None, None),    # one query
+    (1, 4, 4, 50, 130, 32, f32, 4, 20, 80, 0, "q16k16"),               # g=1, chunk in the middle
+    (2, 24, 8, 33, 100, 64, bf16, 0, 30, 67, 0, "q16k32"),             # g=3, window, last chunk
+    (1, 32, 8, 40, 90, 128, bf16, 5, 0, 50, 0, None),                  # g=4, sink-only, defaults
+    (1, 16, 2, 64, 200, 16, f32, 0, 10**6, 100, 0, "q32k16"),          # g=8, plain causal
+    (2, 8, 2, 20, 60, 32, f32, 3, 7, 0, 0, "q16k16"),                  # first chunk: causal edge
+    (1, 8, 2, 30, 50, 32, f32, 4, 8, 300, 270, "q16k16"),              # keys start past the sinks
+    (1, 4, 2, 1, 40, 32, bf16, 2, 9, 39, 0, None),                     # one query
+    # One program per KV head's query group (pack), at group sizes 1, 3 (padded to 4), 4, 8;
+    # lengths off the blocks, whole blocks between masked edges.
+    (2, 4, 4, 37, 150, 32, f32, 0, 10**6, 99, 0, "q16k16pack"),        # g=1, causal
+    (1, 9, 3, 45, 211, 64, bf16, 0, 10**6, 150, 0, "q16k32pack"),      # g=3 (SmolLM2's)
+    (2, 12, 4, 29, 120, 32, f32, 3, 40, 80, 0, "q16k16pack"),          # g=3, sink + window
+    (1, 32, 8, 70, 333, 128, bf16, 0, 10**6, 250, 0, "q32k64w8pack"),  # g=4, Llama-3's
+    (1, 16, 2, 50, 181, 16, f32, 0, 10**6, 0, 0, "q16k32pack"),        # g=8, first chunk
+    (1, 16, 2, 41, 140, 32, bf16, 2, 17, 90, 0, "q16k16s2pack"),       # g=8, narrow window
+    (1, 8, 2, 24, 100, 32, f32, 0, 10**6, 120, 40, "q16k16pack"),      # keys from position 40
 ]
 
 
@@ -587,12 +597,12 @@ def _band_mask(tq, tk, q_start, k_start, sink, window):
 
 
 @pytest.mark.parametrize("case", BAND_CASES, ids=lambda c: f"hq{c[1]}hkv{c[2]}tq{c[3]}tk{c[4]}"
-                         f"s{c[7]}w{c[8]}q{c[9]}k{c[10]}{jnp.dtype(c[6]).name}")
+                         f"s{c[7]}w{c[8]}q{c[9]}k{c[10]}{jnp.dtype(c[6]).name}-{c[11]}")
 def test_band_prefill_kernel(case):
-    b, hq, hkv, tq, tk, d, dtype, sink, window, q_start, k_start, bq, bk = case
+    b, hq, hkv, tq, tk, d, dtype, sink, window, q_start, k_start, tiles = case
     q, k, v = _inputs(_seed("band", case), b, hq, hkv, tq, tk, d, dtype)
     got = band_pallas(q, k, v, jnp.int32(q_start), jnp.int32(k_start), sink=sink, window=window,
-                      interpret=INTERPRET, block_q=bq, block_k=bk)
+                      interpret=INTERPRET, tiles=tiles and Tiles.parse(tiles))
     ref = band_prefill_reference(q, k, v, q_start=q_start, k_start=k_start, sink=sink,
                                  window=window)
     _assert_close(got, ref, dtype)
@@ -600,6 +610,34 @@ def test_band_prefill_kernel(case):
     want = _np_attention(q, k, v, np.broadcast_to(mask, (b, hq, tq, tk)))
     _assert_close(ref, want, dtype)
     _assert_close(got, want, dtype)
+
+
+def test_band_tiles_spelling_and_checks():
+    tiles = Tiles.parse("q32k128w8s2pack")
+    assert tiles == Tiles(block_q=32, block_k=128, num_warps=8, num_stages=2, pack=True)
+    assert Tiles.parse(tiles.label()) == tiles and Tiles.parse("") == Tiles()
+    assert Tiles.parse("k32") == Tiles(block_k=32)
+    for bad in ("q48", "k8", "x4", "q", "w0", "q32,k64", "q32 "):
+        with pytest.raises(ValueError):
+            Tiles.parse(bad)
+
+
+def test_band_default_tiles_fit_shared_memory():
+    """bf16/f16 at D <= 128 get the tiles measured fastest on an H100; float32 or D=256 keep the
+    earlier tiles, halved where even those would not fit the same shared memory."""
+    from pallas_kernels.band_prefill import (BEST_TILES, EARLIER_TILES, SMEM_BUDGET, default_tiles,
+                                             smem_bytes)
+
+    assert BEST_TILES.label() == "q128k128w8s3" and EARLIER_TILES.label() == "q64k64w4s3"
+    assert default_tiles(4096, bf16, 128) == default_tiles(4096, jnp.float16, 64) == BEST_TILES
+    assert default_tiles(4096, f32, 128) == default_tiles(4096, bf16, 256) == EARLIER_TILES
+    assert default_tiles(4096, f32, 256).label() == "q32k32w4s3"
+    assert default_tiles(40, bf16, 128).label() == "q64k128w8s3"  # no taller than the chunk
+    assert default_tiles(1, f32, 128).label() == "q16k64w4s3"
+    for d in (16, 32, 64, 128, 256):
+        for dtype in (bf16, f32):
+            assert smem_bytes(default_tiles(4096, dtype, d), d, jnp.dtype(dtype).itemsize) \
+                <= SMEM_BUDGET
 
 
 def test_band_prefill_traced_offsets_do_not_recompile():
@@ -612,6 +650,73 @@ def test_band_prefill_traced_offsets_do_not_recompile():
                                                       (1, 8, 24, 64)))
         _assert_close(got, want, f32)
     assert step._cache_size() == 1
+
+
+# --------------------------------------------------------------------------- prefix prefill
+# b, hq, hkv, tq, cache slots, d, dtype, q_start
+PREFIX_CASES = [
+    (2, 4, 4, 19, 64, 32, f32, 0),      # g=1, the first chunk: no prefix
+    (1, 9, 3, 33, 100, 64, bf16, 50),   # g=3 (SmolLM2's), a chunk off the blocks
+    (2, 8, 2, 24, 70, 16, f32, 40),     # g=4, cache longer than prefix + chunk
+    (1, 16, 2, 7, 7 + 61, 128, bf16, 61),  # g=8, the cache just holds prefix + chunk
+]
+
+
+@pytest.mark.parametrize("case", PREFIX_CASES, ids=lambda c: f"hq{c[1]}hkv{c[2]}tq{c[3]}s{c[4]}"
+                         f"q{c[7]}{jnp.dtype(c[6]).name}")
+def test_prefix_prefill_equals_causal_band_over_the_written_cache(case):
+    """The prefix + causal-square split, merged by lse, is the band kernel's causal attention
+    over the cache once the chunk is written in; the cache's rows from ``q_start`` on (stale
+    values here) do not count."""
+    b, hq, hkv, tq, slots, d, dtype, q_start = case
+    q, k_cache, v_cache = _inputs(_seed("prefix", case), b, hq, hkv, tq, slots, d, dtype)
+    k = k_cache[:, :, q_start:q_start + tq]
+    v = v_cache[:, :, q_start:q_start + tq]
+    stale = 100 * _inputs(_seed("stale", case), b, 1, hkv, 1, slots - q_start, d, dtype)[1]
+    k_stale = k_cache.at[:, :, q_start:].set(stale)
+    v_stale = v_cache.at[:, :, q_start:].set(-stale)
+    want = band_prefill_reference(q, k_cache, v_cache, q_start=q_start, k_start=0, sink=0,
+                                  window=slots)
+    impl = "cudnn" if ON_GPU and dtype == bf16 else "reference"
+    got = pk.prefix_prefill_attention(q, k, v, k_stale, v_stale, q_start=jnp.int32(q_start),
+                                      impl=impl)
+    _assert_close(got, want, dtype, lse_tol=1e-3 if impl == "cudnn" else None)
+
+
+def test_prefix_prefill_checks():
+    q, k, v = _inputs(_seed("prefix-checks"), 1, 4, 2, 8, 8, 16, f32)
+    with pytest.raises(ValueError, match="want q"):
+        pk.prefix_prefill_attention(q, k[:, :, :5], v[:, :, :5], k, v, q_start=0)
+    with pytest.raises(ValueError, match="unknown impl"):
+        pk.prefix_prefill_attention(q, k, v, k, v, q_start=0, impl="pallas")
+
+
+def test_cudnn_problem_is_a_reason_not_a_failure(monkeypatch):
+    """Where cuDNN cannot run (a CPU; no cuDNN found; jax's private wrapper gone) the probe
+    returns why, ``auto`` takes the jnp split and an explicit ``cudnn`` raises that reason."""
+    from pallas_kernels import prefix_prefill
+
+    q, k, v = _inputs(_seed("cudnn-problem"), 1, 4, 2, 8, 8, 16, bf16)
+    if not ON_GPU:
+        assert "not a GPU" in pk.cudnn_problem(bf16, 128)
+        with pytest.raises(ValueError, match="cuDNN cannot run here.*not a GPU"):
+            pk.prefix_prefill_attention(q, k, v, k, v, q_start=0, impl="cudnn")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "float32" in pk.cudnn_problem(f32, 128)
+    monkeypatch.setattr(prefix_prefill, "_wrapper_problem",
+                        prefix_prefill._wrapper_problem.__wrapped__)  # uncached
+    if not ON_GPU:  # a "GPU" without cuDNN: jax's wrapper refuses when traced
+        assert "RuntimeError: cuDNN is not detected" in pk.cudnn_problem(bf16, 128)
+    import jax._src.cudnn as cudnn_package  # the wrapper's module, made unimportable
+
+    monkeypatch.delattr(cudnn_package, "fused_attention_stablehlo")
+    monkeypatch.setitem(sys.modules, "jax._src.cudnn.fused_attention_stablehlo", None)
+    problem = pk.cudnn_problem(bf16, 128)
+    assert "private API" in problem and "ModuleNotFoundError" in problem
+    want = band_prefill_reference(q, k, v, q_start=0, k_start=0, sink=0, window=8)
+    _assert_close(pk.prefix_prefill_attention(q, k, v, k, v, q_start=0), want, bf16)
+    with pytest.raises(ValueError, match="ModuleNotFoundError"):
+        pk.prefix_prefill_attention(q, k, v, k, v, q_start=0, impl="cudnn")
 
 
 # --------------------------------------------------------------------------- references (cheap)
@@ -694,7 +799,7 @@ def test_merge_of_kernels_equals_one_kernel():
     sinks = jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32), (1, 4, 20))
     part_a = topk_pallas(q[:, :, 0], k, v, sinks, interpret=INTERPRET, block_k=16)
     part_b = band_pallas(q, k[:, :, 20:], v[:, :, 20:], jnp.int32(n - 1), jnp.int32(20), sink=0,
-                         window=10**6, interpret=INTERPRET, block_q=16, block_k=32)
+                         window=10**6, interpret=INTERPRET, tiles=Tiles(16, 32))
     merged = pk.merge_attention([part_a, (part_b[0][:, :, 0], part_b[1][:, :, 0])])
     chex.assert_trees_all_close(merged, whole, rtol=1e-5, atol=1e-5)
 

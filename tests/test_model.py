@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from longctx_jax.model import Decoder
-from longctx_jax.policies import make_policy
+import pallas_kernels as pk
+from longctx_jax.generate import pad_prompts, prefill_tokens
+from longctx_jax.model import Decoder, random_params
+from longctx_jax.policies import Full, make_policy
 from longctx_jax.weights import ModelLoadError, load_hf, load_model
 
 import reference_llama as ref
-from conftest import forward_hidden, logits_of
+from conftest import forward_hidden, logits_of, tiny_config
 
 
 def _hf_config(hq=4, hkv=2, tie=False, layers=2):
@@ -70,6 +72,67 @@ def test_chunked_prefill_equals_one_shot(tiny, method, opts, chunk):
     one_shot, _ = forward_hidden(cfg, params, policy, tokens)
     chunked, _ = forward_hidden(cfg, params, policy, tokens, chunk_size=chunk)
     chex.assert_trees_all_close(chunked, one_shot, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, tiles", [("cudnn", None), ("band", "q16k16pack"),
+                                          ("band", None)])
+def test_full_prefill_kernels_agree(kernel, tiles):
+    """Each prefill kernel and tile choice of full attention gives the default path's hidden
+    states and last-token logits (the band kernel interpreted, cuDNN's split in jnp on a CPU):
+    a ragged batch, chunks that divide neither prompt, a query group of 4."""
+    cfg = tiny_config(num_heads=8, num_kv_heads=2)
+    params = random_params(cfg, jax.random.key(1))
+    prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (23, 9)]
+    tokens, lengths = pad_prompts(prompts, 8)
+
+    def run(policy):
+        hidden, _ = forward_hidden(cfg, params, policy, tokens, lengths=lengths, chunk_size=8,
+                                   max_len=40)
+        logits, _ = prefill_tokens(params, policy, jnp.asarray(tokens), jnp.asarray(lengths),
+                                   cfg=cfg, max_len=40, chunk_size=8)
+        return hidden, logits
+
+    want_hidden, want_logits = run(make_policy("full"))
+    with pk.default_impl("interpret"):
+        hidden, logits = run(Full(prefill_kernel=kernel, tiles=tiles and pk.Tiles.parse(tiles)))
+    for row, n in enumerate(lengths):
+        chex.assert_trees_all_close(hidden[row, :n], want_hidden[row, :n], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_full_auto_prefill_kernel_is_cudnn_where_it_runs(monkeypatch):
+    """``Full()``'s default prefill kernel: cuDNN's split where :func:`pk.cudnn_problem` finds
+    none (a GPU in bf16/f16), else the band kernel, on a CPU its jnp reference as before; the
+    band kernel's tiles need the band kernel named."""
+    from longctx_jax.errors import LongctxError
+
+    assert Full().prefill_kernel == "auto"
+    cfg = tiny_config(num_heads=8, num_kv_heads=2)
+    params = random_params(cfg, jax.random.key(1))
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (1, 12))
+    calls = []
+
+    def spy(name, op):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return op(*args, **kwargs)
+        return call
+
+    for name in ("band_prefill_attention", "prefix_prefill_attention"):
+        monkeypatch.setattr(pk, name, spy(name, getattr(pk, name)))
+    want, _ = forward_hidden(cfg, params, Full(prefill_kernel="band"), tokens, chunk_size=4)
+    assert set(calls) == {"band_prefill_attention"}
+    calls.clear()
+    forward_hidden(cfg, params, Full(), tokens, chunk_size=4)  # a CPU: the band kernel
+    assert set(calls) == {"band_prefill_attention"}
+    calls.clear()
+    monkeypatch.setattr(pk, "cudnn_problem", lambda dtype, d: None)  # as where cuDNN runs
+    got, _ = forward_hidden(cfg, params, Full(), tokens, chunk_size=4)
+    assert set(calls) == {"prefix_prefill_attention"}
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    for kernel in ("auto", "cudnn"):
+        with pytest.raises(LongctxError, match="need prefill_kernel='band'"):
+            Full(prefill_kernel=kernel, tiles=pk.Tiles())
 
 
 @pytest.mark.parametrize("method, opts", [("full", {}), ("streaming", dict(sink=2, window=5))])
