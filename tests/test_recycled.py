@@ -17,7 +17,7 @@ def _cache(kv, idx, score):
     """A recycled layer cache over ``kv`` with the partial cache ``idx, score``."""
     b, hkv, t, d = kv.k.shape
     return RecycledCache(kv, idx, score, jnp.zeros((b, d)), jnp.full((b, hkv, t), -jnp.inf),
-                         jnp.bool_(False))
+                         jnp.zeros((b,), bool))
 
 
 def _softmax_attend(q, k, v, rows):

@@ -55,7 +55,8 @@ class RecycledCache:
     step (above 0 for recent and appended tokens, ``+inf`` for sinks); ``query [B, D]``, the
     mean pre-RoPE query of the last full step (for the query-driven schedule); ``scores [B,
     Hkv, max_len]`` float32, every key's score at this layer's last full step (``-inf``: no
-    key), and ``fresh`` (bool), whether this step was one: ``finish_step`` selects from them."""
+    key), and ``fresh [B]`` (bool), whether this step was one: ``finish_step`` selects from
+    them."""
 
     kv: KV
     idx: jax.Array
@@ -68,7 +69,7 @@ class RecycledCache:
                                     "score": ("batch", "kv_heads", "seq"),
                                     "query": ("batch", "head_dim"),
                                     "scores": ("batch", "kv_heads", "seq"),
-                                    "fresh": ()}
+                                    "fresh": ("batch",)}
 
 
 @register("recycled")
@@ -136,7 +137,7 @@ class Recycled(AttentionPolicy):
                                    jnp.zeros((batch, cfg.head_dim), jnp.float32),
                                    jnp.full((batch, cfg.num_kv_heads, max_len), -jnp.inf,
                                             jnp.float32),
-                                   jnp.bool_(False))
+                                   jnp.zeros((batch,), bool))
                      for _ in range(cfg.num_layers))
 
     def prefill(self, layer, x, cache):
@@ -160,7 +161,8 @@ class Recycled(AttentionPolicy):
         query = cache.query if x.q_raw is None else \
             jnp.mean(x.q_raw[:, 0].astype(jnp.float32), axis=1)
         return out[:, None], dataclasses.replace(cache, kv=KV(k_cache, v_cache), query=query,
-                                                 scores=scores, fresh=jnp.bool_(True))
+                                                 scores=scores,
+                                                 fresh=jnp.ones_like(cache.fresh))
 
     def _partial(self, x, cache):
         """Append the new token, recycle it into the partial cache, attend to that."""
@@ -168,7 +170,7 @@ class Recycled(AttentionPolicy):
         idx, score = recycle(cache.idx, cache.score, x.positions[:, 0])
         out, _ = pk.topk_decode_attention(x.q[:, 0], kv.k, kv.v, idx)
         return out[:, None].astype(x.q.dtype), dataclasses.replace(
-            cache, kv=kv, idx=idx, score=score, fresh=jnp.bool_(False))
+            cache, kv=kv, idx=idx, score=score, fresh=jnp.zeros_like(cache.fresh))
 
     def finish_step(self, caches, positions, *, phase=0):
         """After a full step: every layer's new partial cache from its scores, in one
@@ -182,8 +184,8 @@ class Recycled(AttentionPolicy):
             scores = jnp.stack([c.scores for c in caches])  # [L, B, Hkv, T]
             idx, score = select_top(scores, self.pool, caches[0].idx.shape[-1],
                                     self._kept(lengths, scores.shape[-1]))
-            return tuple(dataclasses.replace(c, idx=jnp.where(c.fresh, i, c.idx),
-                                             score=jnp.where(c.fresh, s, c.score))
+            return tuple(dataclasses.replace(c, idx=jnp.where(c.fresh[:, None, None], i, c.idx),
+                                             score=jnp.where(c.fresh[:, None, None], s, c.score))
                          for c, i, s in zip(caches, idx, score))
 
         if self.similarity is None:  # every layer took a full step
