@@ -146,6 +146,13 @@ def as_float32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
+def float32_rows(source: Rows, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``source``'s rows ``rows [H, R]`` as float32 ``[H, R, D]``, into ``out`` when given."""
+    if out is None:
+        out = np.empty((*rows.shape, source.rows.shape[2]), np.float32)
+    return source.gather(rows, out)
+
+
 def group_logits(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """The group logit ``max_g q . key``: ``queries [B, g, D]``, ``keys [B, C, D]`` (any dtype)
     -> ``[B, C]`` float32. (The maximum runs over the middle axis: over a last axis of ``g``
@@ -162,6 +169,7 @@ class Rows:
         self._data = np.empty((h, max(n, capacity, 16), d), rows.dtype)
         self._data[:, :n] = rows
         self.n = n
+        self._narrow = None  # gather's rows on their way to another dtype
 
     @property
     def rows(self) -> np.ndarray:
@@ -182,11 +190,23 @@ class Rows:
         self._data[:, self.n:need] = rows
         self.n = need
 
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows [H, R]`` of each head (``-1`` reads row 0), ``[H, R, D]``."""
+    def gather(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows [H, R]`` of each head (``-1`` reads row 0), ``[H, R, D]``, written into
+        ``out`` when given (in any float dtype). A decode step gathers into buffers it reuses:
+        a fresh array of this size takes new pages from the OS each time, and their faults
+        cost more than the copy."""
         h, cap, d = self._data.shape
         flat = (np.arange(h)[:, None] * cap + np.maximum(rows, 0)).reshape(-1)
-        return np.take(self._data.reshape(h * cap, d), flat, 0).reshape(*rows.shape, d)
+        source = self._data.reshape(h * cap, d)
+        if out is None:
+            return np.take(source, flat, 0).reshape(*rows.shape, d)
+        if out.dtype == source.dtype:
+            np.take(source, flat, 0, out=out.reshape(-1, d))
+            return out
+        if self._narrow is None or self._narrow.shape != (len(flat), d):
+            self._narrow = np.empty((len(flat), d), source.dtype)
+        np.copyto(out.reshape(-1, d), np.take(source, flat, 0, out=self._narrow))
+        return out
 
 
 class FlatIndex:
@@ -211,8 +231,8 @@ class FlatIndex:
         ids = top_k(logits.reshape(heads, groups, g, -1).max(2), k)
         return ids, np.full(queries.shape[:2], self.n)
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        return as_float32(self.key_rows.gather(rows))
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return float32_rows(self.key_rows, rows, out)
 
     @property
     def nbytes(self) -> int:
@@ -340,8 +360,8 @@ class IVFIndex:
         scanned = self._sizes[np.arange(heads)[:, None, None], probed].sum(-1) + self.nlist
         return best, scanned
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        return as_float32(self._keys.gather(rows))
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return float32_rows(self._keys, rows, out)
 
     @property
     def nbytes(self) -> int:
@@ -398,9 +418,11 @@ class HNSWIndex:
         logits = np.where(found >= 0, logits, -np.inf)
         return group_top_k(found, logits, k), scanned
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        return np.stack([index.reconstruct_batch(np.maximum(r, 0))
-                         for index, r in zip(self._heads, rows)])
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty((*rows.shape, self._heads[0].d), np.float32) if out is None else out
+        for index, r, o in zip(self._heads, rows, out):
+            o[:] = index.reconstruct_batch(np.maximum(r, 0))
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -461,8 +483,8 @@ class QueryIVFIndex:
         ids = np.where(best >= 0, along(padded, np.maximum(best, 0)), -1)
         return ids.reshape(heads, groups, k), (sizes + self.nlist).reshape(heads, groups)
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        return as_float32(self._keys.gather(rows))
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return float32_rows(self._keys, rows, out)
 
     @property
     def nbytes(self) -> int:

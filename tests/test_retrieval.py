@@ -131,6 +131,23 @@ def test_bfloat16_kv_is_kept_as_it_arrives():
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_rows_gather_into_a_given_array_converts_exactly():
+    """Gathered rows written into a caller's array (a decode step reuses its own), in the
+    rows' dtype or float32; ``-1`` reads row 0."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(9)
+    data = rng.normal(size=(3, 40, 8)).astype(ml_dtypes.bfloat16)
+    rows = hindex.Rows(data[:, :30], capacity=64)
+    rows.append(data[:, 30:])
+    ids = np.array([[0, 39, -1], [5, 31, 2], [-1, -1, 7]])
+    want = data[np.arange(3)[:, None], np.maximum(ids, 0)]
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        out = np.full((3, 3, 8), np.nan, dtype)
+        assert rows.gather(ids, out) is out
+        np.testing.assert_array_equal(out, want.astype(dtype))
+    np.testing.assert_array_equal(rows.gather(ids), want)
+
+
 def test_window_merged_with_retrieved_is_attention_over_the_union():
     rng = np.random.default_rng(2)
     d, hkv, g = 8, 2, 2
