@@ -163,7 +163,7 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
 def host_store(cfg, args, context: int, index: str, scan: float, layers: int):
     """A store of ``layers`` layers as a prefill of ``context`` tokens leaves it, filled with
     random keys and values (numpy, no device) and indexed. Returns ``(store, seconds)``."""
-    max_len = context + args.host_steps + 256
+    max_len = context + len(args.host_threads) * (warm_steps(args) + args.host_steps) + 256
     store = RetrievalStore(args.batch, layers, cfg.num_kv_heads, cfg.head_dim, kind=index, k=args.k,
                            scan=scan, max_len=max_len, group=cfg.num_heads // cfg.num_kv_heads,
                            train_queries=args.train_queries,
@@ -188,11 +188,11 @@ def host_store(cfg, args, context: int, index: str, scan: float, layers: int):
 def time_host_steps(store, cfg, args, layers: int) -> dict:
     """Per layer step of ``store``: wall ms, CPU ms of the calling thread and of the process,
     the store's split (ms) and the share of keys scanned, over ``args.host_steps`` steps (after
-    a tenth as many to warm up) with random queries and a new token inserted each step."""
+    :func:`warm_steps`) with random queries and a new token inserted each step."""
     rng = np.random.default_rng(1)
     dtype = np.dtype(jnp.dtype(args.dtype))
     b, hq, hkv, d = args.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    warm = max(1, args.host_steps // 10)
+    warm = warm_steps(args)
     inputs = [(rng.standard_normal((b, hq, d), np.float32).astype(dtype),
                *(rng.standard_normal((b, hkv, d), np.float32).astype(dtype) for _ in range(2)))
               for _ in range(warm + args.host_steps)]
@@ -209,6 +209,11 @@ def time_host_steps(store, cfg, args, layers: int) -> dict:
     return dict(wall_ms=1e3 * wall / n, caller_cpu_ms=1e3 * cpu / n, process_cpu_ms=1e3 * proc / n,
                 parts_ms={p: 1e3 * getattr(stats, p) / n for p in PARTS},
                 keys_scanned=stats.scanned / max(1, stats.stored))
+
+
+def warm_steps(args) -> int:
+    """Untimed steps before each thread count's timed ones."""
+    return max(1, args.host_steps // 10)
 
 
 def run_host_only(args, record) -> None:

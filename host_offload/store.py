@@ -113,11 +113,12 @@ class RetrievalStore:
                    itemsize: int = 4) -> int:
         """Host memory a request of ``max_len`` tokens may take with an index of ``kind``: keys
         (twice where faiss keeps its own copy) and values of ``itemsize`` bytes, the index's
-        bookkeeping (list entries, ids, links), kept queries."""
+        bookkeeping (list entries, ids, links, ivf's float32 buffer), kept queries."""
         copies = (2 if kind in hindex.NEEDS_FAISS else 1) + (1 if values else 0)
         per_token = kv_heads * (head_dim * itemsize * copies + 64) + 8
+        buffer = hindex.BUFFER if kind == "ivf" else 0
         return int(batch * layers * (max_len * per_token
-                                     + train_queries * kv_heads * head_dim * 4))
+                                     + (train_queries + buffer) * kv_heads * head_dim * 4))
 
     def nbytes(self) -> int:
         """Host memory held now: indexes (keys included), values, positions, kept queries."""
