@@ -35,6 +35,16 @@ the process's resident memory while it was filled.
     python -m benchmarks.retrieval_speed --contexts 524288 --methods streaming,retrieval \\
         --short 4 --long 20 --repeats 2 --json OUT.json
     python -m benchmarks.retrieval_speed --model smollm2 --contexts 8192 --json OUT.json
+
+``--host-only``: the host step alone, no device and no model: one layer (``--host-layers``) of
+a store filled with random keys and values of the model's shape and indexed as above, then
+``--host-steps`` calls of its ``step`` (insert a token, search, attend) with random queries,
+taking turns over the layers, at each of ``--host-threads`` faiss threads. Per layer step: wall
+ms, CPU ms of the calling thread and of the whole process, and the store's split. Any machine
+can run it; a decode step of the model makes one such call per layer.
+
+    python -m benchmarks.retrieval_speed --host-only --contexts 131072 --host-threads 1,4,16 \\
+        --json OUT.json
 """
 
 from __future__ import annotations
@@ -148,6 +158,79 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
                   f"({time.perf_counter() - t0:.0f} s)", end="", flush=True)
     print()
     return store, time.perf_counter() - t0
+
+
+def host_store(cfg, args, context: int, index: str, scan: float, layers: int):
+    """A store of ``layers`` layers as a prefill of ``context`` tokens leaves it, filled with
+    random keys and values (numpy, no device) and indexed. Returns ``(store, seconds)``."""
+    max_len = context + len(args.host_threads) * (warm_steps(args) + args.host_steps) + 256
+    store = RetrievalStore(args.batch, layers, cfg.num_kv_heads, cfg.head_dim, kind=index, k=args.k,
+                           scan=scan, max_len=max_len, group=cfg.num_heads // cfg.num_kv_heads,
+                           train_queries=args.train_queries,
+                           train_per_list=args.train_per_list or 64)
+    rng = np.random.default_rng(context)
+    dtype = np.dtype(jnp.dtype(args.dtype))
+    pos = np.arange(args.sink, context - args.window)
+    qpos = np.arange(0, context, store.query_stride)
+    t0 = time.perf_counter()
+    for layer in range(layers):
+        if index in hindex.NEEDS_QUERIES:
+            q = rng.standard_normal((args.batch, len(qpos), cfg.num_heads, cfg.head_dim),
+                                    np.float32)
+            store.add_queries(layer, q, np.broadcast_to(qpos, (args.batch, len(qpos))))
+        for b in range(args.batch):
+            k, v = (rng.standard_normal((len(pos), cfg.num_kv_heads, cfg.head_dim),
+                                        np.float32).astype(dtype) for _ in range(2))
+            store.load(b, layer, k, v, pos)
+    return store, time.perf_counter() - t0
+
+
+def time_host_steps(store, cfg, args, layers: int) -> dict:
+    """Per layer step of ``store``: wall ms, CPU ms of the calling thread and of the process,
+    the store's split (ms) and the share of keys scanned, over ``args.host_steps`` steps (after
+    :func:`warm_steps`) with random queries and a new token inserted each step."""
+    rng = np.random.default_rng(1)
+    dtype = np.dtype(jnp.dtype(args.dtype))
+    b, hq, hkv, d = args.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    warm = warm_steps(args)
+    inputs = [(rng.standard_normal((b, hq, d), np.float32).astype(dtype),
+               *(rng.standard_normal((b, hkv, d), np.float32).astype(dtype) for _ in range(2)))
+              for _ in range(warm + args.host_steps)]
+    for i, (q, k, v) in enumerate(inputs):
+        if i == warm:
+            store.stats = HostStats()
+            t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+        layer = i % layers
+        evicted = np.array([rows[layer].next for rows in store.layers])  # the next position
+        store.step(layer, q, k, v, evicted, attend=True)
+    wall, cpu, proc = (time.perf_counter() - t0, time.thread_time() - c0,
+                       time.process_time() - p0)
+    stats, n = store.stats, args.host_steps
+    return dict(wall_ms=1e3 * wall / n, caller_cpu_ms=1e3 * cpu / n, process_cpu_ms=1e3 * proc / n,
+                parts_ms={p: 1e3 * getattr(stats, p) / n for p in PARTS},
+                keys_scanned=stats.scanned / max(1, stats.stored))
+
+
+def warm_steps(args) -> int:
+    """Untimed steps before each thread count's timed ones."""
+    return max(1, args.host_steps // 10)
+
+
+def run_host_only(args, record) -> None:
+    """Rows at each context, index and thread count for the host step alone (no device)."""
+    cfg = preset(args.model)
+    faiss = hindex.faiss_module()
+    for context in args.contexts:
+        for index, scan in args.index:
+            store, build_s = host_store(cfg, args, context, index, scan, args.host_layers)
+            for threads in args.host_threads:
+                faiss.omp_set_num_threads(threads)
+                row = dict(context=context, method=f"retrieval:{index}", scan=scan,
+                           host_threads=threads, build_s=build_s,
+                           **time_host_steps(store, cfg, args, args.host_layers))
+                _report(args, record, row)
+            del store
+            gc.collect()
 
 
 def resident_bytes() -> int | None:
@@ -294,6 +377,13 @@ def _label(row) -> str:
 
 def _line(row) -> str:
     head = f"ctx={row['context']:<7} {_label(row):<26}"
+    if "parts_ms" in row:
+        parts = row["parts_ms"]
+        return (f"{head} {row['host_threads']:>2} threads: {row['wall_ms']:.3f} ms per layer "
+                f"step (CPU: caller {row['caller_cpu_ms']:.3f}, process "
+                f"{row['process_cpu_ms']:.3f}; insert {parts['insert']:.3f}, search "
+                f"{parts['search']:.3f}, attention {parts['attend']:.3f}), "
+                f"{100 * row['keys_scanned']:.2f}% of keys scanned")
     if "skipped" in row:
         return f"{head} skipped: {row['skipped']}"
     line = f"{head} {row['ms_per_token']:8.2f} ms/token"
@@ -365,6 +455,13 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (smollm2)")
     ap.add_argument("--text-file", default=None, help="text to prefill (smollm2)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--host-only", action="store_true",
+                    help="time the host step alone, without a device (llama3-8b shape)")
+    ap.add_argument("--host-threads", default="1",
+                    help="comma list of faiss threads (--host-only)")
+    ap.add_argument("--host-layers", type=int, default=1, help="layers in the store (--host-only)")
+    ap.add_argument("--host-steps", type=int, default=200,
+                    help="timed step calls (--host-only)")
     args = ap.parse_args(argv)
     real = args.model == "smollm2"
     args.contexts = [int(c) for c in (args.contexts or ("8192" if real else "131072")).split(",")]
@@ -374,8 +471,23 @@ def main(argv=None) -> int:
                                                          else "ivf")).split(","))]
     if args.short >= args.long:
         ap.error("--short must be below --long")
+    if args.host_only and real:
+        ap.error("--host-only takes the llama3-8b shape")
+    args.host_threads = [int(t) for t in args.host_threads.split(",")]
     dtype = jnp.dtype(args.dtype)
     faiss = hindex.faiss_module()
+    if args.host_only:
+        record = dict(model=args.model, mode="host only: one store step per layer, random keys "
+                      "and values, no device", machine=platform.machine(),
+                      host_cpus=os.cpu_count(),
+                      host_cpus_usable=len(os.sched_getaffinity(0)), dtype=args.dtype,
+                      batch=args.batch, sink=args.sink, window=args.window, k=args.k,
+                      train_per_list=args.train_per_list, host_layers=args.host_layers,
+                      host_steps=args.host_steps, rows=[],
+                      command=" ".join(["python", "-m", "benchmarks.retrieval_speed",
+                                        *(sys.argv[1:] if argv is None else argv)]))
+        run_host_only(args, record)
+        return 0
     record = dict(
         model=args.model, weights="real" if real else "random",
         caches="prefilled" if real else "random (no prefill: the host store is filled with "

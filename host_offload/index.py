@@ -48,6 +48,7 @@ NEEDS_FAISS = ("ivf", "hnsw")
 NEEDS_QUERIES = ("qivf",)
 INSTALL_HINT = "pip install 'longctx-jax[retrieval]'"
 TRAIN_PER_LIST = 256  # faiss's default sample for k-means: at most this many keys per list
+BUFFER = 64  # ivf: keys added since the last flush into the lists, scanned exactly meanwhile
 
 
 class MissingFaiss(ImportError):
@@ -146,6 +147,13 @@ def as_float32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
+def float32_rows(source: Rows, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``source``'s rows ``rows [H, R]`` as float32 ``[H, R, D]``, into ``out`` when given."""
+    if out is None:
+        out = np.empty((*rows.shape, source.rows.shape[2]), np.float32)
+    return source.gather(rows, out)
+
+
 def group_logits(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """The group logit ``max_g q . key``: ``queries [B, g, D]``, ``keys [B, C, D]`` (any dtype)
     -> ``[B, C]`` float32. (The maximum runs over the middle axis: over a last axis of ``g``
@@ -162,6 +170,7 @@ class Rows:
         self._data = np.empty((h, max(n, capacity, 16), d), rows.dtype)
         self._data[:, :n] = rows
         self.n = n
+        self._narrow = None  # gather's rows on their way to another dtype
 
     @property
     def rows(self) -> np.ndarray:
@@ -182,11 +191,23 @@ class Rows:
         self._data[:, self.n:need] = rows
         self.n = need
 
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows [H, R]`` of each head (``-1`` reads row 0), ``[H, R, D]``."""
+    def gather(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows [H, R]`` of each head (``-1`` reads row 0), ``[H, R, D]``, written into
+        ``out`` when given (in any float dtype). A decode step gathers into buffers it reuses:
+        a fresh array of this size takes new pages from the OS each time, and their faults
+        cost more than the copy."""
         h, cap, d = self._data.shape
         flat = (np.arange(h)[:, None] * cap + np.maximum(rows, 0)).reshape(-1)
-        return np.take(self._data.reshape(h * cap, d), flat, 0).reshape(*rows.shape, d)
+        source = self._data.reshape(h * cap, d)
+        if out is None:
+            return np.take(source, flat, 0).reshape(*rows.shape, d)
+        if out.dtype == source.dtype:
+            np.take(source, flat, 0, out=out.reshape(-1, d))
+            return out
+        if self._narrow is None or self._narrow.shape != (len(flat), d):
+            self._narrow = np.empty((len(flat), d), source.dtype)
+        np.copyto(out.reshape(-1, d), np.take(source, flat, 0, out=self._narrow))
+        return out
 
 
 class FlatIndex:
@@ -211,8 +232,8 @@ class FlatIndex:
         ids = top_k(logits.reshape(heads, groups, g, -1).max(2), k)
         return ids, np.full(queries.shape[:2], self.n)
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        return as_float32(self.key_rows.gather(rows))
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return float32_rows(self.key_rows, rows, out)
 
     @property
     def nbytes(self) -> int:
@@ -270,9 +291,15 @@ class IVFIndex:
 
     A group's top ``k`` by group logit among the keys it scanned is exact: its queries scan the
     same lists, and a key in the group's top ``k`` is in the top ``k`` of the query that scores
-    it highest, so the union of the queries' own top ``k`` holds it at its group logit."""
+    it highest, so the union of the queries' own top ``k`` holds it at its group logit.
 
-    def __init__(self, keys: Rows, scan: float, train_per_list: int = TRAIN_PER_LIST):
+    Keys added after the build wait in a float32 *buffer* of up to ``buffer`` rows, which every
+    search scans exactly, and go into their lists together once it fills (one faiss call):
+    inserted one token at a time, each would cost a coarse assignment and a faiss call per head.
+    Each key is in its list or in the buffer, never both."""
+
+    def __init__(self, keys: Rows, scan: float, train_per_list: int = TRAIN_PER_LIST,
+                 buffer: int = BUFFER):
         faiss = faiss_module()
         heads, n, d = keys.rows.shape
         self.nlist = max(1, int(round(math.sqrt(n))))
@@ -290,42 +317,45 @@ class IVFIndex:
             index = faiss.IndexIVFScalarQuantizer(quantizer, d, heads * self.nlist,
                                                   getattr(faiss.ScalarQuantizer, _CODES[dtype]),
                                                   faiss.METRIC_INNER_PRODUCT)
-        index.is_trained = True
+        index.is_trained, index.by_residual = True, False  # codes: the keys themselves
         index.parallel_mode = 3  # search_preassigned: threads over the queries
         self._faiss, self._index, self._quantizer = faiss, index, quantizer
         self._sizes = np.zeros((heads, self.nlist), np.int64)
         self._keys = keys
+        self._buffer = np.empty((heads, buffer, d), np.float32)
         self.scan = scan
         self._add_codes(keys.rows, 0)
+        self.listed = n  # rows [0, listed) are in the lists, the rest in the buffer
 
     @property
     def n(self) -> int:
         return self._keys.n
 
     def add(self, keys: np.ndarray) -> None:
-        self._add_codes(keys, self.n)
+        first = self.n
         self._keys.append(keys)
+        if self.n - self.listed >= len(self._buffer[0]):  # full: flush into the lists
+            self._add_codes(self._keys.rows[:, self.listed:], self.listed)
+            self.listed = self.n
+        else:
+            self._buffer[:, first - self.listed:self.n - self.listed] = keys
 
-    def _add_codes(self, keys: np.ndarray, first: int, block: int = 1 << 20) -> None:
-        """Put ``keys [H, m, D]``, rows ``first ..``, in their lists (heads in blocks of about
-        ``block`` keys, to bound the copy sorted by list)."""
+    def _add_codes(self, keys: np.ndarray, first: int, block: int = 1 << 16) -> None:
+        """Put ``keys [H, m, D]``, rows ``first ..``, in their lists: one faiss call per block
+        of about ``block`` keys, float32 (encoding them in a 16-bit code is exact)."""
         heads, m, d = keys.shape
         lists = nearest_lists(keys, self.centroids_t) + np.arange(heads)[:, None] * self.nlist
         ids = (first + np.arange(m)) * heads + np.arange(heads)[:, None]  # row * H + head
-        swig_ptr, invlists = self._faiss.swig_ptr, self._index.invlists
-        step = max(1, block // m)
-        for h in range(0, heads, step):
-            where = lists[h:h + step].reshape(-1)
-            order = np.argsort(where, kind="stable")  # each list's entries together
-            where, part_ids = where[order], ids[h:h + step].reshape(-1)[order]
-            codes = keys[h:h + step].reshape(-1, d)[order].view(np.uint8)
-            starts = np.flatnonzero(np.concatenate([[True], where[1:] != where[:-1]]))
-            for i, j in zip(starts, [*starts[1:], len(where)]):  # one append per list
-                invlists.add_entries(int(where[i]), int(j - i), swig_ptr(part_ids[i:j]),
-                                     swig_ptr(codes[i:j]))
+        swig_ptr = self._faiss.swig_ptr
+        step = max(1, block // heads)
+        for start in range(0, m, step):
+            part = slice(start, start + step)
+            x = np.ascontiguousarray(as_float32(keys[:, part])).reshape(-1, d)
+            part_ids = np.ascontiguousarray(ids[:, part]).reshape(-1)  # held through the call
+            part_lists = np.ascontiguousarray(lists[:, part]).reshape(-1)
+            self._index.add_core(len(x), swig_ptr(x), swig_ptr(part_ids), swig_ptr(part_lists))
         self._sizes += np.bincount(lists.reshape(-1),
                                    minlength=self._sizes.size).reshape(heads, -1)
-        self._index.ntotal += heads * m
 
     def search(self, queries: np.ndarray, k: int):
         heads, groups, g, d = queries.shape
@@ -336,17 +366,27 @@ class IVFIndex:
         self._index.nprobe = nprobe
         logits, ids = self._index.search_preassigned(queries.reshape(-1, d), k, lists, None)
         rows = np.where(ids >= 0, ids // heads, -1).reshape(heads, groups, g * k)
-        best = group_top_k(rows, logits.reshape(heads, groups, g * k), k)
-        scanned = self._sizes[np.arange(heads)[:, None, None], probed].sum(-1) + self.nlist
+        logits = logits.reshape(heads, groups, g * k)
+        waiting = self.n - self.listed
+        if waiting:  # the buffer's keys, each at its group logit
+            rows = np.concatenate([rows, np.broadcast_to(
+                np.arange(self.listed, self.n), (heads, groups, waiting))], -1)
+            waits = np.matmul(queries.reshape(heads, -1, d),
+                              self._buffer[:, :waiting].swapaxes(1, 2))  # [H, G * g, waiting]
+            logits = np.concatenate([logits, waits.reshape(heads, groups, g, -1).max(2)], -1)
+        best = group_top_k(rows, logits, k)
+        scanned = (self._sizes[np.arange(heads)[:, None, None], probed].sum(-1) + self.nlist
+                   + waiting)
         return best, scanned
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        return as_float32(self._keys.gather(rows))
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return float32_rows(self._keys, rows, out)
 
     @property
     def nbytes(self) -> int:
-        """The numpy keys, faiss's codes (as many bytes) and ids, the centroids."""
-        return 2 * self._keys.nbytes + 8 * int(self._sizes.sum()) + self.centroids_t.nbytes
+        """The numpy keys, faiss's codes (as many bytes) and ids, the centroids, the buffer."""
+        return (2 * self._keys.nbytes + 8 * int(self._sizes.sum()) + self.centroids_t.nbytes
+                + self._buffer.nbytes)
 
 
 def _kmeans(faiss, keys: np.ndarray, nlist: int, train_per_list: int) -> np.ndarray:
@@ -398,9 +438,11 @@ class HNSWIndex:
         logits = np.where(found >= 0, logits, -np.inf)
         return group_top_k(found, logits, k), scanned
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        return np.stack([index.reconstruct_batch(np.maximum(r, 0))
-                         for index, r in zip(self._heads, rows)])
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty((*rows.shape, self._heads[0].d), np.float32) if out is None else out
+        for index, r, o in zip(self._heads, rows, out):
+            o[:] = index.reconstruct_batch(np.maximum(r, 0))
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -461,8 +503,8 @@ class QueryIVFIndex:
         ids = np.where(best >= 0, along(padded, np.maximum(best, 0)), -1)
         return ids.reshape(heads, groups, k), (sizes + self.nlist).reshape(heads, groups)
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        return as_float32(self._keys.gather(rows))
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return float32_rows(self._keys, rows, out)
 
     @property
     def nbytes(self) -> int:

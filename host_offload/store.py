@@ -105,6 +105,7 @@ class RetrievalStore:
         self.query_stride = max(1, math.ceil(max_len * group / max(train_queries, 1)))
         self.layers = [[_Layer(max_len) for _ in range(layers)] for _ in range(batch)]
         self.stats = HostStats()
+        self._scratches: dict[str, np.ndarray] = {}
 
     @staticmethod
     def host_bytes(batch: int, layers: int, kv_heads: int, head_dim: int, max_len: int, *,
@@ -112,11 +113,12 @@ class RetrievalStore:
                    itemsize: int = 4) -> int:
         """Host memory a request of ``max_len`` tokens may take with an index of ``kind``: keys
         (twice where faiss keeps its own copy) and values of ``itemsize`` bytes, the index's
-        bookkeeping (list entries, ids, links), kept queries."""
+        bookkeeping (list entries, ids, links, ivf's float32 buffer), kept queries."""
         copies = (2 if kind in hindex.NEEDS_FAISS else 1) + (1 if values else 0)
         per_token = kv_heads * (head_dim * itemsize * copies + 64) + 8
+        buffer = hindex.BUFFER if kind == "ivf" else 0
         return int(batch * layers * (max_len * per_token
-                                     + train_queries * kv_heads * head_dim * 4))
+                                     + (train_queries + buffer) * kv_heads * head_dim * 4))
 
     def nbytes(self) -> int:
         """Host memory held now: indexes (keys included), values, positions, kept queries."""
@@ -182,8 +184,9 @@ class RetrievalStore:
         lay = self.layers[b][layer]
         if lay.n == 0:
             return np.zeros(q.shape, np.float32), np.full(q.shape[:2], -np.inf, np.float32)
-        keys = lay.index.keys(rows)  # [Hkv, K, D] float32
-        values = hindex.as_float32(lay.values.gather(rows))
+        shape = (*rows.shape, q.shape[-1])
+        keys = lay.index.keys(rows, self._scratch("keys", shape))  # [Hkv, K, D] float32
+        values = lay.values.gather(rows, self._scratch("values", shape))
         logits = np.matmul(hindex.as_float32(q), keys.swapaxes(1, 2)) * self.scale
         logits = np.where(rows[:, None, :] >= 0, logits, -np.inf)
         top = logits.max(-1, keepdims=True)
@@ -194,6 +197,14 @@ class RetrievalStore:
         with np.errstate(divide="ignore"):
             lse = np.log(total) + top[..., 0]
         return o.astype(np.float32), lse.astype(np.float32)
+
+    def _scratch(self, name: str, shape: tuple) -> np.ndarray:
+        """A float32 array of ``shape`` reused from step to step (why: see
+        :meth:`host_offload.index.Rows.gather`); valid until the next step."""
+        buf = self._scratches.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._scratches[name] = np.empty(shape, np.float32)
+        return buf
 
     def step(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, evicted: np.ndarray,
              *, attend: bool):

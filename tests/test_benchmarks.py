@@ -187,6 +187,30 @@ def test_retrieval_speed_times_random_caches_and_skips_what_cannot_fit(tmp_path,
         assert 0 < row["keys_scanned"] < 1 and row["host_bytes"] > 600 * 2 * 2 * 16 * 4
 
 
+def test_retrieval_speed_times_the_host_step_alone(tmp_path, monkeypatch):
+    """The host-only mode: no device and no model, one row per index and thread count with the
+    step's wall and CPU time per layer, the store's split and the keys scanned."""
+    from benchmarks import retrieval_speed
+
+    from conftest import tiny_config
+
+    monkeypatch.setattr(retrieval_speed, "preset", lambda _: tiny_config(max_position=4096))
+    out = tmp_path / "host.json"
+    assert retrieval_speed.main(["--host-only", "--contexts", "600", "--index", "ivf,flat",
+                                 "--sink", "8", "--window", "32", "--scan", "0.2",
+                                 "--host-threads", "1,2", "--host-layers", "2", "--host-steps",
+                                 "6", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert "no device" in record["mode"] and record["host_layers"] == 2
+    rows = record["rows"]
+    assert [(r["method"], r["host_threads"]) for r in rows] == [
+        ("retrieval:ivf", 1), ("retrieval:ivf", 2), ("retrieval:flat", 1), ("retrieval:flat", 2)]
+    for row in rows:
+        assert row["wall_ms"] > 0 and row["process_cpu_ms"] > 0
+        assert set(row["parts_ms"]) == {"total", "insert", "search", "attend"}
+    assert 0 < rows[0]["keys_scanned"] < 1 and rows[2]["keys_scanned"] == 1
+
+
 def test_retrieval_speed_prefills_the_real_tokenizer_text(tmp_path, monkeypatch,
                                                           tiny_smollm2_vocab):
     """The real-model mode: a text prefilled by each method, retrieval indexed from it by the

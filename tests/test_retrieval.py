@@ -64,25 +64,45 @@ def test_flat_index_is_exact_top_k():
 
 def test_ivf_group_search_is_exact_over_the_lists_the_group_probes():
     """One faiss search for every head: each group's top k by its largest logit among the keys
-    of the lists it probed (bfloat16 codes read exactly), and the keys it scanned."""
+    of the lists it probed and the keys waiting in the buffer (bfloat16 codes read exactly), and
+    the keys it scanned; once the buffer fills, its keys are in their lists and only there."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(6)
     keys = rng.normal(size=(3, 2000, 16)).astype(ml_dtypes.bfloat16)
-    ix = hindex.make_heads_index("ivf", hindex.Rows(keys[:, :1990]), scan=0.1)
-    ix.add(keys[:, 1990:])
+    ix = hindex.IVFIndex(hindex.Rows(keys[:, :1990]), scan=0.1, buffer=8)
     q = rng.normal(size=(3, 2, 4, 16)).astype(np.float32)  # 2 groups of 4 queries per head
-    rows, scanned = ix.search(q, 10)
     nprobe = hindex.probes(0.1, ix.nlist)
-    lists = hindex.nearest_lists(keys, ix.centroids_t)
     probed = hindex.probe_lists(q, ix.centroids_t, nprobe)
     exact = keys.astype(np.float32)
-    for h in range(3):
-        for grp in range(2):
-            cand = np.flatnonzero(np.isin(lists[h], probed[h, grp]))
-            score = (q[h, grp] @ exact[h, cand].T).max(0)
-            np.testing.assert_array_equal(rows[h, grp], cand[np.argsort(-score)[:10]])
-            assert scanned[h, grp] == len(cand) + ix.nlist
+    for end, listed in ((1995, 1990), (2000, 2000)):  # 5 keys wait; 10 >= 8 flush
+        ix.add(keys[:, ix.n:end])
+        assert (ix.n, ix.listed) == (end, listed)
+        rows, scanned = ix.search(q, 10)
+        lists = hindex.nearest_lists(keys[:, :end], ix.centroids_t)
+        for h in range(3):
+            for grp in range(2):
+                cand = np.flatnonzero(np.isin(lists[h], probed[h, grp])
+                                      | (np.arange(end) >= listed))
+                score = (q[h, grp] @ exact[h, cand].T).max(0)
+                np.testing.assert_array_equal(rows[h, grp], cand[np.argsort(-score)[:10]])
+                assert scanned[h, grp] == len(cand) + ix.nlist
     np.testing.assert_array_equal(ix.keys(rows[:, 0]), exact[np.arange(3)[:, None], rows[:, 0]])
+
+
+def test_ivf_inserts_one_at_a_time_keep_every_key_findable_exactly_once():
+    """Tokens added one by one across several flushes of the buffer: with every list probed the
+    search is the exact top k and scans each key once (in its list or in the buffer)."""
+    rng = np.random.default_rng(10)
+    keys = rng.normal(size=(2, 330, 16)).astype(np.float32)
+    ix = hindex.IVFIndex(hindex.Rows(keys[:, :300]), scan=1.0, buffer=7)
+    for n in range(301, 331):
+        ix.add(keys[:, n - 1:n])
+        assert ix.n == n and n - 7 < ix.listed <= n
+        q = rng.normal(size=(2, 1, 3, 16)).astype(np.float32)
+        rows, scanned = ix.search(q, 12)
+        exact = hindex.top_k((q[:, 0] @ keys[:, :n].swapaxes(1, 2)).max(1), 12)
+        np.testing.assert_array_equal(rows[:, 0], exact)
+        assert (scanned == n + ix.nlist).all()
 
 
 def test_group_top_k_takes_each_id_at_its_best_logit():
@@ -129,6 +149,23 @@ def test_bfloat16_kv_is_kept_as_it_arrives():
     np.testing.assert_array_equal(rows, stores[1].retrieve(0, 0, q))
     for got, want in zip(stores[0].attend(0, 0, q, rows), stores[1].attend(0, 0, q, rows)):
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_rows_gather_into_a_given_array_converts_exactly():
+    """Gathered rows written into a caller's array (a decode step reuses its own), in the
+    rows' dtype or float32; ``-1`` reads row 0."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(9)
+    data = rng.normal(size=(3, 40, 8)).astype(ml_dtypes.bfloat16)
+    rows = hindex.Rows(data[:, :30], capacity=64)
+    rows.append(data[:, 30:])
+    ids = np.array([[0, 39, -1], [5, 31, 2], [-1, -1, 7]])
+    want = data[np.arange(3)[:, None], np.maximum(ids, 0)]
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        out = np.full((3, 3, 8), np.nan, dtype)
+        assert rows.gather(ids, out) is out
+        np.testing.assert_array_equal(out, want.astype(dtype))
+    np.testing.assert_array_equal(rows.gather(ids), want)
 
 
 def test_window_merged_with_retrieved_is_attention_over_the_union():
