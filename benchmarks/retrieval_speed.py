@@ -39,7 +39,7 @@ the process's resident memory while it was filled.
 ``--host-only``: the host step alone, no device and no model: one layer (``--host-layers``) of
 a store filled with random keys and values of the model's shape and indexed as above, then
 ``--host-steps`` calls of its ``step`` (insert a token, search, attend) with random queries,
-taking turns over the layers, at each of ``--host-threads`` faiss threads. Per layer step: wall
+taking turns over the layers, at each of ``--host-threads`` worker threads. Per layer step: wall
 ms, CPU ms of the calling thread and of the whole process, and the store's split. Any machine
 can run it; a decode step of the model makes one such call per layer.
 
@@ -68,7 +68,7 @@ import numpy as np
 import host_offload
 from benchmarks.duo_speed import device_bytes, random_caches
 from host_offload import index as hindex
-from host_offload.store import HostStats, RetrievalStore
+from host_offload.store import HostStats, RetrievalStore, default_threads
 from longctx_jax.config import preset
 from longctx_jax.generate import decode_tokens, prefill_tokens
 from longctx_jax.model import random_params
@@ -132,7 +132,8 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
                            kind=policy.index, k=policy.k, scan=policy.scan, max_len=max_len,
                            group=cfg.num_heads // cfg.num_kv_heads,
                            train_queries=args.train_queries, min_index_keys=policy.min_index_keys,
-                           train_per_list=args.train_per_list or 64)
+                           train_per_list=args.train_per_list or 64,
+                           threads=args.host_threads[0])
     pos = np.arange(policy.sink, context - policy.window)
     qpos = np.arange(0, context, store.query_stride)
     faiss = hindex.faiss_module()
@@ -219,14 +220,13 @@ def warm_steps(args) -> int:
 def run_host_only(args, record) -> None:
     """Rows at each context, index and thread count for the host step alone (no device)."""
     cfg = preset(args.model)
-    faiss = hindex.faiss_module()
     for context in args.contexts:
         for index, scan in args.index:
             store, build_s = host_store(cfg, args, context, index, scan, args.host_layers)
             for threads in args.host_threads:
-                faiss.omp_set_num_threads(threads)
+                store.threads = threads or default_threads(cfg.num_kv_heads)
                 row = dict(context=context, method=f"retrieval:{index}", scan=scan,
-                           host_threads=threads, build_s=build_s,
+                           host_threads=store.threads, build_s=build_s,
                            **time_host_steps(store, cfg, args, args.host_layers))
                 _report(args, record, row)
             del store
@@ -249,9 +249,10 @@ def device_limit() -> int | None:
 
 
 def retrieval_row(row, store, timed, rss0) -> None:
-    """Add the host's share to ``row``: the store's memory and what ``timed`` measured."""
+    """Add the host's share to ``row``: the store's memory and threads, and what ``timed``
+    measured."""
     rss = resident_bytes()
-    row.update(timed, host_bytes=store.nbytes(),
+    row.update(timed, host_threads=store.threads, host_bytes=store.nbytes(),
                rss_growth_bytes=None if rss0 is None or rss is None else rss - rss0)
 
 
@@ -352,7 +353,7 @@ def run_real(args, record, dtype) -> None:
 def _policy(method: str, index: str | None, scan: float | None, args):
     if method == "retrieval":
         return make_policy("retrieval", sink=args.sink, window=args.window, k=args.k,
-                           index=index, scan=scan)
+                           index=index, scan=scan, host_threads=args.host_threads[0])
     if method == "streaming":
         return make_policy("streaming", sink=args.sink, window=args.window)
     return make_policy(method)
@@ -391,7 +392,8 @@ def _line(row) -> str:
         host = row["host_ms_per_token"]
         line += (f"  host {host['total']:.2f} (insert {host['insert']:.2f}, search "
                  f"{host['search']:.2f}, attention {host['attend']:.2f}) ms/token in "
-                 f"{row['host_calls_per_token']:.0f} calls, {100 * row['keys_scanned']:.2f}% "
+                 f"{row['host_calls_per_token']:.0f} calls on {row['host_threads']} threads, "
+                 f"{100 * row['keys_scanned']:.2f}% "
                  f"of keys scanned, {row['host_bytes'] / 2**30:.2f} GiB on the host, built in "
                  f"{row['build_s']:.0f} s")
     return line
@@ -457,8 +459,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--host-only", action="store_true",
                     help="time the host step alone, without a device (llama3-8b shape)")
-    ap.add_argument("--host-threads", default="1",
-                    help="comma list of faiss threads (--host-only)")
+    ap.add_argument("--host-threads", default="0",
+                    help="worker threads of the host step (0: the store's default); with "
+                         "--host-only a comma list, each timed")
     ap.add_argument("--host-layers", type=int, default=1, help="layers in the store (--host-only)")
     ap.add_argument("--host-steps", type=int, default=200,
                     help="timed step calls (--host-only)")

@@ -185,6 +185,7 @@ def test_retrieval_speed_times_random_caches_and_skips_what_cannot_fit(tmp_path,
         assert row["host_calls_per_token"] == pytest.approx(2)  # two layers, batch of one
         assert set(row["host_ms_per_token"]) == {"total", "insert", "search", "attend"}
         assert 0 < row["keys_scanned"] < 1 and row["host_bytes"] > 600 * 2 * 2 * 16 * 4
+        assert row["host_threads"] >= 1
 
 
 def test_retrieval_speed_times_the_host_step_alone(tmp_path, monkeypatch):

@@ -72,6 +72,9 @@ class Retrieval(AttentionPolicy):
                                       "device keeps every token)")
     train_queries: int = static(8192, help="prefill queries kept per layer and KV head to "
                                            "train qivf")
+    host_threads: int = static(0, help="worker threads of the host's decode step, a span of KV "
+                                       "heads each (0: one per KV head, at most the usable "
+                                       "CPUs)")
     min_index_keys: int = static(MIN_INDEX_KEYS, cli=False)
     handle: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(-1))
 
@@ -79,7 +82,7 @@ class Retrieval(AttentionPolicy):
 
     def __post_init__(self):
         for name, low in (("sink", 0), ("window", 1), ("k", 1), ("train_queries", 1),
-                          ("min_index_keys", 1)):
+                          ("min_index_keys", 1), ("host_threads", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise LongctxError(f"retrieval {name} must be an integer >= {low}, got {value!r}")
@@ -115,7 +118,7 @@ class Retrieval(AttentionPolicy):
                                kind=self.index, k=self.k, scan=self.scan, max_len=max_len,
                                group=cfg.num_heads // cfg.num_kv_heads,
                                train_queries=self.train_queries, values=not device,
-                               min_index_keys=self.min_index_keys)
+                               min_index_keys=self.min_index_keys, threads=self.host_threads)
         with host_offload.registered(store) as handle:
             yield dataclasses.replace(self, handle=jnp.int32(handle))
 
