@@ -29,7 +29,9 @@ host store. The host store's timers give its share the same way: per token, the 
 its ``step`` calls (one per layer for the batch) split into insert, search and attention. The
 rest of retrieval's time over streaming's is the host calls' round trips and the device's lse
 merge. Host bytes: what the store holds (keys, index codes and lists, values) and the growth of
-the process's resident memory while it was filled.
+the process's resident memory while it was filled. Retrieval is timed at each
+``--host-threads`` count (worker threads of the host step; 0: the store's default), one row
+each, decoding on from the same store.
 
     python -m benchmarks.retrieval_speed --contexts 131072 --json OUT.json
     python -m benchmarks.retrieval_speed --contexts 524288 --methods streaming,retrieval \\
@@ -80,13 +82,13 @@ from longctx_jax.weights import load_model
 PARTS = ("total", "insert", "search", "attend")
 
 
-def time_decode(params, cfg, policy, caches, context: int, args, max_len: int, store=None):
-    """ms per token of ``decode_tokens`` from ``caches`` holding ``context`` tokens (slope
-    between ``args.short`` and ``args.long`` tokens, medians of ``args.repeats`` runs after one
-    warm-up of each), every run continuing where the last stopped; with the retrieval
-    ``store``, also its host ms per token by part, and its step calls and keys scanned."""
+def time_decode(params, cfg, policy, state: dict, args, max_len: int, store=None):
+    """ms per token of ``decode_tokens`` from ``state`` (``caches`` holding ``start`` tokens;
+    slope between ``args.short`` and ``args.long`` tokens, medians of ``args.repeats`` runs
+    after one warm-up of each), every run continuing where the last stopped (``state`` too is
+    left where they stopped); with the retrieval ``store``, also its host ms per token by part,
+    and its step calls and keys scanned."""
     batch = args.batch
-    state = {"caches": caches, "start": context}
     logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
 
     def run(n):
@@ -118,7 +120,6 @@ def time_decode(params, cfg, policy, caches, context: int, args, max_len: int, s
         stats = [r[1] for n in runs for r in runs[n]]
         out["keys_scanned"] = (sum(s.scanned for s in stats)
                                / max(1, sum(s.stored for s in stats)))
-    state.clear()
     return out
 
 
@@ -248,12 +249,17 @@ def device_limit() -> int | None:
     return stats.get("bytes_limit")
 
 
-def retrieval_row(row, store, timed, rss0) -> None:
-    """Add the host's share to ``row``: the store's memory and threads, and what ``timed``
-    measured."""
-    rss = resident_bytes()
-    row.update(timed, host_threads=store.threads, host_bytes=store.nbytes(),
-               rss_growth_bytes=None if rss0 is None or rss is None else rss - rss0)
+def retrieval_rows(row, params, cfg, policy, state: dict, args, max_len: int, store, rss0):
+    """``row`` at each of ``args.host_threads`` worker threads of ``store`` (decoding on from
+    ``state``), with the host's share: what :func:`time_decode` measured, the store's memory."""
+    rows = []
+    for threads in args.host_threads:
+        store.threads = threads or default_threads(cfg.num_kv_heads)
+        timed = time_decode(params, cfg, policy, state, args, max_len, store)
+        rss = resident_bytes()
+        rows.append(dict(row, **timed, host_threads=store.threads, host_bytes=store.nbytes(),
+                         rss_growth_bytes=None if rss0 is None or rss is None else rss - rss0))
+    return rows
 
 
 def run_random(args, record, dtype) -> None:
@@ -262,7 +268,7 @@ def run_random(args, record, dtype) -> None:
     params = random_params(cfg, jax.random.key(0), dtype)
     weights = device_bytes(params)
     limit = device_limit()
-    total = (1 + args.repeats) * (args.short + args.long)
+    total = (1 + args.repeats) * (args.short + args.long) * len(args.host_threads)
     for context in args.contexts:
         max_len = 256 * -(-(context + total + 1) // 256)
         full_ms = None
@@ -279,7 +285,7 @@ def run_random(args, record, dtype) -> None:
                                           f"the device allows {limit / 2**30:.1f} GiB")
                         _report(args, record, row)
                         continue
-                store = None
+                store, rows = None, [row]
                 if method == "retrieval":
                     rss0 = resident_bytes()
                     store, row["build_s"] = random_store(policy, cfg, args, context, max_len,
@@ -287,20 +293,21 @@ def run_random(args, record, dtype) -> None:
                     ring = random_caches(make_policy("streaming", sink=args.sink,
                                                      window=args.window),
                                          cfg, args.batch, max_len, dtype, seed=3)
-                    caches = tuple(RetrievalCache(kv) for kv in ring)
+                    state = dict(caches=tuple(RetrievalCache(kv) for kv in ring), start=context)
                     with host_offload.registered(store) as handle:
                         bound = dataclasses.replace(policy, handle=jnp.int32(handle))
-                        timed = time_decode(params, cfg, bound, caches, context, args, max_len,
-                                            store)
-                    retrieval_row(row, store, timed, rss0)
+                        rows = retrieval_rows(row, params, cfg, bound, state, args, max_len,
+                                              store, rss0)
                 else:
-                    caches = random_caches(policy, cfg, args.batch, max_len, dtype, seed=3)
-                    row.update(time_decode(params, cfg, policy, caches, context, args, max_len))
-                del caches, store
+                    state = dict(caches=random_caches(policy, cfg, args.batch, max_len, dtype,
+                                                      seed=3), start=context)
+                    row.update(time_decode(params, cfg, policy, state, args, max_len))
+                del state, store
                 gc.collect()
                 full_ms = row["ms_per_token"] if method == "full" else full_ms
-                _finish(row, full_ms)
-                _report(args, record, row)
+                for row in rows:
+                    _finish(row, full_ms)
+                    _report(args, record, row)
 
 
 def run_real(args, record, dtype) -> None:
@@ -309,7 +316,7 @@ def run_real(args, record, dtype) -> None:
     cfg, params = model.config, model.params
     text = pathlib.Path(args.text_file).read_text() if args.text_file else sample_text()
     ids = model.tokenizer.encode(text)
-    total = (1 + args.repeats) * (args.short + args.long)
+    total = (1 + args.repeats) * (args.short + args.long) * len(args.host_threads)
     for context in args.contexts:
         if context > len(ids):
             print(f"skipping {context}: the text has {len(ids)} tokens", file=sys.stderr)
@@ -333,21 +340,20 @@ def run_real(args, record, dtype) -> None:
                     t0 = time.perf_counter()
                     caches = bound.after_prefill(caches, lengths)
                     jax.block_until_ready(caches)
-                    store = (host_offload.lookup(bound.handle) if method == "retrieval"
-                             else None)
-                    if store is not None:
+                    state = dict(caches=caches, start=context)
+                    rows = [row]
+                    if method == "retrieval":
                         row["build_s"] = time.perf_counter() - t0
-                    timed = time_decode(params, cfg, bound, caches, context, args, max_len,
-                                        store)
-                    if store is None:
-                        row.update(timed)
+                        rows = retrieval_rows(row, params, cfg, bound, state, args, max_len,
+                                              host_offload.lookup(bound.handle), rss0)
                     else:
-                        retrieval_row(row, store, timed, rss0)
-                del caches, store
+                        row.update(time_decode(params, cfg, bound, state, args, max_len))
+                del caches, state
                 gc.collect()
                 full_ms = row["ms_per_token"] if method == "full" else full_ms
-                _finish(row, full_ms)
-                _report(args, record, row)
+                for row in rows:
+                    _finish(row, full_ms)
+                    _report(args, record, row)
 
 
 def _policy(method: str, index: str | None, scan: float | None, args):
@@ -460,8 +466,8 @@ def main(argv=None) -> int:
     ap.add_argument("--host-only", action="store_true",
                     help="time the host step alone, without a device (llama3-8b shape)")
     ap.add_argument("--host-threads", default="0",
-                    help="worker threads of the host step (0: the store's default); with "
-                         "--host-only a comma list, each timed")
+                    help="comma list of worker threads of the host step, each timed on the same "
+                         "store (0: the store's default)")
     ap.add_argument("--host-layers", type=int, default=1, help="layers in the store (--host-only)")
     ap.add_argument("--host-steps", type=int, default=200,
                     help="timed step calls (--host-only)")
