@@ -29,7 +29,9 @@ host store. The host store's timers give its share the same way: per token, the 
 its ``step`` calls (one per layer for the batch) split into insert, search and attention. The
 rest of retrieval's time over streaming's is the host calls' round trips and the device's lse
 merge. Host bytes: what the store holds (keys, index codes and lists, values) and the growth of
-the process's resident memory while it was filled.
+the process's resident memory while it was filled. Retrieval is timed at each
+``--host-threads`` count (worker threads of the host step; 0: the store's default), one row
+each, decoding on from the same store.
 
     python -m benchmarks.retrieval_speed --contexts 131072 --json OUT.json
     python -m benchmarks.retrieval_speed --contexts 524288 --methods streaming,retrieval \\
@@ -39,7 +41,7 @@ the process's resident memory while it was filled.
 ``--host-only``: the host step alone, no device and no model: one layer (``--host-layers``) of
 a store filled with random keys and values of the model's shape and indexed as above, then
 ``--host-steps`` calls of its ``step`` (insert a token, search, attend) with random queries,
-taking turns over the layers, at each of ``--host-threads`` faiss threads. Per layer step: wall
+taking turns over the layers, at each of ``--host-threads`` worker threads. Per layer step: wall
 ms, CPU ms of the calling thread and of the whole process, and the store's split. Any machine
 can run it; a decode step of the model makes one such call per layer.
 
@@ -68,7 +70,7 @@ import numpy as np
 import host_offload
 from benchmarks.duo_speed import device_bytes, random_caches
 from host_offload import index as hindex
-from host_offload.store import HostStats, RetrievalStore
+from host_offload.store import HostStats, RetrievalStore, default_threads
 from longctx_jax.config import preset
 from longctx_jax.generate import decode_tokens, prefill_tokens
 from longctx_jax.model import random_params
@@ -80,13 +82,13 @@ from longctx_jax.weights import load_model
 PARTS = ("total", "insert", "search", "attend")
 
 
-def time_decode(params, cfg, policy, caches, context: int, args, max_len: int, store=None):
-    """ms per token of ``decode_tokens`` from ``caches`` holding ``context`` tokens (slope
-    between ``args.short`` and ``args.long`` tokens, medians of ``args.repeats`` runs after one
-    warm-up of each), every run continuing where the last stopped; with the retrieval
-    ``store``, also its host ms per token by part, and its step calls and keys scanned."""
+def time_decode(params, cfg, policy, state: dict, args, max_len: int, store=None):
+    """ms per token of ``decode_tokens`` from ``state`` (``caches`` holding ``start`` tokens;
+    slope between ``args.short`` and ``args.long`` tokens, medians of ``args.repeats`` runs
+    after one warm-up of each), every run continuing where the last stopped (``state`` too is
+    left where they stopped); with the retrieval ``store``, also its host ms per token by part,
+    and its step calls and keys scanned."""
     batch = args.batch
-    state = {"caches": caches, "start": context}
     logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
 
     def run(n):
@@ -118,7 +120,6 @@ def time_decode(params, cfg, policy, caches, context: int, args, max_len: int, s
         stats = [r[1] for n in runs for r in runs[n]]
         out["keys_scanned"] = (sum(s.scanned for s in stats)
                                / max(1, sum(s.stored for s in stats)))
-    state.clear()
     return out
 
 
@@ -132,7 +133,8 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
                            kind=policy.index, k=policy.k, scan=policy.scan, max_len=max_len,
                            group=cfg.num_heads // cfg.num_kv_heads,
                            train_queries=args.train_queries, min_index_keys=policy.min_index_keys,
-                           train_per_list=args.train_per_list or 64)
+                           train_per_list=args.train_per_list or 64,
+                           threads=args.host_threads[0])
     pos = np.arange(policy.sink, context - policy.window)
     qpos = np.arange(0, context, store.query_stride)
     faiss = hindex.faiss_module()
@@ -219,14 +221,13 @@ def warm_steps(args) -> int:
 def run_host_only(args, record) -> None:
     """Rows at each context, index and thread count for the host step alone (no device)."""
     cfg = preset(args.model)
-    faiss = hindex.faiss_module()
     for context in args.contexts:
         for index, scan in args.index:
             store, build_s = host_store(cfg, args, context, index, scan, args.host_layers)
             for threads in args.host_threads:
-                faiss.omp_set_num_threads(threads)
+                store.threads = threads or default_threads(cfg.num_kv_heads)
                 row = dict(context=context, method=f"retrieval:{index}", scan=scan,
-                           host_threads=threads, build_s=build_s,
+                           host_threads=store.threads, build_s=build_s,
                            **time_host_steps(store, cfg, args, args.host_layers))
                 _report(args, record, row)
             del store
@@ -248,11 +249,17 @@ def device_limit() -> int | None:
     return stats.get("bytes_limit")
 
 
-def retrieval_row(row, store, timed, rss0) -> None:
-    """Add the host's share to ``row``: the store's memory and what ``timed`` measured."""
-    rss = resident_bytes()
-    row.update(timed, host_bytes=store.nbytes(),
-               rss_growth_bytes=None if rss0 is None or rss is None else rss - rss0)
+def retrieval_rows(row, params, cfg, policy, state: dict, args, max_len: int, store, rss0):
+    """``row`` at each of ``args.host_threads`` worker threads of ``store`` (decoding on from
+    ``state``), with the host's share: what :func:`time_decode` measured, the store's memory."""
+    rows = []
+    for threads in args.host_threads:
+        store.threads = threads or default_threads(cfg.num_kv_heads)
+        timed = time_decode(params, cfg, policy, state, args, max_len, store)
+        rss = resident_bytes()
+        rows.append(dict(row, **timed, host_threads=store.threads, host_bytes=store.nbytes(),
+                         rss_growth_bytes=None if rss0 is None or rss is None else rss - rss0))
+    return rows
 
 
 def run_random(args, record, dtype) -> None:
@@ -261,7 +268,7 @@ def run_random(args, record, dtype) -> None:
     params = random_params(cfg, jax.random.key(0), dtype)
     weights = device_bytes(params)
     limit = device_limit()
-    total = (1 + args.repeats) * (args.short + args.long)
+    total = (1 + args.repeats) * (args.short + args.long) * len(args.host_threads)
     for context in args.contexts:
         max_len = 256 * -(-(context + total + 1) // 256)
         full_ms = None
@@ -278,7 +285,7 @@ def run_random(args, record, dtype) -> None:
                                           f"the device allows {limit / 2**30:.1f} GiB")
                         _report(args, record, row)
                         continue
-                store = None
+                store, rows = None, [row]
                 if method == "retrieval":
                     rss0 = resident_bytes()
                     store, row["build_s"] = random_store(policy, cfg, args, context, max_len,
@@ -286,20 +293,21 @@ def run_random(args, record, dtype) -> None:
                     ring = random_caches(make_policy("streaming", sink=args.sink,
                                                      window=args.window),
                                          cfg, args.batch, max_len, dtype, seed=3)
-                    caches = tuple(RetrievalCache(kv) for kv in ring)
+                    state = dict(caches=tuple(RetrievalCache(kv) for kv in ring), start=context)
                     with host_offload.registered(store) as handle:
                         bound = dataclasses.replace(policy, handle=jnp.int32(handle))
-                        timed = time_decode(params, cfg, bound, caches, context, args, max_len,
-                                            store)
-                    retrieval_row(row, store, timed, rss0)
+                        rows = retrieval_rows(row, params, cfg, bound, state, args, max_len,
+                                              store, rss0)
                 else:
-                    caches = random_caches(policy, cfg, args.batch, max_len, dtype, seed=3)
-                    row.update(time_decode(params, cfg, policy, caches, context, args, max_len))
-                del caches, store
+                    state = dict(caches=random_caches(policy, cfg, args.batch, max_len, dtype,
+                                                      seed=3), start=context)
+                    row.update(time_decode(params, cfg, policy, state, args, max_len))
+                del state, store
                 gc.collect()
                 full_ms = row["ms_per_token"] if method == "full" else full_ms
-                _finish(row, full_ms)
-                _report(args, record, row)
+                for row in rows:
+                    _finish(row, full_ms)
+                    _report(args, record, row)
 
 
 def run_real(args, record, dtype) -> None:
@@ -308,7 +316,7 @@ def run_real(args, record, dtype) -> None:
     cfg, params = model.config, model.params
     text = pathlib.Path(args.text_file).read_text() if args.text_file else sample_text()
     ids = model.tokenizer.encode(text)
-    total = (1 + args.repeats) * (args.short + args.long)
+    total = (1 + args.repeats) * (args.short + args.long) * len(args.host_threads)
     for context in args.contexts:
         if context > len(ids):
             print(f"skipping {context}: the text has {len(ids)} tokens", file=sys.stderr)
@@ -332,27 +340,26 @@ def run_real(args, record, dtype) -> None:
                     t0 = time.perf_counter()
                     caches = bound.after_prefill(caches, lengths)
                     jax.block_until_ready(caches)
-                    store = (host_offload.lookup(bound.handle) if method == "retrieval"
-                             else None)
-                    if store is not None:
+                    state = dict(caches=caches, start=context)
+                    rows = [row]
+                    if method == "retrieval":
                         row["build_s"] = time.perf_counter() - t0
-                    timed = time_decode(params, cfg, bound, caches, context, args, max_len,
-                                        store)
-                    if store is None:
-                        row.update(timed)
+                        rows = retrieval_rows(row, params, cfg, bound, state, args, max_len,
+                                              host_offload.lookup(bound.handle), rss0)
                     else:
-                        retrieval_row(row, store, timed, rss0)
-                del caches, store
+                        row.update(time_decode(params, cfg, bound, state, args, max_len))
+                del caches, state
                 gc.collect()
                 full_ms = row["ms_per_token"] if method == "full" else full_ms
-                _finish(row, full_ms)
-                _report(args, record, row)
+                for row in rows:
+                    _finish(row, full_ms)
+                    _report(args, record, row)
 
 
 def _policy(method: str, index: str | None, scan: float | None, args):
     if method == "retrieval":
         return make_policy("retrieval", sink=args.sink, window=args.window, k=args.k,
-                           index=index, scan=scan)
+                           index=index, scan=scan, host_threads=args.host_threads[0])
     if method == "streaming":
         return make_policy("streaming", sink=args.sink, window=args.window)
     return make_policy(method)
@@ -391,7 +398,8 @@ def _line(row) -> str:
         host = row["host_ms_per_token"]
         line += (f"  host {host['total']:.2f} (insert {host['insert']:.2f}, search "
                  f"{host['search']:.2f}, attention {host['attend']:.2f}) ms/token in "
-                 f"{row['host_calls_per_token']:.0f} calls, {100 * row['keys_scanned']:.2f}% "
+                 f"{row['host_calls_per_token']:.0f} calls on {row['host_threads']} threads, "
+                 f"{100 * row['keys_scanned']:.2f}% "
                  f"of keys scanned, {row['host_bytes'] / 2**30:.2f} GiB on the host, built in "
                  f"{row['build_s']:.0f} s")
     return line
@@ -457,8 +465,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--host-only", action="store_true",
                     help="time the host step alone, without a device (llama3-8b shape)")
-    ap.add_argument("--host-threads", default="1",
-                    help="comma list of faiss threads (--host-only)")
+    ap.add_argument("--host-threads", default="0",
+                    help="comma list of worker threads of the host step, each timed on the same "
+                         "store (0: the store's default)")
     ap.add_argument("--host-layers", type=int, default=1, help="layers in the store (--host-only)")
     ap.add_argument("--host-steps", type=int, default=200,
                     help="timed step calls (--host-only)")

@@ -9,7 +9,8 @@ keys it scanned, plus how many keys it scanned (inner products computed, centroi
 the cost an approximate index saves. A group probes together, so one read of what it probes
 serves all its queries: the query heads that share a KV head (GQA) retrieve as one group, and a
 query alone is a group of one. :meth:`keys` returns stored keys as float32; ``nbytes`` is the
-host memory the index holds (keys, codes, lists).
+host memory the index holds (keys, codes, lists). Heads are independent: given ``first``,
+``search`` and ``keys`` serve heads ``first ..`` only, so threads can share a layer's heads.
 
 - ``flat``: exact, numpy (the oracle).
 - ``ivf``: clusters of the keys (faiss k-means, each head its own), all heads' lists in one
@@ -40,6 +41,7 @@ studies use.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -147,11 +149,26 @@ def as_float32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
-def float32_rows(source: Rows, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """``source``'s rows ``rows [H, R]`` as float32 ``[H, R, D]``, into ``out`` when given."""
+def float32_rows(source: Rows, rows: np.ndarray, out: np.ndarray | None,
+                 first: int = 0) -> np.ndarray:
+    """``source``'s rows ``rows [h, R]`` of heads ``first ..`` as float32 ``[h, R, D]``, into
+    ``out`` when given."""
     if out is None:
         out = np.empty((*rows.shape, source.rows.shape[2]), np.float32)
-    return source.gather(rows, out)
+    return source.gather(rows, out, first)
+
+
+_scratches = threading.local()
+
+
+def scratch(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """An array of this thread's, reused from call to call (see :meth:`Rows.gather`); valid
+    until this thread asks for ``name`` again."""
+    arrays = _scratches.__dict__
+    buf = arrays.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = arrays[name] = np.empty(shape, dtype)
+    return buf
 
 
 def group_logits(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -170,7 +187,6 @@ class Rows:
         self._data = np.empty((h, max(n, capacity, 16), d), rows.dtype)
         self._data[:, :n] = rows
         self.n = n
-        self._narrow = None  # gather's rows on their way to another dtype
 
     @property
     def rows(self) -> np.ndarray:
@@ -191,22 +207,22 @@ class Rows:
         self._data[:, self.n:need] = rows
         self.n = need
 
-    def gather(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``rows [H, R]`` of each head (``-1`` reads row 0), ``[H, R, D]``, written into
-        ``out`` when given (in any float dtype). A decode step gathers into buffers it reuses:
-        a fresh array of this size takes new pages from the OS each time, and their faults
-        cost more than the copy."""
+    def gather(self, rows: np.ndarray, out: np.ndarray | None = None,
+               first: int = 0) -> np.ndarray:
+        """Rows ``rows [h, R]`` of each of heads ``first ..`` (``-1`` reads row 0), ``[h, R,
+        D]``, written into ``out`` when given (in any float dtype). A decode step gathers into
+        arrays it reuses (:func:`scratch`): a fresh array of this size takes new pages from the
+        OS each time, and their faults cost more than the copy."""
         h, cap, d = self._data.shape
-        flat = (np.arange(h)[:, None] * cap + np.maximum(rows, 0)).reshape(-1)
+        flat = ((first + np.arange(len(rows)))[:, None] * cap + np.maximum(rows, 0)).reshape(-1)
         source = self._data.reshape(h * cap, d)
         if out is None:
             return np.take(source, flat, 0).reshape(*rows.shape, d)
         if out.dtype == source.dtype:
             np.take(source, flat, 0, out=out.reshape(-1, d))
             return out
-        if self._narrow is None or self._narrow.shape != (len(flat), d):
-            self._narrow = np.empty((len(flat), d), source.dtype)
-        np.copyto(out.reshape(-1, d), np.take(source, flat, 0, out=self._narrow))
+        narrow = scratch("gather", (len(flat), d), source.dtype)
+        np.copyto(out.reshape(-1, d), np.take(source, flat, 0, out=narrow))
         return out
 
 
@@ -225,15 +241,17 @@ class FlatIndex:
     def add(self, keys: np.ndarray) -> None:
         self.key_rows.append(keys)
 
-    def search(self, queries: np.ndarray, k: int):
+    def search(self, queries: np.ndarray, k: int, first: int = 0):
         heads, groups, g, d = queries.shape
+        keys = self.key_rows.rows[first:first + heads]
         logits = np.matmul(queries.reshape(heads, -1, d),
-                           as_float32(self.key_rows.rows).swapaxes(1, 2))  # [H, G * g, n]
+                           as_float32(keys).swapaxes(1, 2))  # [h, G * g, n]
         ids = top_k(logits.reshape(heads, groups, g, -1).max(2), k)
         return ids, np.full(queries.shape[:2], self.n)
 
-    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return float32_rows(self.key_rows, rows, out)
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None,
+             first: int = 0) -> np.ndarray:
+        return float32_rows(self.key_rows, rows, out, first)
 
     @property
     def nbytes(self) -> int:
@@ -267,17 +285,24 @@ def nearest_lists(keys: np.ndarray, centroids_t: np.ndarray, block: int = 16384)
 def group_top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
     """The ``k`` best distinct ids of each row of ``ids [..., m]`` (``-1``: none, ids below
     ``2**31``) by ``logits`` float32, an id found more than once counting at its largest logit.
-    One sort of each (id, logit) pair packed into an int64 (id above, logit order below) puts
-    an id's copies together, best first."""
+    Two sorts of (id, logit) pairs packed into 64-bit integers: by id then logit, which puts an
+    id's copies together, best first; then the first copies by logit."""
     bits = np.ascontiguousarray(logits, np.float32).view(np.int32).astype(np.int64)
     order = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # as integers, in the floats' order
     packed = np.sort((ids << 32) | (0x7FFFFFFF - order), -1)  # low half: 0 is the best logit
-    ids = packed >> 32
-    first = np.ones(ids.shape, bool)
-    first[..., 1:] = ids[..., 1:] != ids[..., :-1]
-    rank = -(packed & 0xFFFFFFFF).astype(np.float64)
-    best = top_k(np.where(first & (ids >= 0), rank, -np.inf), k)
-    return np.where(best >= 0, along(ids, np.maximum(best, 0)), -1)
+    copy = np.zeros(packed.shape, bool)
+    np.equal(packed[..., 1:] >> 32, packed[..., :-1] >> 32, out=copy[..., 1:])
+    best = (packed & 0xFFFFFFFF).astype(np.uint64) << np.uint64(32) | (packed >> 32).astype(
+        np.uint64)  # (logit rank, id)
+    best[copy | (packed < 0)] = NONE
+    best = np.sort(best, -1)[..., :k]
+    best = np.where(best != NONE, (best & np.uint64(0xFFFFFFFF)).astype(np.int64), -1)
+    if best.shape[-1] == k:
+        return best
+    return np.pad(best, [(0, 0)] * (best.ndim - 1) + [(0, k - best.shape[-1])], constant_values=-1)
+
+
+NONE = np.uint64(2**64 - 1)  # group_top_k: not a candidate (sorts last)
 
 
 _CODES = {"float32": None, "bfloat16": "QT_bf16", "float16": "QT_fp16"}  # faiss codes per dtype
@@ -286,8 +311,9 @@ _CODES = {"float32": None, "bfloat16": "QT_bf16", "float16": "QT_fp16"}  # faiss
 class IVFIndex:
     """IVF on inner products: per head ``sqrt(n)`` lists from faiss k-means of its keys (at
     most ``train_per_list`` keys per list sampled), every head's lists in one faiss IVF whose
-    codes are the keys in their dtype (float32, bfloat16 or float16), so a layer is one faiss
-    search; the keys are also kept in numpy, to read the retrieved ones back at memory speed.
+    codes are the keys in their dtype (float32, bfloat16 or float16) and whose ids are their
+    rows, so a search is one faiss call; the keys are also kept in numpy, to read the retrieved
+    ones back at memory speed.
 
     A group's top ``k`` by group logit among the keys it scanned is exact: its queries scan the
     same lists, and a key in the group's top ``k`` is in the top ``k`` of the query that scores
@@ -318,8 +344,8 @@ class IVFIndex:
                                                   getattr(faiss.ScalarQuantizer, _CODES[dtype]),
                                                   faiss.METRIC_INNER_PRODUCT)
         index.is_trained, index.by_residual = True, False  # codes: the keys themselves
-        index.parallel_mode = 3  # search_preassigned: threads over the queries
         self._faiss, self._index, self._quantizer = faiss, index, quantizer
+        self._params = faiss.SearchParametersIVF(nprobe=0)  # the last search's
         self._sizes = np.zeros((heads, self.nlist), np.int64)
         self._keys = keys
         self._buffer = np.empty((heads, buffer, d), np.float32)
@@ -345,7 +371,7 @@ class IVFIndex:
         of about ``block`` keys, float32 (encoding them in a 16-bit code is exact)."""
         heads, m, d = keys.shape
         lists = nearest_lists(keys, self.centroids_t) + np.arange(heads)[:, None] * self.nlist
-        ids = (first + np.arange(m)) * heads + np.arange(heads)[:, None]  # row * H + head
+        ids = np.broadcast_to(first + np.arange(m), (heads, m))  # a head's lists: its rows
         swig_ptr = self._faiss.swig_ptr
         step = max(1, block // heads)
         for start in range(0, m, step):
@@ -357,30 +383,40 @@ class IVFIndex:
         self._sizes += np.bincount(lists.reshape(-1),
                                    minlength=self._sizes.size).reshape(heads, -1)
 
-    def search(self, queries: np.ndarray, k: int):
+    def search(self, queries: np.ndarray, k: int, first: int = 0):
         heads, groups, g, d = queries.shape
+        end = first + heads
         nprobe = probes(self.scan, self.nlist)
-        probed = probe_lists(queries, self.centroids_t, nprobe)  # [H, G, nprobe]
-        lists = probed + (np.arange(heads) * self.nlist)[:, None, None]
-        lists = np.broadcast_to(lists[:, :, None], (heads, groups, g, nprobe)).reshape(-1, nprobe)
-        self._index.nprobe = nprobe
-        logits, ids = self._index.search_preassigned(queries.reshape(-1, d), k, lists, None)
-        rows = np.where(ids >= 0, ids // heads, -1).reshape(heads, groups, g * k)
-        logits = logits.reshape(heads, groups, g * k)
+        scores = np.matmul(queries.reshape(heads, -1, d), self.centroids_t[first:end])
+        scores = scores.reshape(heads, groups, g, -1).max(2)  # [h, G, nlist]
+        probed = np.argpartition(scores, self.nlist - nprobe, -1)[..., self.nlist - nprobe:]
+        lists = probed + (np.arange(first, end) * self.nlist)[:, None, None]
+        lists = np.repeat(lists.reshape(-1, nprobe), g, 0)  # each query its group's lists
+        x = np.ascontiguousarray(queries.reshape(-1, d))
+        rows = np.empty((len(x), k), np.int64)
+        logits = np.empty((len(x), k), np.float32)
+        zeros = np.zeros(lists.shape, np.float32)  # the query-centroid logits faiss would add
+        params = self._params
+        if params.nprobe != nprobe:  # scan changed (threads may race here: to the same value)
+            params = self._params = self._faiss.SearchParametersIVF(nprobe=nprobe)
+        ptr = self._faiss.swig_ptr
+        self._index.search_preassigned_c(len(x), ptr(x), k, ptr(lists), ptr(zeros), ptr(logits),
+                                         ptr(rows), False, params)
+        rows, logits = rows.reshape(heads, groups, -1), logits.reshape(heads, groups, -1)
         waiting = self.n - self.listed
         if waiting:  # the buffer's keys, each at its group logit
+            waits = np.matmul(queries.reshape(heads, -1, d),
+                              self._buffer[first:end, :waiting].swapaxes(1, 2))
             rows = np.concatenate([rows, np.broadcast_to(
                 np.arange(self.listed, self.n), (heads, groups, waiting))], -1)
-            waits = np.matmul(queries.reshape(heads, -1, d),
-                              self._buffer[:, :waiting].swapaxes(1, 2))  # [H, G * g, waiting]
             logits = np.concatenate([logits, waits.reshape(heads, groups, g, -1).max(2)], -1)
-        best = group_top_k(rows, logits, k)
-        scanned = (self._sizes[np.arange(heads)[:, None, None], probed].sum(-1) + self.nlist
-                   + waiting)
-        return best, scanned
+        scanned = (self._sizes[np.arange(first, end)[:, None, None], probed].sum(-1)
+                   + self.nlist + waiting)
+        return group_top_k(rows, logits, k), scanned
 
-    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return float32_rows(self._keys, rows, out)
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None,
+             first: int = 0) -> np.ndarray:
+        return float32_rows(self._keys, rows, out, first)
 
     @property
     def nbytes(self) -> int:
@@ -401,7 +437,10 @@ def _kmeans(faiss, keys: np.ndarray, nlist: int, train_per_list: int) -> np.ndar
 
 
 class HNSWIndex:
-    """faiss ``IndexHNSWFlat`` per head (inner product, 32 links per node)."""
+    """faiss ``IndexHNSWFlat`` per head (inner product, 32 links per node). faiss counts the
+    distances of every HNSW search in one global, so searches take turns."""
+
+    _turn = threading.Lock()
 
     def __init__(self, keys: Rows, scan: float, links: int = 32):
         self._faiss = faiss_module()
@@ -421,26 +460,28 @@ class HNSWIndex:
             index.add(np.ascontiguousarray(as_float32(x)))
         self.n += keys.shape[1]
 
-    def search(self, queries: np.ndarray, k: int):
+    def search(self, queries: np.ndarray, k: int, first: int = 0):
         heads, groups, g, d = queries.shape
         stats = self._faiss.cvar.hnsw_stats
         found = np.empty((heads, groups, g * k), np.int64)
         scanned = np.empty((heads, groups))
-        for h, index in enumerate(self._heads):
+        for h, index in enumerate(self._heads[first:first + heads]):
             index.hnsw.efSearch = max(k, math.ceil(self.scan * self.n))
-            stats.reset()
-            found[h] = index.search(np.ascontiguousarray(queries[h].reshape(-1, d)),
-                                    k)[1].reshape(groups, g * k)
-            scanned[h] = stats.ndis / groups
-        union = self.keys(found.reshape(heads, -1))
+            with self._turn:
+                stats.reset()
+                found[h] = index.search(np.ascontiguousarray(queries[h].reshape(-1, d)),
+                                        k)[1].reshape(groups, g * k)
+                scanned[h] = stats.ndis / groups
+        union = self.keys(found.reshape(heads, -1), first=first)
         logits = group_logits(queries.reshape(heads * groups, g, d),
                               union.reshape(heads * groups, g * k, d)).reshape(found.shape)
         logits = np.where(found >= 0, logits, -np.inf)
         return group_top_k(found, logits, k), scanned
 
-    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None,
+             first: int = 0) -> np.ndarray:
         out = np.empty((*rows.shape, self._heads[0].d), np.float32) if out is None else out
-        for index, r, o in zip(self._heads, rows, out):
+        for index, r, o in zip(self._heads[first:], rows, out):
             o[:] = index.reconstruct_batch(np.maximum(r, 0))
         return out
 
@@ -477,14 +518,14 @@ class QueryIVFIndex:
             for i, c in enumerate(home):
                 lists[c] = np.append(lists[c], first + i)
 
-    def search(self, queries: np.ndarray, k: int):
+    def search(self, queries: np.ndarray, k: int, first: int = 0):
         heads, groups, g, d = queries.shape
         nprobe = probes(self.scan, self.nlist)
         last = self.scan * self.nlist - (nprobe - 1)  # the share of the last list read
-        probed = probe_lists(queries, self.centroids_t, nprobe)
+        probed = probe_lists(queries, self.centroids_t[first:first + heads], nprobe)
         seen = np.zeros(self.n, bool)
         cands = []
-        for lists, groups_probed in zip(self.lists, probed):
+        for lists, groups_probed in zip(self.lists[first:], probed):
             for p in groups_probed:
                 tail = lists[p[-1]]
                 seen[np.concatenate([lists[c] for c in p[:-1]]
@@ -496,15 +537,17 @@ class QueryIVFIndex:
         padded = np.zeros((len(cands), width), np.int64)  # [H * G, C], row 0 past each size
         for row, c in zip(padded, cands):
             row[:len(c)] = c
-        keys = self._keys.gather(padded.reshape(heads, -1)).reshape(heads * groups, width, d)
+        keys = self._keys.gather(padded.reshape(heads, -1), first=first).reshape(
+            heads * groups, width, d)
         logits = group_logits(queries.reshape(heads * groups, g, d), keys)
         logits = np.where(np.arange(width) < sizes[:, None], logits, -np.inf)
         best = top_k(logits, k)
         ids = np.where(best >= 0, along(padded, np.maximum(best, 0)), -1)
         return ids.reshape(heads, groups, k), (sizes + self.nlist).reshape(heads, groups)
 
-    def keys(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return float32_rows(self._keys, rows, out)
+    def keys(self, rows: np.ndarray, out: np.ndarray | None = None,
+             first: int = 0) -> np.ndarray:
+        return float32_rows(self._keys, rows, out, first)
 
     @property
     def nbytes(self) -> int:

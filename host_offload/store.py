@@ -13,14 +13,19 @@ has prefill queries), then it is rebuilt as the store's kind.
 
 A KV head's query group retrieves together (see :mod:`host_offload.index`): it probes once,
 and gets the ``k`` keys with the largest group logit among those it scanned (the exact top
-``k`` for the flat index). One decode step of a layer is one call, for the whole batch, and
-vectorised over the KV heads; :attr:`RetrievalStore.stats` adds up where its time goes.
+``k`` for the flat index). One decode step of a layer is one call, for the whole batch: it
+inserts, then searches and attends in parts (a span of one sequence's KV heads each,
+vectorised over the span) on the store's worker threads; :attr:`RetrievalStore.stats` adds up
+where its time goes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
+import os
 import time
 
 import numpy as np
@@ -30,11 +35,35 @@ from host_offload import index as hindex
 MIN_INDEX_KEYS = 256  # below this an exact scan is as cheap as any index
 
 
+def default_threads(kv_heads: int) -> int:
+    """A store's worker threads by default: one per KV head (a part per head), at most the CPUs
+    this process may use."""
+    return max(1, min(kv_heads, len(os.sched_getaffinity(0))))
+
+
+@functools.cache
+def workers(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """``threads`` worker threads kept for the stores' steps, each running faiss on one OpenMP
+    thread (faiss and numpy's heavy loops release the GIL). A step is a few milliseconds of
+    work, once per layer per token: an OpenMP team would spin between the calls, against the
+    rest of the host's work, where these threads sleep."""
+    return concurrent.futures.ThreadPoolExecutor(threads, "retrieval-host",
+                                                 initializer=_one_openmp_thread)
+
+
+def _one_openmp_thread() -> None:
+    try:
+        hindex.faiss_module().omp_set_num_threads(1)  # this thread's faiss calls only
+    except hindex.MissingFaiss:
+        pass
+
+
 @dataclasses.dataclass
 class HostStats:
     """Host seconds of decode steps (one :meth:`RetrievalStore.step` per layer per token) by
     part, and what their searches read: ``scanned`` keys (centroids included) out of
-    ``stored`` (both summed over heads and searches)."""
+    ``stored`` (both summed over heads and searches). Search and attention run together in
+    parts on the worker threads: their wall time is split in the ratio of the parts' own."""
 
     steps: int = 0
     total: float = 0.0
@@ -93,19 +122,21 @@ class RetrievalStore:
     learns from them (a stride over positions, so the whole prompt is represented).
     ``values=False`` keeps keys only (the device attends over its own copy).
     ``train_per_list``: the ivf index's k-means sample per list.
+    ``threads``: the worker threads a step searches and attends on (:func:`workers`; ``0``:
+    :func:`default_threads`), an attribute.
     """
 
     def __init__(self, batch: int, layers: int, kv_heads: int, head_dim: int, *, kind: str,
                  k: int, scan: float, max_len: int, group: int, train_queries: int = 8192,
                  values: bool = True, min_index_keys: int = MIN_INDEX_KEYS,
-                 train_per_list: int = hindex.TRAIN_PER_LIST):
+                 train_per_list: int = hindex.TRAIN_PER_LIST, threads: int = 0):
         self.kind, self.k, self.scan, self.min_index_keys = kind, k, scan, min_index_keys
         self.values, self.train_per_list, self.capacity = values, train_per_list, max_len
         self.scale = head_dim ** -0.5
         self.query_stride = max(1, math.ceil(max_len * group / max(train_queries, 1)))
         self.layers = [[_Layer(max_len) for _ in range(layers)] for _ in range(batch)]
         self.stats = HostStats()
-        self._scratches: dict[str, np.ndarray] = {}
+        self.threads = threads or default_threads(kv_heads)
 
     @staticmethod
     def host_bytes(batch: int, layers: int, kv_heads: int, head_dim: int, max_len: int, *,
@@ -167,70 +198,87 @@ class RetrievalStore:
                                           pos[b:b + 1], self.capacity):
                 self._maybe_build(lay)
 
-    def retrieve(self, b: int, layer: int, q: np.ndarray) -> np.ndarray:
-        """Row ids ``[Hkv, k]`` (``-1``: none) of the keys that each KV head's query group
-        ``q [Hkv, g, D]`` retrieves from sequence ``b``'s store."""
-        lay = self.layers[b][layer]
-        if lay.n == 0:
-            return np.full((q.shape[0], self.k), -1, np.int64)
-        rows, scanned = lay.index.search(hindex.as_float32(q)[:, None], self.k)
-        self.stats.scanned += int(scanned.sum())
-        self.stats.stored += lay.n * q.shape[0]
-        return rows[:, 0]
+    def retrieve(self, b: int, layer: int, q: np.ndarray, first: int = 0) -> np.ndarray:
+        """Row ids ``[h, k]`` (``-1``: none) of the keys that each KV head's query group
+        ``q [h, g, D]`` (heads ``first ..``) retrieves from sequence ``b``'s store."""
+        return self._search(self.layers[b][layer], q, first)[0]
 
-    def attend(self, b: int, layer: int, q: np.ndarray, rows: np.ndarray):
-        """Attention of ``q [Hkv, g, D]`` over the stored ``rows [Hkv, K]`` of sequence ``b``:
-        ``(o [Hkv, g, D], lse [Hkv, g])`` float32, ``(0, -inf)`` where a head has no rows."""
+    def _search(self, lay: _Layer, q: np.ndarray, first: int):
+        """:meth:`retrieve`'s rows, and the keys scanned and stored (summed over the heads)."""
+        if lay.n == 0:
+            return np.full((q.shape[0], self.k), -1, np.int64), 0, 0
+        rows, scanned = lay.index.search(hindex.as_float32(q)[:, None], self.k, first)
+        return rows[:, 0], int(scanned.sum()), lay.n * q.shape[0]
+
+    def attend(self, b: int, layer: int, q: np.ndarray, rows: np.ndarray, first: int = 0):
+        """Attention of ``q [h, g, D]`` (heads ``first ..``) over the stored ``rows [h, K]`` of
+        sequence ``b``: ``(o [h, g, D], lse [h, g])`` float32, ``(0, -inf)`` where a head has
+        no rows."""
         lay = self.layers[b][layer]
         if lay.n == 0:
             return np.zeros(q.shape, np.float32), np.full(q.shape[:2], -np.inf, np.float32)
         shape = (*rows.shape, q.shape[-1])
-        keys = lay.index.keys(rows, self._scratch("keys", shape))  # [Hkv, K, D] float32
-        values = lay.values.gather(rows, self._scratch("values", shape))
-        logits = np.matmul(hindex.as_float32(q), keys.swapaxes(1, 2)) * self.scale
-        logits = np.where(rows[:, None, :] >= 0, logits, -np.inf)
+        keys = lay.index.keys(rows, hindex.scratch("keys", shape), first)  # [h, K, D] float32
+        values = lay.values.gather(rows, hindex.scratch("values", shape), first)
+        logits = np.matmul(hindex.as_float32(q) * self.scale, keys.swapaxes(1, 2))
+        missing = rows.min() < 0  # some head has fewer than k rows (the check saves the masks)
+        if missing:
+            logits = np.where(rows[:, None, :] >= 0, logits, -np.inf)
         top = logits.max(-1, keepdims=True)
-        top = np.where(np.isfinite(top), top, 0.0)
+        if missing:
+            top = np.where(np.isfinite(top), top, 0.0)
         w = np.exp(logits - top)
         total = w.sum(-1)
-        o = np.matmul(w, values) / np.where(total > 0, total, 1.0)[..., None]
+        o = np.matmul(w, values)
+        o /= (np.where(total > 0, total, 1.0) if missing else total)[..., None]
         with np.errstate(divide="ignore"):
             lse = np.log(total) + top[..., 0]
-        return o.astype(np.float32), lse.astype(np.float32)
-
-    def _scratch(self, name: str, shape: tuple) -> np.ndarray:
-        """A float32 array of ``shape`` reused from step to step (why: see
-        :meth:`host_offload.index.Rows.gather`); valid until the next step."""
-        buf = self._scratches.get(name)
-        if buf is None or buf.shape != shape:
-            buf = self._scratches[name] = np.empty(shape, np.float32)
-        return buf
+        return o, lse
 
     def step(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, evicted: np.ndarray,
              *, attend: bool):
         """One decode step of ``layer`` for the batch: insert the evicted tokens (``k, v [B,
         Hkv, D]`` at ``evicted [B]``), then retrieve for ``q [B, Hq, D]``. Returns
-        ``(o [B, Hq, D], lse [B, Hq])`` with ``attend``, else the retrieved positions
+        ``(o [B, Hq, D], lse [B, Hq])`` float32 with ``attend``, else the retrieved positions
         ``[B, Hkv, k]`` int32 (``-1``: none)."""
         stats = self.stats
         t0 = time.perf_counter()
         self.insert(layer, k, v, evicted)
         t1 = time.perf_counter()
         b_, hq, d = q.shape
-        qg = hindex.as_float32(q).reshape(b_, k.shape[1], -1, d)
-        found = [self.retrieve(b, layer, qg[b]) for b in range(b_)]
+        hkv = k.shape[1]
+        qg = hindex.as_float32(q).reshape(b_, hkv, -1, d)
+        out = ((np.empty(qg.shape, np.float32), np.empty(qg.shape[:3], np.float32)) if attend
+               else np.empty((b_, hkv, self.k), np.int32))
+        spans = np.linspace(0, hkv, min(hkv, -(-self.threads // b_)) + 1).astype(int).tolist()
+        pool = workers(self.threads)
+        futures = [pool.submit(self._part, layer, qg, out, b, first, end) for b in range(b_)
+                   for first, end in zip(spans[:-1], spans[1:])]
+        scanned, stored, searching, attending = np.sum([f.result() for f in futures], 0)
         t2 = time.perf_counter()
-        if attend:
-            parts = [self.attend(b, layer, qg[b], rows) for b, rows in enumerate(found)]
-            out = (np.stack([o for o, _ in parts]).reshape(b_, hq, d),
-                   np.stack([lse for _, lse in parts]).reshape(b_, hq))
-        else:
-            out = np.stack([np.where(rows >= 0, lay[layer].pos[np.maximum(rows, 0)], -1)
-                            for rows, lay in zip(found, self.layers)]).astype(np.int32)
-        t3 = time.perf_counter()
+        share = searching / max(searching + attending, 1e-12)
         stats.steps += 1
+        stats.scanned += int(scanned)
+        stats.stored += int(stored)
         stats.insert += t1 - t0
-        stats.search += t2 - t1
-        stats.attend += t3 - t2
-        stats.total += t3 - t0
+        stats.search += (t2 - t1) * share
+        stats.attend += (t2 - t1) * (1 - share)
+        stats.total += t2 - t0
+        if attend:
+            return out[0].reshape(b_, hq, d), out[1].reshape(b_, hq)
         return out
+
+    def _part(self, layer: int, qg: np.ndarray, out, b: int, first: int, end: int):
+        """Search and attention (or positions) of sequence ``b``'s KV heads ``[first, end)``
+        for ``qg [B, Hkv, g, D]``, written into :meth:`step`'s ``out``; returns the keys
+        scanned and stored and the seconds of each half (one part of a step, on a worker)."""
+        lay = self.layers[b][layer]
+        t0 = time.perf_counter()
+        rows, scanned, stored = self._search(lay, qg[b, first:end], first)
+        t1 = time.perf_counter()
+        if isinstance(out, tuple):
+            out[0][b, first:end], out[1][b, first:end] = self.attend(b, layer, qg[b, first:end],
+                                                                    rows, first)
+        else:
+            out[b, first:end] = np.where(rows >= 0, lay.pos[np.maximum(rows, 0)], -1)
+        return scanned, stored, t1 - t0, time.perf_counter() - t1

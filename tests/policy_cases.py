@@ -48,5 +48,6 @@ BAD = {
     "snapkv": [dict(budget=0), dict(budget=4, stabilizers=5), dict(chunk=0),
                dict(decode_room=-1), dict(observation=0), dict(pool=2), dict(positions="x")],
     "retrieval": [dict(sink=-1), dict(window=0), dict(k=0), dict(k=2.5), dict(index="bogus"),
-                  dict(scan=0), dict(scan=1.5), dict(attend="gpu"), dict(train_queries=0)],
+                  dict(scan=0), dict(scan=1.5), dict(attend="gpu"), dict(train_queries=0),
+                  dict(host_threads=-1), dict(host_threads=1.5)],
 }

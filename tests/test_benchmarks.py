@@ -174,13 +174,14 @@ def test_retrieval_speed_times_random_caches_and_skips_what_cannot_fit(tmp_path,
     assert retrieval_speed.main(["--contexts", "600", "--index", "ivf,qivf", "--sink", "8",
                                  "--window", "32", "--scan", "0.2", "--short", "2", "--long",
                                  "4", "--repeats", "1", "--train-queries", "64", "--dtype",
-                                 "float32", "--json", str(out)]) == 0
+                                 "float32", "--host-threads", "1,2", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert "no prefill" in record["caches"] and record["command"].endswith(str(out))
     full, streaming, *retrieval = record["rows"]
     assert full["method"] == "full" and "need" in full["skipped"] and "ms_per_token" not in full
     assert streaming["vs_full"] is None
-    assert [r["method"] for r in retrieval] == ["retrieval:ivf", "retrieval:qivf"]
+    assert [(r["method"], r["host_threads"]) for r in retrieval] == [
+        ("retrieval:ivf", 1), ("retrieval:ivf", 2), ("retrieval:qivf", 1), ("retrieval:qivf", 2)]
     for row in retrieval:
         assert row["host_calls_per_token"] == pytest.approx(2)  # two layers, batch of one
         assert set(row["host_ms_per_token"]) == {"total", "insert", "search", "attend"}

@@ -119,6 +119,13 @@ def test_group_top_k_takes_each_id_at_its_best_logit():
         assert row.tolist() == want + [-1] * (12 - len(want))
 
 
+def test_group_top_k_pads_when_fewer_ids_than_k():
+    ids = np.array([[3, -1, 3, 7], [-1, -1, -1, -1]])
+    logits = np.array([[1.0, 9.0, 2.0, -5.0], [1.0, 2.0, 3.0, 4.0]], np.float32)
+    np.testing.assert_array_equal(hindex.group_top_k(ids, logits, 5),
+                                  [[3, 7, -1, -1, -1], [-1] * 5])
+
+
 def test_group_retrieval_is_the_top_k_of_the_group_max():
     """The store's union-then-rerank over a query group is the exact top-k of the group's
     largest logit per key."""
@@ -166,6 +173,34 @@ def test_rows_gather_into_a_given_array_converts_exactly():
         assert rows.gather(ids, out) is out
         np.testing.assert_array_equal(out, want.astype(dtype))
     np.testing.assert_array_equal(rows.gather(ids), want)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "qivf"])
+def test_a_step_split_over_threads_matches_one_thread(kind):
+    """A step's search and attention in parts on worker threads (spans of KV heads of each
+    sequence) give what one thread gives, attention and positions alike."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(11)
+    b, hkv, g, d, n = 2, 4, 2, 16, 600
+    store = RetrievalStore(b, 1, hkv, d, kind=kind, k=8, scan=0.3, max_len=700, group=g,
+                           train_queries=64, min_index_keys=64, threads=1)
+    store.add_queries(0, rng.normal(size=(b, n, hkv * g, d)).astype(np.float32),
+                      np.tile(np.arange(n), (b, 1)))
+    k, v = rng.normal(size=(2, b, n, hkv, d)).astype(ml_dtypes.bfloat16)
+    for seq in range(b):
+        store.load(seq, 0, k[seq], v[seq], np.arange(n))
+    for step in range(3):
+        q = rng.normal(size=(b, hkv * g, d)).astype(ml_dtypes.bfloat16)
+        new_k, new_v = rng.normal(size=(2, b, hkv, d)).astype(ml_dtypes.bfloat16)
+        outs = []
+        for threads in (1, 3, 8):  # 2, 4 and 8 parts; a token already stored is not re-added
+            store.threads = threads
+            outs.append((*store.step(0, q, new_k, new_v, np.full(b, n + step), attend=True),
+                         store.step(0, q, new_k, new_v, np.full(b, n + step), attend=False)))
+        for got in outs[1:]:
+            for x, y in zip(got, outs[0]):
+                np.testing.assert_array_equal(x, y)
+    assert [rows[0].n for rows in store.layers] == [n + 3, n + 3]
 
 
 def test_window_merged_with_retrieved_is_attention_over_the_union():
@@ -269,7 +304,8 @@ def test_approximate_indexes_report_scanned_keys_and_recall(kind):
 
 
 @pytest.mark.parametrize("options", [dict(index="bogus"), dict(k=0), dict(window=0),
-                                     dict(sink=-1), dict(scan=0.0), dict(attend="gpu")])
+                                     dict(sink=-1), dict(scan=0.0), dict(attend="gpu"),
+                                     dict(host_threads=-1)])
 def test_bad_options_are_refused(options):
     with pytest.raises(LongctxError):
         make_policy("retrieval", **options)
