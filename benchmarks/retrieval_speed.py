@@ -272,42 +272,38 @@ def run_random(args, record, dtype) -> None:
     for context in args.contexts:
         max_len = 256 * -(-(context + total + 1) // 256)
         full_ms = None
-        for method in args.methods:
-            for index, scan in (args.index if method == "retrieval" else [(None, None)]):
-                row = dict(context=context, method=method if index is None else
-                           f"retrieval:{index}", scan=scan)
-                policy = _policy(method, index, scan, args)
-                if method == "full":
-                    cache = policy.cache_bytes(cfg, args.batch, max_len, dtype)
-                    if limit is not None and cache + weights > limit:
-                        row["skipped"] = (f"full attention needs {cache / 2**30:.1f} GiB of KV "
-                                          f"cache beside {weights / 2**30:.1f} GiB of weights; "
-                                          f"the device allows {limit / 2**30:.1f} GiB")
-                        _report(args, record, row)
-                        continue
-                store, rows = None, [row]
-                if method == "retrieval":
-                    rss0 = resident_bytes()
-                    store, row["build_s"] = random_store(policy, cfg, args, context, max_len,
-                                                         dtype, seed=context % 997)
-                    ring = random_caches(make_policy("streaming", sink=args.sink,
-                                                     window=args.window),
-                                         cfg, args.batch, max_len, dtype, seed=3)
-                    state = dict(caches=tuple(RetrievalCache(kv) for kv in ring), start=context)
-                    with host_offload.registered(store) as handle:
-                        bound = dataclasses.replace(policy, handle=jnp.int32(handle))
-                        rows = retrieval_rows(row, params, cfg, bound, state, args, max_len,
-                                              store, rss0)
-                else:
-                    state = dict(caches=random_caches(policy, cfg, args.batch, max_len, dtype,
-                                                      seed=3), start=context)
-                    row.update(time_decode(params, cfg, policy, state, args, max_len))
-                del state, store
-                gc.collect()
-                full_ms = row["ms_per_token"] if method == "full" else full_ms
-                for row in rows:
-                    _finish(row, full_ms)
+        for method, row, policy in _rows(args, context):
+            if method == "full":
+                cache = policy.cache_bytes(cfg, args.batch, max_len, dtype)
+                if limit is not None and cache + weights > limit:
+                    row["skipped"] = (f"full attention needs {cache / 2**30:.1f} GiB of KV "
+                                      f"cache beside {weights / 2**30:.1f} GiB of weights; "
+                                      f"the device allows {limit / 2**30:.1f} GiB")
                     _report(args, record, row)
+                    continue
+            store, rows = None, [row]
+            if method == "retrieval":
+                rss0 = resident_bytes()
+                store, row["build_s"] = random_store(policy, cfg, args, context, max_len,
+                                                     dtype, seed=context % 997)
+                ring = random_caches(make_policy("streaming", sink=args.sink,
+                                                 window=args.window),
+                                     cfg, args.batch, max_len, dtype, seed=3)
+                state = dict(caches=tuple(RetrievalCache(kv) for kv in ring), start=context)
+                with host_offload.registered(store) as handle:
+                    bound = dataclasses.replace(policy, handle=jnp.int32(handle))
+                    rows = retrieval_rows(row, params, cfg, bound, state, args, max_len,
+                                          store, rss0)
+            else:
+                state = dict(caches=random_caches(policy, cfg, args.batch, max_len, dtype,
+                                                  seed=3), start=context)
+                row.update(time_decode(params, cfg, policy, state, args, max_len))
+            del state, store
+            gc.collect()
+            full_ms = row["ms_per_token"] if method == "full" else full_ms
+            for row in rows:
+                _finish(row, full_ms)
+                _report(args, record, row)
 
 
 def run_real(args, record, dtype) -> None:
@@ -328,32 +324,37 @@ def run_real(args, record, dtype) -> None:
         tokens[:, :context] = ids[:context]
         lengths = jnp.full((args.batch,), context, jnp.int32)
         full_ms = None
-        for method in args.methods:
-            for index, scan in (args.index if method == "retrieval" else [(None, None)]):
-                row = dict(context=context, method=method if index is None else
-                           f"retrieval:{index}", scan=scan)
-                policy = _policy(method, index, scan, args)
-                rss0 = resident_bytes()
-                with policy.session(cfg, args.batch, max_len) as bound:
-                    _, caches = prefill_tokens(params, bound, jnp.asarray(tokens), lengths,
-                                               cfg=cfg, max_len=max_len, chunk_size=chunk)
-                    t0 = time.perf_counter()
-                    caches = bound.after_prefill(caches, lengths)
-                    jax.block_until_ready(caches)
-                    state = dict(caches=caches, start=context)
-                    rows = [row]
-                    if method == "retrieval":
-                        row["build_s"] = time.perf_counter() - t0
-                        rows = retrieval_rows(row, params, cfg, bound, state, args, max_len,
-                                              host_offload.lookup(bound.handle), rss0)
-                    else:
-                        row.update(time_decode(params, cfg, bound, state, args, max_len))
-                del caches, state
-                gc.collect()
-                full_ms = row["ms_per_token"] if method == "full" else full_ms
-                for row in rows:
-                    _finish(row, full_ms)
-                    _report(args, record, row)
+        for method, row, policy in _rows(args, context):
+            rss0 = resident_bytes()
+            with policy.session(cfg, args.batch, max_len) as bound:
+                _, caches = prefill_tokens(params, bound, jnp.asarray(tokens), lengths,
+                                           cfg=cfg, max_len=max_len, chunk_size=chunk)
+                t0 = time.perf_counter()
+                caches = bound.after_prefill(caches, lengths)
+                jax.block_until_ready(caches)
+                state = dict(caches=caches, start=context)
+                rows = [row]
+                if method == "retrieval":
+                    row["build_s"] = time.perf_counter() - t0
+                    rows = retrieval_rows(row, params, cfg, bound, state, args, max_len,
+                                          host_offload.lookup(bound.handle), rss0)
+                else:
+                    row.update(time_decode(params, cfg, bound, state, args, max_len))
+            del caches, state
+            gc.collect()
+            full_ms = row["ms_per_token"] if method == "full" else full_ms
+            for row in rows:
+                _finish(row, full_ms)
+                _report(args, record, row)
+
+
+def _rows(args, context):
+    """``(method, row, policy)`` for each method, and for retrieval each (index, scan)."""
+    for method in args.methods:
+        for index, scan in (args.index if method == "retrieval" else [(None, None)]):
+            row = dict(context=context, method=method if index is None else
+                       f"retrieval:{index}", scan=scan)
+            yield method, row, _policy(method, index, scan, args)
 
 
 def _policy(method: str, index: str | None, scan: float | None, args):

@@ -178,7 +178,6 @@ class Recycled(AttentionPolicy):
         if phase:
             return caches
         lengths = (positions[:, 0] + 1).astype(jnp.int32)
-        fresh = jnp.stack([c.fresh for c in caches])
 
         def select(caches):
             scores = jnp.stack([c.scores for c in caches])  # [L, B, Hkv, T]
@@ -190,7 +189,8 @@ class Recycled(AttentionPolicy):
 
         if self.similarity is None:  # every layer took a full step
             return select(caches)
-        return jax.lax.cond(jnp.any(fresh), select, lambda c: c, caches)
+        fresh = jnp.any(jnp.stack([c.fresh for c in caches]))
+        return jax.lax.cond(fresh, select, lambda c: c, caches)
 
     def _kept(self, lengths, t):
         """Scores ``[B, 1, T]`` (``-inf`` elsewhere) that rank the first ``sink`` and the last
