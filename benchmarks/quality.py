@@ -3,7 +3,8 @@
 Runs every (task, method) pair in one process, so compiled functions are shared between tasks
 of the same shapes. Writes ``<out>/<task>_<method>.json`` and ``<out>/summary.json`` after every
 length (a run cut short keeps what it finished), a ``.png`` heatmap per pair, and prints one table
-per pair and a summary of mean accuracy per length.
+per pair and a summary of mean accuracy per length. ``--resume`` picks up a cut run: lengths that
+``<out>`` already holds for a pair (same samples and dtype) are kept, not rerun.
 
     python -m benchmarks.quality --tasks passkey,niah --methods full,streaming:sink=64:window=256 \\
         --lengths 1024,2048,4096,8192 --samples 20 --haystack-file data.txt --out results/
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", type=pathlib.Path, required=True)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the lengths --out already holds for a (task, method) pair")
     args = ap.parse_args(argv)
 
     model = load_model(args.model, jnp.dtype(args.dtype))
@@ -53,8 +56,12 @@ def main(argv=None) -> int:
         for spec in args.methods.split(","):
             policy = policy_from_spec(spec)
             name = f"{task}_{file_stem(spec)}"
-            record = None
+            record = _done_record(args, name) if args.resume else None
+            done = [] if record is None else [n for n in lengths if str(n) in record["cache_bytes"]]
+            summary += [_summary_row(task, spec, n, record) for n in done]
             for n in lengths:  # one length at a time, written as it ends: a cut run keeps its rows
+                if n in done:
+                    continue
                 part = run_eval(model, policy, task, [n], depths, args.samples, mode=args.mode,
                                 haystack=haystack if task == "niah" else None,
                                 batch_size=args.batch_size, chunk_size=args.chunk_size)
@@ -62,10 +69,7 @@ def main(argv=None) -> int:
                 record.update(model=args.model, dtype=args.dtype, method_spec=spec,
                               device=jax.devices()[0].device_kind)
                 (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
-                cells = [r for r in part["results"] if r["length"] == n]
-                summary.append(dict(task=task, method=spec, length=n,
-                                    accuracy=sum(r["accuracy"] for r in cells) / len(cells),
-                                    cache_bytes=part["cache_bytes"][str(n)]))
+                summary.append(_summary_row(task, spec, n, part))
                 (args.out / "summary.json").write_text(json.dumps(dict(
                     mode=args.mode, samples_per_cell=args.samples, depths=depths,
                     dtype=args.dtype, command=command, rows=summary), indent=2))
@@ -84,6 +88,25 @@ def file_stem(spec: str) -> str:
     """A method spec as a file name: ``locret:budget=1024:heads=runs/x`` ->
     ``locret_budget1024_headsruns_x`` (a path in an option must not become a directory)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec.replace("=", "")).strip("_")
+
+
+def _done_record(args, name: str) -> dict | None:
+    """The record a cut run left for a pair, if it ran with these samples and dtype."""
+    path = args.out / f"{name}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    same = (record.get("dtype") == args.dtype and record.get("mode") == args.mode
+            and all(r["n"] == args.samples for r in record["results"]))
+    return record if same else None
+
+
+def _summary_row(task: str, spec: str, n: int, record: dict) -> dict:
+    """Mean accuracy over a length's depths, and its cache bytes."""
+    cells = [r for r in record["results"] if r["length"] == n]
+    return dict(task=task, method=spec, length=n,
+                accuracy=sum(r["accuracy"] for r in cells) / len(cells),
+                cache_bytes=record["cache_bytes"][str(n)])
 
 
 def _extend(record: dict, part: dict) -> dict:

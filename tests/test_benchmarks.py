@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from benchmarks import decode, merge_quality
+from benchmarks import decode, merge_quality, quality
 from benchmarks.quality import file_stem
 from longctx_jax import profiling
 
@@ -44,6 +44,30 @@ def test_a_merged_folder_merges_again(tmp_path):
     rows = merge_quality.merge([tmp_path / "ab", tmp_path / "c"], tmp_path / "abc")
     assert [(r["length"], r["command"]) for r in rows] == [
         (2048, "run a"), (4096, "run b"), (8192, "run c")]
+
+
+def test_quality_resume_runs_only_the_missing_lengths(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_eval(model, policy, task, lengths, depths, samples, **kw):
+        ran.append((task, lengths[0]))
+        return dict(task=task, mode=kw["mode"], results=[dict(length=lengths[0], depth=d,
+                                                              accuracy=0.5, n=samples)
+                                                         for d in depths],
+                    cache_bytes={str(lengths[0]): 1}, seconds=1.0)
+
+    monkeypatch.setattr(quality, "load_model", lambda *a: None)
+    monkeypatch.setattr(quality, "run_eval", fake_eval)
+    monkeypatch.setattr(quality, "heatmap", lambda *a, **k: None)
+    monkeypatch.setattr(quality, "format_table", lambda record: "")
+    argv = ["--tasks", "passkey", "--methods", "full", "--samples", "2", "--out", str(tmp_path)]
+    quality.main(argv + ["--lengths", "1024"])
+    quality.main(argv + ["--lengths", "1024,2048", "--resume"])
+    assert ran == [("passkey", 1024), ("passkey", 2048)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["length"] for r in summary["rows"]] == [1024, 2048]
+    quality.main(argv + ["--lengths", "1024", "--resume", "--samples", "4"])  # not comparable
+    assert ran[-1] == ("passkey", 1024)
 
 
 def test_command_for_picks_the_task_of_a_per_task_summary():
