@@ -98,16 +98,20 @@ def smem_bytes(tiles: Tiles, d: int, itemsize: int) -> int:
 BEST_TILES = Tiles(block_q=128, block_k=128, num_warps=8, num_stages=3)
 EARLIER_TILES = Tiles(block_q=64, block_k=64, num_warps=4, num_stages=3)
 # BEST_TILES' shared memory at bf16, D=128 (224 KiB of the 227 an H100 SM gives one block) is the
-# budget: float32 inputs or wider heads take the earlier tiles, halved until they fit.
+# budget. They were measured on 16-bit inputs only: float32 at D=64 fits the same bytes, but
+# 128 x 128 float32 score and accumulator tiles spill registers (an H200 ran out of memory
+# launching them beside other processes), so float32 and wider heads take the earlier tiles,
+# halved until they fit.
 SMEM_BUDGET = smem_bytes(BEST_TILES, 128, 2)
 
 
 def default_tiles(tq: int, dtype, d: int) -> Tiles:
     """Tiles for a chunk of ``tq`` queries of head dim ``d`` in ``dtype``: :data:`BEST_TILES`
-    where they fit :data:`SMEM_BUDGET`, else :data:`EARLIER_TILES` halved until they do; never
-    taller than the chunk (rounded up to a power of two, at least 16)."""
+    for 16-bit inputs where they fit :data:`SMEM_BUDGET`, else :data:`EARLIER_TILES` halved
+    until they do; never taller than the chunk (rounded up to a power of two, at least 16)."""
     itemsize = jnp.dtype(dtype).itemsize
-    tiles = BEST_TILES if smem_bytes(BEST_TILES, d, itemsize) <= SMEM_BUDGET else EARLIER_TILES
+    tiles = (BEST_TILES if itemsize == 2 and smem_bytes(BEST_TILES, d, itemsize) <= SMEM_BUDGET
+             else EARLIER_TILES)
     while smem_bytes(tiles, d, itemsize) > SMEM_BUDGET and tiles.block_k > 16:
         tiles = dataclasses.replace(tiles, block_q=max(16, tiles.block_q // 2),
                                     block_k=tiles.block_k // 2)

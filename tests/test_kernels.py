@@ -631,6 +631,7 @@ def test_band_default_tiles_fit_shared_memory():
     assert BEST_TILES.label() == "q128k128w8s3" and EARLIER_TILES.label() == "q64k64w4s3"
     assert default_tiles(4096, bf16, 128) == default_tiles(4096, jnp.float16, 64) == BEST_TILES
     assert default_tiles(4096, f32, 128) == default_tiles(4096, bf16, 256) == EARLIER_TILES
+    assert default_tiles(4096, f32, 64) == EARLIER_TILES  # the same bytes as bf16 at 128: spills
     assert default_tiles(4096, f32, 256).label() == "q32k32w4s3"
     assert default_tiles(40, bf16, 128).label() == "q64k128w8s3"  # no taller than the chunk
     assert default_tiles(1, f32, 128).label() == "q16k64w4s3"
