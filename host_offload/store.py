@@ -22,10 +22,13 @@ where its time goes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
 import dataclasses
 import functools
 import math
 import os
+import pathlib
 import time
 
 import numpy as np
@@ -49,6 +52,45 @@ def workers(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     rest of the host's work, where these threads sleep."""
     return concurrent.futures.ThreadPoolExecutor(threads, "retrieval-host",
                                                  initializer=_one_openmp_thread)
+
+
+@functools.cache
+def _numpy_openblas():
+    """``(set, get)``: the thread count of the OpenBLAS numpy runs on (found among the loaded
+    libraries, faiss's own copy left out), or ``None`` for another BLAS."""
+    try:
+        maps = pathlib.Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = {line.split()[-1] for line in maps.splitlines() if "openblas" in line.split()[-1]}
+    for path in sorted(p for p in paths if "faiss" not in p):
+        lib = ctypes.CDLL(path)
+        for suffix in ("64_", ""):
+            for prefix in ("scipy_openblas_", "openblas_"):
+                setter = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    setter.argtypes, setter.restype = [ctypes.c_int], None
+                    getter.argtypes, getter.restype = [], ctypes.c_int
+                    return setter, getter
+    return None
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """numpy's BLAS on one thread for the duration: a step's products are small, and a BLAS
+    thread team woken by one of them spins afterwards against the step's own workers."""
+    blas = _numpy_openblas()
+    if blas is None:
+        yield
+        return
+    setter, getter = blas
+    before = getter()
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def _one_openmp_thread() -> None:
@@ -241,9 +283,15 @@ class RetrievalStore:
         Hkv, D]`` at ``evicted [B]``), then retrieve for ``q [B, Hq, D]``. Returns
         ``(o [B, Hq, D], lse [B, Hq])`` float32 with ``attend``, else the retrieved positions
         ``[B, Hkv, k]`` int32 (``-1``: none)."""
+        with one_blas_thread():
+            return self._step(layer, q, k, v, evicted, attend=attend)
+
+    def _step(self, layer, q, k, v, evicted, *, attend):
         stats = self.stats
+        pool = workers(self.threads)
         t0 = time.perf_counter()
-        self.insert(layer, k, v, evicted)
+        # On a worker too: its faiss calls (the lists' adds) then run on one OpenMP thread.
+        pool.submit(self.insert, layer, k, v, evicted).result()
         t1 = time.perf_counter()
         b_, hq, d = q.shape
         hkv = k.shape[1]
@@ -251,7 +299,6 @@ class RetrievalStore:
         out = ((np.empty(qg.shape, np.float32), np.empty(qg.shape[:3], np.float32)) if attend
                else np.empty((b_, hkv, self.k), np.int32))
         spans = np.linspace(0, hkv, min(hkv, -(-self.threads // b_)) + 1).astype(int).tolist()
-        pool = workers(self.threads)
         futures = [pool.submit(self._part, layer, qg, out, b, first, end) for b in range(b_)
                    for first, end in zip(spans[:-1], spans[1:])]
         scanned, stored, searching, attending = np.sum([f.result() for f in futures], 0)

@@ -352,3 +352,16 @@ def test_index_benchmark_sweeps_recall_against_keys_scanned():
     assert bench.fewest_scanned(rows, "ivf", top) is not None
     assert bench.fewest_scanned(rows, "ivf", 1.01) is None
     assert bench.recall(np.array([[1, 2, -1]]), np.array([[2, 3, 1]])) == pytest.approx(2 / 3)
+
+
+def test_one_blas_thread_sets_numpys_blas_to_one_thread_and_restores_it():
+    from host_offload.store import _numpy_openblas, one_blas_thread
+
+    blas = _numpy_openblas()
+    if blas is None:
+        pytest.skip("numpy is not on OpenBLAS here")
+    setter, getter = blas
+    before = getter()
+    with one_blas_thread():
+        assert getter() == 1
+    assert getter() == before
