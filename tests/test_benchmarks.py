@@ -297,3 +297,38 @@ def test_prefill_flops_and_peaks():
         prefill.parse_kernel("flash", None)
     with pytest.raises(ValueError, match="needs --sweep"):
         prefill.parse_kernel("band:best", None)
+
+
+def test_quality_grid_expands_the_length_in_methods():
+    from benchmarks.quality_grid import cells, expand
+
+    assert expand("full,recycled:topk={L//8},streaming:sink=64:window={L//8-64}", 2048) == [
+        "full", "recycled:topk=256", "streaming:sink=64:window=192"]
+    with pytest.raises(ValueError, match="integer arithmetic on L"):
+        expand("full:x={__import__('os')}", 2048)
+    assert [(t, n) for t, n, _ in cells(["a", "b"], [1024, 4096], "full")] == [
+        ("a", 4096), ("b", 4096), ("a", 1024), ("b", 1024)]
+
+
+def test_quality_grid_runs_every_cell_and_merges(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from benchmarks import quality_grid
+
+    fake = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[1]); out.mkdir(); "
+            "n = int(sys.argv[2]); spec = sys.argv[3]; "
+            "r = dict(task='niah', variant='single', method=spec, mode='generate', "
+            "results=[dict(length=n, depth=0.0, accuracy=0.5, n=2)], cache_bytes={str(n): 1}, "
+            "seconds=1.0, model='smollm2', dtype='float32', method_spec=spec); "
+            "(out / f'niah_{spec}.json').write_text(json.dumps(r)); "
+            "(out / 'summary.json').write_text(json.dumps(dict(command='fake ' + spec, rows=[])))")
+    monkeypatch.setattr(quality_grid, "command", lambda args, task, n, spec, out: [
+        sys.executable, "-c", fake, str(out), str(n), spec.replace(":", "_").replace("=", "")])
+    assert quality_grid.main(["--tasks", "niah", "--lengths", "1024,2048", "--methods",
+                              "full,streaming:window={L//4}", "--processes", "2",
+                              "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted((r["method"], r["length"]) for r in summary["rows"]) == [
+        ("full", 1024), ("full", 2048), ("streaming_window256", 1024),
+        ("streaming_window512", 2048)]
+    assert "4 cell" not in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""A quality grid as several ``benchmarks.quality`` processes sharing one GPU, merged at the end.
+
+A 135M model leaves most of a GPU idle and compiles on one CPU core, so one process per (task,
+length, method) cell, a few at a time, each with its share of device memory, finishes a grid
+several times sooner than one process. Methods may name the length: ``{L}`` and integer
+expressions of it (``recycled:topk={L//8}``, ``streaming:sink=64:window={L//8-64}``), so one
+command covers K = T/8 at every length. Each cell writes ``<out>/runs/<task>_<L>_<method>``
+(with ``--resume``: a rerun keeps what a cut run finished) and its log beside it; the merged grid
+goes to ``<out>`` (``benchmarks.merge_quality``). The longest lengths start first.
+
+    python -m benchmarks.quality_grid --tasks passkey,niah,kv --lengths 2048,4096,8192 \\
+        --methods full,streaming:sink=64:window={L//8-64},recycled:topk={L//8}:stride=10 \\
+        --samples 20 --dtype float32 --haystack-file data.txt --processes 8 --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+from benchmarks import merge_quality
+from benchmarks.quality import file_stem
+
+_FIELD = re.compile(r"\{([^{}]*)\}")
+_EXPRESSION = re.compile(r"[L0-9+\-*/() ]+")
+
+
+def expand(methods: str, length: int) -> list[str]:
+    """The comma list ``methods`` at ``length``: each ``{...}`` an integer expression of ``L``."""
+    def value(match: re.Match) -> str:
+        expr = match.group(1)
+        if not _EXPRESSION.fullmatch(expr):
+            raise ValueError(f"bad field {{{expr}}} in --methods: integer arithmetic on L only")
+        return str(int(eval(expr, {"__builtins__": {}}, {"L": length})))  # checked above
+    return _FIELD.sub(value, methods).split(",")
+
+
+def cells(tasks: list[str], lengths: list[int], methods: str) -> list[tuple[str, int, str]]:
+    """Every (task, length, method), longest length first (it takes longest)."""
+    return [(task, n, spec) for n in sorted(lengths, reverse=True) for task in tasks
+            for spec in expand(methods, n)]
+
+
+def command(args, task: str, length: int, spec: str, out: pathlib.Path) -> list[str]:
+    """The ``benchmarks.quality`` command of one cell."""
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--tasks", task, "--lengths", str(length),
+           "--methods", spec, "--samples", str(args.samples), "--batch-size",
+           str(args.batch_size), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype,
+           "--depths", args.depths, "--mode", args.mode, "--model", args.model, "--out", str(out),
+           "--resume"]
+    return cmd + (["--haystack-file", args.haystack_file] if args.haystack_file else [])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tasks", default="passkey,niah")
+    ap.add_argument("--methods", required=True, help="comma list; {L}: the length")
+    ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--mode", default="generate")
+    ap.add_argument("--haystack-file", default=None)
+    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--processes", type=int, default=8, help="cells running at once")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds a cell may run (a cut cell keeps its finished lengths)")
+    ap.add_argument("--out", type=pathlib.Path, required=True)
+    args = ap.parse_args(argv)
+    if args.processes < 1:
+        ap.error("--processes must be >= 1")
+    try:
+        todo = cells(args.tasks.split(","), [int(n) for n in args.lengths.split(",")],
+                     args.methods)
+    except ValueError as e:
+        ap.error(str(e))
+    runs = args.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    # Each process preallocates its share; CUDA graphs (command buffers) would take memory
+    # outside it, and several processes' worth of them ran a shared card out of memory.
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.processes:.3f}")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+    running: list[tuple[subprocess.Popen, str, float]] = []
+    failed = []
+    t0 = time.perf_counter()
+
+    def reap(block: bool) -> None:
+        while running and (block or any(p.poll() is not None for p, *_ in running)):
+            for item in list(running):
+                proc, name, start = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                status = "done" if proc.returncode == 0 else f"exit {proc.returncode}"
+                if proc.returncode:
+                    failed.append(name)
+                print(f"[{time.perf_counter() - t0:7.0f}s] {name}: {status} in "
+                      f"{time.perf_counter() - start:.0f}s", flush=True)
+            if block and running:
+                time.sleep(1)
+
+    for task, n, spec in todo:
+        while len(running) >= args.processes:
+            reap(block=False)
+            time.sleep(1)
+        name = f"{task}_{n}_{file_stem(spec)}"
+        cmd = command(args, task, n, spec, runs / name)
+        if args.timeout:
+            cmd = ["timeout", str(int(args.timeout))] + cmd
+        log = open(runs / f"{name}.log", "w")
+        running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT),
+                        name, time.perf_counter()))
+        log.close()
+    reap(block=True)
+    folders = [f for f in sorted(runs.iterdir()) if (f / "summary.json").exists()]
+    if folders:
+        rows = merge_quality.merge(folders, args.out)
+        print(f"\n{'task':<8} {'method':<56} {'length':>6} {'accuracy':>8}")
+        for r in rows:
+            print(f"{r['task']:<8} {r['method']:<56} {r['length']:>6} {r['accuracy']:>8.2f}")
+    if failed:
+        print(f"{len(failed)} cell(s) did not finish (logs in {runs}): {', '.join(failed)}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
