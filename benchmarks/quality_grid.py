@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     # outside it, and several processes' worth of them ran a shared card out of memory.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.processes:.3f}")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+    # And its share of the host's cores for OpenMP and BLAS (faiss's index builds, numpy).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // args.processes)))
     running: list[tuple[subprocess.Popen, str, float]] = []
     failed = []
     t0 = time.perf_counter()
