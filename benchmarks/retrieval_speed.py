@@ -134,7 +134,7 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
                            group=cfg.num_heads // cfg.num_kv_heads,
                            train_queries=args.train_queries, min_index_keys=policy.min_index_keys,
                            train_per_list=args.train_per_list or 64,
-                           threads=args.host_threads[0])
+                           threads=args.host_threads[0][0], openmp=args.host_threads[0][1])
     pos = np.arange(policy.sink, context - policy.window)
     qpos = np.arange(0, context, store.query_stride)
     faiss = hindex.faiss_module()
@@ -224,10 +224,11 @@ def run_host_only(args, record) -> None:
     for context in args.contexts:
         for index, scan in args.index:
             store, build_s = host_store(cfg, args, context, index, scan, args.host_layers)
-            for threads in args.host_threads:
+            for threads, openmp in args.host_threads:
                 store.threads = threads or default_threads(cfg.num_kv_heads)
+                store.openmp = openmp
                 row = dict(context=context, method=f"retrieval:{index}", scan=scan,
-                           host_threads=store.threads, build_s=build_s,
+                           host_threads=store.threads, host_openmp=openmp, build_s=build_s,
                            **time_host_steps(store, cfg, args, args.host_layers))
                 _report(args, record, row)
             del store
@@ -253,11 +254,13 @@ def retrieval_rows(row, params, cfg, policy, state: dict, args, max_len: int, st
     """``row`` at each of ``args.host_threads`` worker threads of ``store`` (decoding on from
     ``state``), with the host's share: what :func:`time_decode` measured, the store's memory."""
     rows = []
-    for threads in args.host_threads:
+    for threads, openmp in args.host_threads:
         store.threads = threads or default_threads(cfg.num_kv_heads)
+        store.openmp = openmp
         timed = time_decode(params, cfg, policy, state, args, max_len, store)
         rss = resident_bytes()
-        rows.append(dict(row, **timed, host_threads=store.threads, host_bytes=store.nbytes(),
+        rows.append(dict(row, **timed, host_threads=store.threads, host_openmp=openmp,
+                         host_bytes=store.nbytes(),
                          rss_growth_bytes=None if rss0 is None or rss is None else rss - rss0))
     return rows
 
@@ -360,7 +363,7 @@ def _rows(args, context):
 def _policy(method: str, index: str | None, scan: float | None, args):
     if method == "retrieval":
         return make_policy("retrieval", sink=args.sink, window=args.window, k=args.k,
-                           index=index, scan=scan, host_threads=args.host_threads[0])
+                           index=index, scan=scan, host_threads=args.host_threads[0][0])
     if method == "streaming":
         return make_policy("streaming", sink=args.sink, window=args.window)
     return make_policy(method)
@@ -387,7 +390,7 @@ def _line(row) -> str:
     head = f"ctx={row['context']:<7} {_label(row):<26}"
     if "parts_ms" in row:
         parts = row["parts_ms"]
-        return (f"{head} {row['host_threads']:>2} threads: {row['wall_ms']:.3f} ms per layer "
+        return (f"{head} {_threads(row):>5} threads: {row['wall_ms']:.3f} ms per layer "
                 f"step (CPU: caller {row['caller_cpu_ms']:.3f}, process "
                 f"{row['process_cpu_ms']:.3f}; insert {parts['insert']:.3f}, search "
                 f"{parts['search']:.3f}, attention {parts['attend']:.3f}), "
@@ -399,11 +402,17 @@ def _line(row) -> str:
         host = row["host_ms_per_token"]
         line += (f"  host {host['total']:.2f} (insert {host['insert']:.2f}, search "
                  f"{host['search']:.2f}, attention {host['attend']:.2f}) ms/token in "
-                 f"{row['host_calls_per_token']:.0f} calls on {row['host_threads']} threads, "
+                 f"{row['host_calls_per_token']:.0f} calls on {_threads(row)} threads, "
                  f"{100 * row['keys_scanned']:.2f}% "
                  f"of keys scanned, {row['host_bytes'] / 2**30:.2f} GiB on the host, built in "
                  f"{row['build_s']:.0f} s")
     return line
+
+
+def _threads(row) -> str:
+    """``8`` (workers), or ``2x8`` (workers x OpenMP threads of each)."""
+    openmp = row.get("host_openmp", 1)
+    return f"{row['host_threads']}" + (f"x{openmp}" if openmp > 1 else "")
 
 
 def table(rows) -> str:
@@ -468,7 +477,8 @@ def main(argv=None) -> int:
                     help="time the host step alone, without a device (llama3-8b shape)")
     ap.add_argument("--host-threads", default="0",
                     help="comma list of worker threads of the host step, each timed on the same "
-                         "store (0: the store's default)")
+                         "store (0: the store's default); WxO: W workers whose faiss calls run "
+                         "on O OpenMP threads each (1x16: one call for every head)")
     ap.add_argument("--host-layers", type=int, default=1, help="layers in the store (--host-only)")
     ap.add_argument("--host-steps", type=int, default=200,
                     help="timed step calls (--host-only)")
@@ -483,7 +493,13 @@ def main(argv=None) -> int:
         ap.error("--short must be below --long")
     if args.host_only and real:
         ap.error("--host-only takes the llama3-8b shape")
-    args.host_threads = [int(t) for t in args.host_threads.split(",")]
+    try:
+        args.host_threads = [(int(w), int(o[0]) if o else 1) for w, *o in
+                             (t.split("x") for t in args.host_threads.split(","))]
+    except ValueError:
+        ap.error(f"--host-threads: want a comma list of W or WxO, got {args.host_threads!r}")
+    if any(w < 0 or o < 1 for w, o in args.host_threads):
+        ap.error("--host-threads: workers >= 0, OpenMP threads >= 1")
     dtype = jnp.dtype(args.dtype)
     faiss = hindex.faiss_module()
     if args.host_only:

@@ -45,13 +45,15 @@ def default_threads(kv_heads: int) -> int:
 
 
 @functools.cache
-def workers(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    """``threads`` worker threads kept for the stores' steps, each running faiss on one OpenMP
-    thread (faiss and numpy's heavy loops release the GIL). A step is a few milliseconds of
-    work, once per layer per token: an OpenMP team would spin between the calls, against the
-    rest of the host's work, where these threads sleep."""
-    return concurrent.futures.ThreadPoolExecutor(threads, "retrieval-host",
-                                                 initializer=_one_openmp_thread)
+def workers(threads: int, openmp: int = 1) -> concurrent.futures.ThreadPoolExecutor:
+    """``threads`` worker threads kept for the stores' steps, each running faiss on ``openmp``
+    OpenMP threads (faiss and numpy's heavy loops release the GIL). A step is a few
+    milliseconds of work, once per layer per token: by default the parallelism is the workers'
+    (an OpenMP team spins between the calls, against the rest of the host's work, where these
+    threads sleep); ``openmp > 1`` lets one faiss call search several heads' queries at once,
+    with less Python per step."""
+    return concurrent.futures.ThreadPoolExecutor(
+        threads, "retrieval-host", initializer=functools.partial(_openmp_threads, openmp))
 
 
 @functools.cache
@@ -93,9 +95,9 @@ def one_blas_thread():
         setter(before)
 
 
-def _one_openmp_thread() -> None:
+def _openmp_threads(n: int) -> None:
     try:
-        hindex.faiss_module().omp_set_num_threads(1)  # this thread's faiss calls only
+        hindex.faiss_module().omp_set_num_threads(n)  # this thread's faiss calls only
     except hindex.MissingFaiss:
         pass
 
@@ -165,13 +167,15 @@ class RetrievalStore:
     ``values=False`` keeps keys only (the device attends over its own copy).
     ``train_per_list``: the ivf index's k-means sample per list.
     ``threads``: the worker threads a step searches and attends on (:func:`workers`; ``0``:
-    :func:`default_threads`), an attribute.
+    :func:`default_threads`), and ``openmp`` the OpenMP threads of each one's faiss calls;
+    attributes.
     """
 
     def __init__(self, batch: int, layers: int, kv_heads: int, head_dim: int, *, kind: str,
                  k: int, scan: float, max_len: int, group: int, train_queries: int = 8192,
                  values: bool = True, min_index_keys: int = MIN_INDEX_KEYS,
-                 train_per_list: int = hindex.TRAIN_PER_LIST, threads: int = 0):
+                 train_per_list: int = hindex.TRAIN_PER_LIST, threads: int = 0,
+                 openmp: int = 1):
         self.kind, self.k, self.scan, self.min_index_keys = kind, k, scan, min_index_keys
         self.values, self.train_per_list, self.capacity = values, train_per_list, max_len
         self.scale = head_dim ** -0.5
@@ -179,6 +183,7 @@ class RetrievalStore:
         self.layers = [[_Layer(max_len) for _ in range(layers)] for _ in range(batch)]
         self.stats = HostStats()
         self.threads = threads or default_threads(kv_heads)
+        self.openmp = openmp
 
     @staticmethod
     def host_bytes(batch: int, layers: int, kv_heads: int, head_dim: int, max_len: int, *,
@@ -288,9 +293,10 @@ class RetrievalStore:
 
     def _step(self, layer, q, k, v, evicted, *, attend):
         stats = self.stats
-        pool = workers(self.threads)
+        pool = workers(self.threads, self.openmp)
         t0 = time.perf_counter()
-        # On a worker too: its faiss calls (the lists' adds) then run on one OpenMP thread.
+        # On a worker too: its faiss calls (the lists' adds) then run on the workers' OpenMP
+        # threads, not on a team of the calling thread's that would spin after.
         pool.submit(self.insert, layer, k, v, evicted).result()
         t1 = time.perf_counter()
         b_, hq, d = q.shape

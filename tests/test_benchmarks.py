@@ -223,13 +223,14 @@ def test_retrieval_speed_times_the_host_step_alone(tmp_path, monkeypatch):
     out = tmp_path / "host.json"
     assert retrieval_speed.main(["--host-only", "--contexts", "600", "--index", "ivf,flat",
                                  "--sink", "8", "--window", "32", "--scan", "0.2",
-                                 "--host-threads", "1,2", "--host-layers", "2", "--host-steps",
+                                 "--host-threads", "1,2x2", "--host-layers", "2", "--host-steps",
                                  "6", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert "no device" in record["mode"] and record["host_layers"] == 2
     rows = record["rows"]
-    assert [(r["method"], r["host_threads"]) for r in rows] == [
-        ("retrieval:ivf", 1), ("retrieval:ivf", 2), ("retrieval:flat", 1), ("retrieval:flat", 2)]
+    assert [(r["method"], r["host_threads"], r["host_openmp"]) for r in rows] == [
+        ("retrieval:ivf", 1, 1), ("retrieval:ivf", 2, 2), ("retrieval:flat", 1, 1),
+        ("retrieval:flat", 2, 2)]
     for row in rows:
         assert row["wall_ms"] > 0 and row["process_cpu_ms"] > 0
         assert set(row["parts_ms"]) == {"total", "insert", "search", "attend"}

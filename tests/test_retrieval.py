@@ -178,7 +178,8 @@ def test_rows_gather_into_a_given_array_converts_exactly():
 @pytest.mark.parametrize("kind", ["flat", "ivf", "qivf"])
 def test_a_step_split_over_threads_matches_one_thread(kind):
     """A step's search and attention in parts on worker threads (spans of KV heads of each
-    sequence) give what one thread gives, attention and positions alike."""
+    sequence), or on OpenMP threads inside faiss, give what one thread gives, attention and
+    positions alike."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(11)
     b, hkv, g, d, n = 2, 4, 2, 16, 600
@@ -193,8 +194,10 @@ def test_a_step_split_over_threads_matches_one_thread(kind):
         q = rng.normal(size=(b, hkv * g, d)).astype(ml_dtypes.bfloat16)
         new_k, new_v = rng.normal(size=(2, b, hkv, d)).astype(ml_dtypes.bfloat16)
         outs = []
-        for threads in (1, 3, 8):  # 2, 4 and 8 parts; a token already stored is not re-added
-            store.threads = threads
+        # 2, 4 and 8 parts, and one part whose faiss calls run on 4 OpenMP threads; a token
+        # already stored is not re-added.
+        for threads, openmp in ((1, 1), (3, 1), (8, 1), (1, 4)):
+            store.threads, store.openmp = threads, openmp
             outs.append((*store.step(0, q, new_k, new_v, np.full(b, n + step), attend=True),
                          store.step(0, q, new_k, new_v, np.full(b, n + step), attend=False)))
         for got in outs[1:]:
