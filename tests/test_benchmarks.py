@@ -333,3 +333,17 @@ def test_quality_grid_runs_every_cell_and_merges(tmp_path, monkeypatch, capsys):
         ("full", 1024), ("full", 2048), ("streaming_window256", 1024),
         ("streaming_window512", 2048)]
     assert "4 cell" not in capsys.readouterr().err
+
+
+def test_quality_grid_reports_the_cells_that_did_not_finish(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from benchmarks import quality_grid
+
+    monkeypatch.setattr(quality_grid, "command", lambda args, task, n, spec, out: [
+        sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    assert quality_grid.main(["--tasks", "niah", "--lengths", "1024", "--methods", "full",
+                              "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "1 cell(s) did not finish" in err and "niah_1024_full" in err
+    assert (tmp_path / "runs" / "niah_1024_full.log").read_text().strip() == "boom"
