@@ -94,34 +94,32 @@ def main(argv=None) -> int:
     failed = []
     t0 = time.perf_counter()
 
-    def reap(block: bool) -> None:
-        while running and (block or any(p.poll() is not None for p, *_ in running)):
-            for item in list(running):
-                proc, name, start = item
-                if proc.poll() is None:
-                    continue
-                running.remove(item)
-                status = "done" if proc.returncode == 0 else f"exit {proc.returncode}"
-                if proc.returncode:
-                    failed.append(name)
-                print(f"[{time.perf_counter() - t0:7.0f}s] {name}: {status} in "
-                      f"{time.perf_counter() - start:.0f}s", flush=True)
-            if block and running:
-                time.sleep(1)
+    def reap() -> None:
+        """Report and drop the cells that have ended."""
+        for item in [item for item in running if item[0].poll() is not None]:
+            running.remove(item)
+            proc, name, start = item
+            if proc.returncode:
+                failed.append(name)
+            status = f"exit {proc.returncode}" if proc.returncode else "done"
+            print(f"[{time.perf_counter() - t0:7.0f}s] {name}: {status} in "
+                  f"{time.perf_counter() - start:.0f}s", flush=True)
 
     for task, n, spec in todo:
         while len(running) >= args.processes:
-            reap(block=False)
             time.sleep(1)
+            reap()
         name = f"{task}_{n}_{file_stem(spec)}"
         cmd = command(args, task, n, spec, runs / name)
         if args.timeout:
             cmd = ["timeout", str(int(args.timeout))] + cmd
-        log = open(runs / f"{name}.log", "w")
-        running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT),
-                        name, time.perf_counter()))
-        log.close()
-    reap(block=True)
+        with open(runs / f"{name}.log", "w") as log:
+            running.append((subprocess.Popen(cmd, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT),
+                            name, time.perf_counter()))
+    while running:
+        time.sleep(1)
+        reap()
     folders = [f for f in sorted(runs.iterdir()) if (f / "summary.json").exists()]
     if folders:
         rows = merge_quality.merge(folders, args.out)

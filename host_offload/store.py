@@ -282,16 +282,13 @@ class RetrievalStore:
             lse = np.log(total) + top[..., 0]
         return o, lse
 
+    @one_blas_thread()
     def step(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, evicted: np.ndarray,
              *, attend: bool):
         """One decode step of ``layer`` for the batch: insert the evicted tokens (``k, v [B,
         Hkv, D]`` at ``evicted [B]``), then retrieve for ``q [B, Hq, D]``. Returns
         ``(o [B, Hq, D], lse [B, Hq])`` float32 with ``attend``, else the retrieved positions
         ``[B, Hkv, k]`` int32 (``-1``: none)."""
-        with one_blas_thread():
-            return self._step(layer, q, k, v, evicted, attend=attend)
-
-    def _step(self, layer, q, k, v, evicted, *, attend):
         stats = self.stats
         pool = workers(self.threads, self.openmp)
         t0 = time.perf_counter()
