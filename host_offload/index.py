@@ -40,6 +40,7 @@ studies use.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -68,11 +69,13 @@ def faiss_module():
 
 
 def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None, *,
-                     k: int = 100, scan: float = 0.1, train_per_list: int = TRAIN_PER_LIST):
+                     k: int = 100, scan: float = 0.1, train_per_list: int = TRAIN_PER_LIST,
+                     device=None):
     """An index of ``kind`` over the keys ``[H, n, D]`` (float32 or bfloat16) of ``keys``, which
     it takes over rather than copies (e.g. a flat index's :attr:`FlatIndex.key_rows`);
     ``queries [H, m, D]`` (each head's prefill queries) train the attention-aware kind;
-    ``train_per_list``: ivf's k-means sample per list."""
+    ``train_per_list``: ivf's k-means sample per list; ``device``: the jax device that trains
+    qivf (:func:`query_hits`)."""
     if kind == "flat":
         return FlatIndex(keys)
     if kind == "ivf":
@@ -82,7 +85,7 @@ def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None,
     if kind == "qivf":
         if queries is None or not queries.shape[1]:
             raise ValueError("the qivf index needs prefill queries")
-        return QueryIVFIndex(keys, np.asarray(queries, np.float32), k, scan)
+        return QueryIVFIndex(keys, np.asarray(queries, np.float32), k, scan, device=device)
     raise ValueError(f"unknown index kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
@@ -500,12 +503,13 @@ class QueryIVFIndex:
     (see the module docstring). ``nlist`` defaults to ``sqrt(n)``."""
 
     def __init__(self, keys: Rows, queries: np.ndarray, k: int, scan: float,
-                 nlist: int | None = None, min_hits: int = 1, iters: int = 10, seed: int = 0):
+                 nlist: int | None = None, min_hits: int = 1, iters: int = 10, seed: int = 0,
+                 device=None):
         self._keys = keys
         n = keys.n
         nlist = min(nlist or max(1, int(round(math.sqrt(n)))), queries.shape[1])
-        built = [_query_lists(as_float32(x), q, k, nlist, min_hits, iters, seed)
-                 for x, q in zip(keys.rows, queries)]
+        built = query_lists(as_float32(keys.rows), queries, k, nlist, min_hits, iters, seed,
+                            device)
         self.centroids_t = np.ascontiguousarray(np.stack([c.T for c, _ in built]))  # [H, D, nlist]
         self.lists = [lists for _, lists in built]  # [H][nlist] row ids, most-ranked first
         self.nlist = nlist
@@ -560,40 +564,106 @@ class QueryIVFIndex:
                 + self.centroids_t.nbytes)
 
 
-def _query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_hits: int,
-                 iters: int, seed: int):
-    """One head's qivf structure from ``keys [n, D]`` and prefill ``queries [m, D]``:
-    ``(centroids [nlist, D], lists)``, each list the keys its cluster's queries rank in their
+def query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_hits: int,
+                iters: int, seed: int, device=None):
+    """Each head's qivf structure from ``keys [H, n, D]`` and prefill ``queries [H, m, D]``:
+    ``[(centroids [nlist, D], lists)]``, each list the keys its cluster's queries rank in their
     top ``k`` (at least ``min_hits`` times; every ranked key in its most-ranking cluster;
     unranked keys in the cluster whose mean query scores them highest), most-ranked first."""
-    n = len(keys)
-    centroids = spherical_kmeans(queries, nlist, iters, seed)
-    hits = np.zeros((nlist, n), np.int32)
-    cluster = np.argmax(queries @ centroids.T, 1)
-    for start in range(0, len(queries), 4096):  # bounded [block, n] score matrices
-        block = slice(start, start + 4096)
-        ids = top_k(queries[block] @ keys.T, k)
-        rows = np.broadcast_to(cluster[block, None], ids.shape)
-        np.add.at(hits, (rows[ids >= 0], ids[ids >= 0]), 1)
-    member = hits >= min_hits
-    member[np.argmax(hits, 0), np.arange(n)] |= hits.max(0) > 0  # every ranked key
-    unranked = np.flatnonzero(~member.any(0))
-    member[np.argmax(keys[unranked] @ centroids.T, 1), unranked] = True
-    return centroids, [np.flatnonzero(row)[np.argsort(-count[row], kind="stable")]
-                       for row, count in zip(member, hits)]
+    n = keys.shape[1]
+    built = []
+    for x, centroids, hits in zip(keys, *query_hits(keys, queries, k, nlist, iters, seed,
+                                                   device)):
+        member = hits >= min_hits
+        member[np.argmax(hits, 0), np.arange(n)] |= hits.max(0) > 0  # every ranked key
+        unranked = np.flatnonzero(~member.any(0))
+        member[np.argmax(x[unranked] @ centroids.T, 1), unranked] = True
+        cluster, key = np.nonzero(member)  # row-major: by cluster, then key
+        count = hits[cluster, key]
+        top = int(count.max(initial=0))
+        # Most-ranked first within a cluster, ties by row: one stable sort of an integer.
+        order = np.argsort(cluster.astype(np.int64) * (top + 1) + (top - count), kind="stable")
+        ends = np.cumsum(np.bincount(cluster, minlength=len(member)))
+        built.append((centroids, np.split(key[order], ends[:-1])))
+    return built
 
 
-def spherical_kmeans(x: np.ndarray, n: int, iters: int, seed: int) -> np.ndarray:
-    """``n`` unit centroids of the directions of ``x [m, D]`` (cosine k-means): queries that
-    point the same way rank keys alike, whatever their norms."""
-    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    rng = np.random.default_rng(seed)
-    centroids = unit[rng.choice(len(unit), n, replace=False)]
-    for _ in range(iters):
-        assign = np.argmax(unit @ centroids.T, 1)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, unit)
-        empty = ~np.bincount(assign, minlength=n).astype(bool)
-        sums[empty] = centroids[empty]
-        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-    return centroids.astype(np.float32)
+def query_hits(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, iters: int,
+               seed: int, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(centroids [H, nlist, D], hits [H, nlist, n])``: per head, ``nlist`` clusters of the
+    directions of ``queries [H, m, D]`` (spherical k-means, ``iters`` rounds from ``nlist``
+    queries drawn with ``seed``), and how often each cluster's queries rank each of ``keys
+    [H, n, D]`` in their exact top ``k``. The bulk of a qivf build (an ``m x n`` product and its
+    top ``k`` per head), so it runs as one XLA computation on jax's default device: where the
+    prompt was just prefilled, a GPU does it in milliseconds (``device``: another, e.g. the
+    CPU from inside a host callback, where a GPU's stream is waiting on the caller). Shapes are
+    padded to buckets, so builds of nearby sizes share a compilation."""
+    import jax
+
+    h, m, d = queries.shape
+    n = keys.shape[1]
+    init = np.random.default_rng(seed).choice(m, nlist, replace=False)
+    mp, np_ = _bucket(m), _bucket(n)
+    if mp > _HITS_BLOCK:
+        mp = -(-m // _HITS_BLOCK) * _HITS_BLOCK
+    q = np.zeros((h, mp, d), np.float32)
+    q[:, :m] = queries
+    x = np.zeros((h, np_, d), np.float32)
+    x[:, :n] = keys
+    args = jax.device_put((q, np.int32(m), x, np.int32(n), init.astype(np.int32)), device)
+    centroids, hits = jax.device_get(_hits_fn()(*args, k=min(k, n), iters=iters))
+    return np.asarray(centroids), np.asarray(hits)[..., :n]
+
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to a multiple of 1/8 of its power of two (at most 12.5% padding)."""
+    step = max(64, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+_HITS_BLOCK = 1024  # queries ranked at once: bounds the [block, n] score matrix
+
+
+@functools.cache
+def _hits_fn():
+    import jax
+    import jax.numpy as jnp
+
+    def dot(a, b):  # exact float32 products (a GPU's default may round inputs to TF32)
+        return jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+
+    def one_head(queries, m, keys, n, init, k, iters):
+        nlist = init.shape[0]
+        valid = jnp.arange(queries.shape[0]) < m
+        unit = queries / jnp.maximum(jnp.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        unit = jnp.where(valid[:, None], unit, 0.0)
+
+        def kmeans(_, c):
+            assign = jnp.argmax(dot(unit, c), 1)
+            sums = jax.ops.segment_sum(unit, assign, nlist)
+            count = jax.ops.segment_sum(valid.astype(jnp.int32), assign, nlist)
+            sums = jnp.where(count[:, None] > 0, sums, c)
+            return sums / jnp.maximum(jnp.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+
+        c = jax.lax.fori_loop(0, iters, kmeans, unit[init])
+        cluster = jnp.where(valid, jnp.argmax(dot(queries, c), 1), nlist)  # nlist: dropped
+        live = jnp.arange(keys.shape[0]) < n
+
+        def rank(hits, block):
+            qb, cb = block
+            scores = jnp.where(live, dot(qb, keys), -jnp.inf)
+            _, ids = jax.lax.top_k(scores, k)
+            flat = (cb[:, None] * keys.shape[0] + ids).reshape(-1)
+            return hits.at[flat].add(1, mode="drop"), None
+
+        block = min(_HITS_BLOCK, queries.shape[0])
+        blocks = (queries.reshape(-1, block, queries.shape[1]), cluster.reshape(-1, block))
+        hits, _ = jax.lax.scan(rank, jnp.zeros(nlist * keys.shape[0], jnp.int32), blocks)
+        return c, hits.reshape(nlist, keys.shape[0])
+
+    @functools.partial(jax.jit, static_argnames=("k", "iters"))
+    def hits_fn(queries, m, keys, n, init, *, k, iters):
+        heads = functools.partial(one_head, k=k, iters=iters)
+        return jax.vmap(heads, (0, None, 0, None, None))(queries, m, keys, n, init)
+
+    return hits_fn

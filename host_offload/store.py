@@ -221,7 +221,10 @@ class RetrievalStore:
         lay.extend(k, v if self.values else None, pos, self.capacity)
         self._maybe_build(lay)
 
-    def _maybe_build(self, lay: _Layer) -> None:
+    def _maybe_build(self, lay: _Layer, device=None) -> None:
+        """Make ``lay``'s index the store's kind once it has the keys (and queries) for it;
+        ``device``: where qivf trains (the default device after prefill; the CPU from a
+        decode step's callback)."""
         if self.kind == "flat" or lay.built or lay.n < self.min_index_keys:
             return
         queries = None
@@ -233,7 +236,8 @@ class RetrievalStore:
             queries = queries.reshape(len(queries), hkv, -1, queries.shape[-1])  # [m, Hkv, g, D]
             queries = queries.transpose(1, 0, 2, 3).reshape(hkv, -1, queries.shape[-1])
         lay.index = hindex.make_heads_index(self.kind, lay.index.key_rows, queries, k=self.k,
-                                            scan=self.scan, train_per_list=self.train_per_list)
+                                            scan=self.scan, train_per_list=self.train_per_list,
+                                            device=device)
         lay.built = True
 
     def insert(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
@@ -243,7 +247,7 @@ class RetrievalStore:
             lay = rows[layer]
             if pos[b] >= 0 and lay.extend(k[b:b + 1], v[b:b + 1] if self.values else None,
                                           pos[b:b + 1], self.capacity):
-                self._maybe_build(lay)
+                self._maybe_build(lay, _cpu())
 
     def retrieve(self, b: int, layer: int, q: np.ndarray, first: int = 0) -> np.ndarray:
         """Row ids ``[h, k]`` (``-1``: none) of the keys that each KV head's query group
@@ -332,3 +336,11 @@ class RetrievalStore:
         else:
             out[b, first:end] = np.where(rows >= 0, lay.pos[np.maximum(rows, 0)], -1)
         return scanned, stored, t1 - t0, time.perf_counter() - t1
+
+
+def _cpu():
+    """The CPU jax device: a decode step's host callback trains there, as the GPU's stream is
+    waiting on the callback."""
+    import jax
+
+    return jax.devices("cpu")[0]

@@ -368,3 +368,37 @@ def test_one_blas_thread_sets_numpys_blas_to_one_thread_and_restores_it():
     with one_blas_thread():
         assert getter() == 1
     assert getter() == before
+
+
+def _spherical_kmeans(x, n, iters, seed):
+    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    centroids = unit[np.random.default_rng(seed).choice(len(unit), n, replace=False)]
+    for _ in range(iters):
+        assign = np.argmax(unit @ centroids.T, 1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, unit)
+        empty = ~np.bincount(assign, minlength=n).astype(bool)
+        sums[empty] = centroids[empty]
+        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    return centroids
+
+
+@pytest.mark.parametrize("heads,m,n,k,nlist", [(1, 50, 37, 10, 4), (3, 1100, 300, 100, 17),
+                                               (2, 64, 8, 16, 8)])
+def test_qivf_training_equals_a_numpy_reference(heads, m, n, k, nlist):
+    """query_hits (one XLA computation over padded shapes) against plain numpy: spherical
+    k-means of the queries, then each cluster's count of its queries' exact top-k keys
+    (k beyond the keys: every key; query and key counts off the padding buckets)."""
+    rng = np.random.default_rng(m + n)
+    keys = rng.normal(size=(heads, n, 16)).astype(np.float32)
+    queries = rng.normal(size=(heads, m, 16)).astype(np.float32)
+    centroids, hits = hindex.query_hits(keys, queries, k, nlist, iters=5, seed=1)
+    assert centroids.shape == (heads, nlist, 16) and hits.shape == (heads, nlist, n)
+    for h in range(heads):
+        c = _spherical_kmeans(queries[h], nlist, 5, 1)
+        np.testing.assert_allclose(centroids[h], c, atol=1e-5)
+        want = np.zeros((nlist, n), np.int64)
+        ids = hindex.top_k(queries[h] @ keys[h].T, k)
+        cluster = np.broadcast_to(np.argmax(queries[h] @ c.T, 1)[:, None], ids.shape)
+        np.add.at(want, (cluster[ids >= 0], ids[ids >= 0]), 1)
+        np.testing.assert_array_equal(hits[h], want)

@@ -35,7 +35,7 @@ from jax.experimental import io_callback
 import host_offload
 import pallas_kernels as pk
 from host_offload import index as hindex
-from host_offload.store import MIN_INDEX_KEYS, RetrievalStore
+from host_offload.store import MIN_INDEX_KEYS, RetrievalStore, workers
 from longctx_jax.cache import KV, ring_slot_positions, ring_slots
 from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import AttentionPolicy, register, static
@@ -131,16 +131,20 @@ class Retrieval(AttentionPolicy):
     def after_prefill(self, caches, lengths):
         store = host_offload.lookup(self.handle)
         lengths = np.asarray(lengths)
-        out = []
+        out, loads = [], []
+        pool = workers(store.threads)  # each (sequence, layer) builds its own index
         for layer, kv in enumerate(caches):
             k, v = np.asarray(kv.k), np.asarray(kv.v)  # the store copies what it keeps
             for b, n in enumerate(lengths):
                 end = max(self.sink, int(n) - self.window)
-                store.load(b, layer, k[b, :, self.sink:end].swapaxes(0, 1),
-                           v[b, :, self.sink:end].swapaxes(0, 1),
-                           np.arange(self.sink, max(end, self.sink)))
+                loads.append(pool.submit(store.load, b, layer,
+                                         k[b, :, self.sink:end].swapaxes(0, 1),
+                                         v[b, :, self.sink:end].swapaxes(0, 1),
+                                         np.arange(self.sink, max(end, self.sink))))
             ring = self._ring(kv, jnp.asarray(lengths))
             out.append(RetrievalCache(ring, kv if self.attend == "device" else None))
+        for load in loads:
+            load.result()
         return tuple(out)
 
     def _ring(self, kv: KV, lengths) -> KV:
