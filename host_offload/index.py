@@ -52,6 +52,7 @@ NEEDS_QUERIES = ("qivf",)
 INSTALL_HINT = "pip install 'longctx-jax[retrieval]'"
 TRAIN_PER_LIST = 256  # faiss's default sample for k-means: at most this many keys per list
 BUFFER = 64  # ivf: keys added since the last flush into the lists, scanned exactly meanwhile
+TAIL = 256  # qivf: keys added since the last repack of the lists, scanned exactly meanwhile
 
 
 class MissingFaiss(ImportError):
@@ -194,6 +195,12 @@ class Rows:
     @property
     def rows(self) -> np.ndarray:
         return self._data[:, :self.n]
+
+    @property
+    def data(self) -> np.ndarray:
+        """The whole buffer ``[H, capacity, D]`` (rows past ``n`` unwritten): the native step
+        reads it in place."""
+        return self._data
 
     @property
     def nbytes(self) -> int:
@@ -500,44 +507,74 @@ class HNSWIndex:
 
 class QueryIVFIndex:
     """Attention-aware IVF: clusters of prefill queries list the keys their queries rank top-k
-    (see the module docstring). ``nlist`` defaults to ``sqrt(n)``."""
+    (see the module docstring). ``nlist`` defaults to ``sqrt(n)``.
+
+    The lists are packed per head (``offsets [H, nlist + 1]`` into ``ids [H, total]``), the
+    layout the native step reads. Keys added after the build form a *tail* that every search
+    scans exactly, and join the lists of the clusters whose mean query scores them highest once
+    ``tail`` have gathered (one repack, not one per token)."""
 
     def __init__(self, keys: Rows, queries: np.ndarray, k: int, scan: float,
                  nlist: int | None = None, min_hits: int = 1, iters: int = 10, seed: int = 0,
-                 device=None):
+                 device=None, tail: int = TAIL):
         self._keys = keys
         n = keys.n
         nlist = min(nlist or max(1, int(round(math.sqrt(n)))), queries.shape[1])
         built = query_lists(as_float32(keys.rows), queries, k, nlist, min_hits, iters, seed,
                             device)
         self.centroids_t = np.ascontiguousarray(np.stack([c.T for c, _ in built]))  # [H, D, nlist]
-        self.lists = [lists for _, lists in built]  # [H][nlist] row ids, most-ranked first
-        self.nlist = nlist
-        self.scan = scan
+        self.nlist, self.scan, self.tail = nlist, scan, tail
+        self._pack([lists for _, lists in built])
+        self.listed = n  # rows [0, listed) are in the lists, the rest in the tail
+
+    def _pack(self, heads: list[list[np.ndarray]]) -> None:
+        """Pack each head's lists (most-ranked first) into ``offsets`` and ``ids``."""
+        sizes = np.array([[len(x) for x in lists] for lists in heads], np.int64)
+        self.offsets = np.zeros((len(heads), self.nlist + 1), np.int64)
+        np.cumsum(sizes, 1, out=self.offsets[:, 1:])
+        self.ids = np.zeros((len(heads), max(1, int(self.offsets[:, -1].max()))), np.int64)
+        for row, lists, total in zip(self.ids, heads, self.offsets[:, -1]):
+            row[:total] = np.concatenate(lists) if total else row[:0]
+
+    def lists(self, head: int) -> list[np.ndarray]:
+        """Head ``head``'s lists, most-ranked first (the tail not included)."""
+        ends = self.offsets[head]
+        return [self.ids[head, ends[c]:ends[c + 1]] for c in range(self.nlist)]
 
     @property
     def n(self) -> int:
         return self._keys.n
 
     def add(self, keys: np.ndarray) -> None:
-        first = self.n
         self._keys.append(keys)
-        for lists, home in zip(self.lists, nearest_lists(keys, self.centroids_t)):
-            for i, c in enumerate(home):
-                lists[c] = np.append(lists[c], first + i)
+        if self.n - self.listed < self.tail:
+            return
+        rows = np.arange(self.listed, self.n)
+        homes = nearest_lists(self._keys.rows[:, self.listed:], self.centroids_t)
+        heads = []
+        for h, home in enumerate(homes):  # each list, then its new keys (in row order)
+            lists = self.lists(h)
+            order = np.argsort(home, kind="stable")
+            ends = np.searchsorted(home[order], np.arange(self.nlist + 1))
+            heads.append([np.concatenate([x, rows[order[ends[c]:ends[c + 1]]]])
+                          for c, x in enumerate(lists)])
+        self._pack(heads)
+        self.listed = self.n
 
     def search(self, queries: np.ndarray, k: int, first: int = 0):
         heads, groups, g, d = queries.shape
         nprobe = probes(self.scan, self.nlist)
         last = self.scan * self.nlist - (nprobe - 1)  # the share of the last list read
         probed = probe_lists(queries, self.centroids_t[first:first + heads], nprobe)
+        tail = np.arange(self.listed, self.n)
         seen = np.zeros(self.n, bool)
         cands = []
-        for lists, groups_probed in zip(self.lists[first:], probed):
+        for h, groups_probed in enumerate(probed, first):
+            ids, ends = self.ids[h], self.offsets[h]
             for p in groups_probed:
-                tail = lists[p[-1]]
-                seen[np.concatenate([lists[c] for c in p[:-1]]
-                                    + [tail[:max(1, math.ceil(last * len(tail)))]])] = True
+                end = ends[p[-1]] + max(1, math.ceil(last * (ends[p[-1] + 1] - ends[p[-1]])))
+                seen[np.concatenate([ids[ends[c]:ends[c + 1]] for c in p[:-1]]
+                                    + [ids[ends[p[-1]]:min(end, ends[p[-1] + 1])], tail])] = True
                 cands.append(np.flatnonzero(seen))  # each key once, in row order
                 seen[cands[-1]] = False
         sizes = np.array([len(c) for c in cands])
@@ -558,10 +595,13 @@ class QueryIVFIndex:
         return float32_rows(self._keys, rows, out, first)
 
     @property
+    def key_rows(self) -> Rows:
+        return self._keys
+
+    @property
     def nbytes(self) -> int:
         """The keys, the lists' row ids, the centroids."""
-        return (self._keys.nbytes + 8 * sum(len(x) for lists in self.lists for x in lists)
-                + self.centroids_t.nbytes)
+        return self._keys.nbytes + self.ids.nbytes + self.centroids_t.nbytes
 
 
 def query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_hits: int,

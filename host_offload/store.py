@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from host_offload import index as hindex
+from host_offload import native
 
 MIN_INDEX_KEYS = 256  # below this an exact scan is as cheap as any index
 
@@ -177,6 +178,7 @@ class RetrievalStore:
                  train_per_list: int = hindex.TRAIN_PER_LIST, threads: int = 0,
                  openmp: int = 1):
         self.kind, self.k, self.scan, self.min_index_keys = kind, k, scan, min_index_keys
+        self.kv_heads = kv_heads
         self.values, self.train_per_list, self.capacity = values, train_per_list, max_len
         self.scale = head_dim ** -0.5
         self.query_stride = max(1, math.ceil(max_len * group / max(train_queries, 1)))
@@ -294,12 +296,20 @@ class RetrievalStore:
         ``(o [B, Hq, D], lse [B, Hq])`` float32 with ``attend``, else the retrieved positions
         ``[B, Hkv, k]`` int32 (``-1``: none)."""
         stats = self.stats
-        pool = workers(self.threads, self.openmp)
         t0 = time.perf_counter()
-        # On a worker too: its faiss calls (the lists' adds) then run on the workers' OpenMP
-        # threads, not on a team of the calling thread's that would spin after.
-        pool.submit(self.insert, layer, k, v, evicted).result()
-        t1 = time.perf_counter()
+        if self.kind in NATIVE_KINDS and native.enabled():
+            self.insert(layer, k, v, evicted)
+            t1 = time.perf_counter()
+            parts = self._native_parts(layer, q.dtype)
+            if parts is not None:
+                return self._native_step(q, parts, attend, t0, t1)
+        else:
+            pool = workers(self.threads, self.openmp)
+            # On a worker: its faiss calls (the lists' adds) then run on the workers' OpenMP
+            # threads, not on a team of the calling thread's that would spin after.
+            pool.submit(self.insert, layer, k, v, evicted).result()
+            t1 = time.perf_counter()
+        pool = workers(self.threads, self.openmp)
         b_, hq, d = q.shape
         hkv = k.shape[1]
         qg = hindex.as_float32(q).reshape(b_, hkv, -1, d)
@@ -322,6 +332,45 @@ class RetrievalStore:
             return out[0].reshape(b_, hq, d), out[1].reshape(b_, hq)
         return out
 
+    def _native_parts(self, layer: int, dtype):
+        """The native step's per-part arrays for ``layer`` (a part: a sequence's KV head), or
+        ``None`` where it cannot run (keys in another dtype than float32 or bfloat16)."""
+        lays = [rows[layer] for rows in self.layers]
+        fields = [_native_fields(lay, self.kv_heads, self.values) for lay in lays]
+        if any(f is None for f in fields):
+            return None
+        return lays, {name: np.concatenate([f[name] for f in fields]) for name in fields[0]}
+
+    def _native_step(self, q: np.ndarray, parts, attend: bool, t0: float, t1: float):
+        """:meth:`step` after the inserts, by the native step (:mod:`host_offload.native`)."""
+        lays, arrays = parts
+        b_, hq, d = q.shape
+        hkv = len(arrays["n"]) // b_
+        qg = np.ascontiguousarray(hindex.as_float32(q).reshape(b_ * hkv, hq // hkv, d))
+        (o, lse), rows, scanned, seconds = native.listed_step(
+            qg, arrays["keys"], arrays["values"], arrays["cent_t"], arrays["offsets"],
+            arrays["ids"], arrays["nlist"], arrays["listed"], arrays["n"], k=self.k,
+            bf16=bool(arrays["bf16"].any()), scan=self.scan, scale=self.scale,
+            threads=self.threads, attend=attend)
+        t2 = time.perf_counter()
+        search, attending = seconds.sum(0)
+        share = search / max(search + attending, 1e-12)
+        stats = self.stats
+        stats.steps += 1
+        stats.scanned += int(scanned.sum())
+        stats.stored += int(arrays["n"].sum())
+        stats.insert += t1 - t0
+        stats.search += (t2 - t1) * share
+        stats.attend += (t2 - t1) * (1 - share)
+        stats.total += t2 - t0
+        if attend:
+            return o.reshape(b_, hq, d), lse.reshape(b_, hq)
+        rows = rows.reshape(b_, hkv, self.k)
+        out = np.empty(rows.shape, np.int32)
+        for b, lay in enumerate(lays):
+            out[b] = np.where(rows[b] >= 0, lay.pos[np.maximum(rows[b], 0)], -1)
+        return out
+
     def _part(self, layer: int, qg: np.ndarray, out, b: int, first: int, end: int):
         """Search and attention (or positions) of sequence ``b``'s KV heads ``[first, end)``
         for ``qg [B, Hkv, g, D]``, written into :meth:`step`'s ``out``; returns the keys
@@ -338,9 +387,44 @@ class RetrievalStore:
         return scanned, stored, t1 - t0, time.perf_counter() - t1
 
 
+@functools.cache
 def _cpu():
     """The CPU jax device: a decode step's host callback trains there, as the GPU's stream is
     waiting on the callback."""
     import jax
 
     return jax.devices("cpu")[0]
+
+
+NATIVE_KINDS = ("flat", "qivf")  # the indexes the native step reads (the others: numpy, faiss)
+
+
+def _native_fields(lay: _Layer, kv_heads: int, values: bool) -> dict | None:
+    """A (sequence, layer)'s per-KV-head addresses and sizes for the native step (see
+    :func:`host_offload.native.listed_step`), or ``None`` for keys it cannot read."""
+    zeros = np.zeros(kv_heads, np.uint64)
+    fields = dict(keys=zeros, values=zeros, cent_t=zeros, offsets=zeros, ids=zeros,
+                  nlist=np.zeros(kv_heads, np.int64), listed=np.zeros(kv_heads, np.int64),
+                  n=np.zeros(kv_heads, np.int64), bf16=np.zeros(kv_heads, bool))
+    index = lay.index
+    if index is None:  # nothing stored yet: parts of no rows
+        return fields
+    rows = index.key_rows.data  # [H, cap, D]
+    if rows.dtype.name not in ("float32", "bfloat16"):
+        return None
+    heads = np.arange(kv_heads, dtype=np.uint64)
+    fields.update(keys=native.address(rows) + heads * np.uint64(rows[0].nbytes),
+                  n=np.full(kv_heads, index.n, np.int64),
+                  bf16=np.full(kv_heads, rows.dtype.name == "bfloat16"))
+    if values:
+        vals = lay.values.data
+        if vals.dtype != rows.dtype:
+            return None
+        fields["values"] = native.address(vals) + heads * np.uint64(vals[0].nbytes)
+    if isinstance(index, hindex.QueryIVFIndex):
+        for name, array in (("cent_t", index.centroids_t), ("offsets", index.offsets),
+                            ("ids", index.ids)):
+            fields[name] = native.address(array) + heads * np.uint64(array[0].nbytes)
+        fields["nlist"] = np.full(kv_heads, index.nlist, np.int64)
+        fields["listed"] = np.full(kv_heads, index.listed, np.int64)
+    return fields
