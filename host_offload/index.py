@@ -76,7 +76,7 @@ def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None,
     it takes over rather than copies (e.g. a flat index's :attr:`FlatIndex.key_rows`);
     ``queries [H, m, D]`` (each head's prefill queries) train the attention-aware kind;
     ``train_per_list``: ivf's k-means sample per list; ``device``: the jax device that trains
-    qivf (:func:`query_hits`)."""
+    qivf (:func:`query_ranks`)."""
     if kind == "flat":
         return FlatIndex(keys)
     if kind == "ivf":
@@ -609,31 +609,41 @@ def query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_h
     """Each head's qivf structure from ``keys [H, n, D]`` and prefill ``queries [H, m, D]``:
     ``[(centroids [nlist, D], lists)]``, each list the keys its cluster's queries rank in their
     top ``k`` (at least ``min_hits`` times; every ranked key in its most-ranking cluster;
-    unranked keys in the cluster whose mean query scores them highest), most-ranked first."""
+    unranked keys in the cluster whose mean query scores them highest), most-ranked first,
+    ties by row."""
     n = keys.shape[1]
     built = []
-    for x, centroids, hits in zip(keys, *query_hits(keys, queries, k, nlist, iters, seed,
-                                                   device)):
-        member = hits >= min_hits
-        member[np.argmax(hits, 0), np.arange(n)] |= hits.max(0) > 0  # every ranked key
-        unranked = np.flatnonzero(~member.any(0))
-        member[np.argmax(x[unranked] @ centroids.T, 1), unranked] = True
-        cluster, key = np.nonzero(member)  # row-major: by cluster, then key
-        count = hits[cluster, key]
+    for centroids, ranked, cluster, home in zip(*query_ranks(keys, queries, k, nlist, iters,
+                                                             seed, device)):
+        pairs, count = np.unique(cluster[:, None].astype(np.int64) * n + ranked,
+                                 return_counts=True)  # (cluster, key) sorted, with counts
+        c, key = np.divmod(pairs, n)
+        # each ranked key's most-ranking cluster (ties: the lowest): first of its key's run
+        by_key = np.lexsort((c, -count, key))
+        best = np.zeros(len(pairs), bool)
+        best[by_key[np.r_[True, key[by_key][1:] != key[by_key][:-1]]]] = True
+        keep = (count >= min_hits) | best
+        unranked = np.ones(n, bool)
+        unranked[key] = False
+        unranked = np.flatnonzero(unranked)
+        c = np.concatenate([c[keep], home[unranked]])
+        key = np.concatenate([key[keep], unranked])
+        count = np.concatenate([count[keep], np.zeros(len(unranked), count.dtype)])
         top = int(count.max(initial=0))
-        # Most-ranked first within a cluster, ties by row: one stable sort of an integer.
-        order = np.argsort(cluster.astype(np.int64) * (top + 1) + (top - count), kind="stable")
-        ends = np.cumsum(np.bincount(cluster, minlength=len(member)))
+        # By cluster, most-ranked first, ties by row: one stable sort of an integer.
+        order = np.lexsort((key, c * (top + 1) + (top - count)))
+        ends = np.cumsum(np.bincount(c, minlength=nlist))
         built.append((centroids, np.split(key[order], ends[:-1])))
     return built
 
 
-def query_hits(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, iters: int,
-               seed: int, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """``(centroids [H, nlist, D], hits [H, nlist, n])``: per head, ``nlist`` clusters of the
-    directions of ``queries [H, m, D]`` (spherical k-means, ``iters`` rounds from ``nlist``
-    queries drawn with ``seed``), and how often each cluster's queries rank each of ``keys
-    [H, n, D]`` in their exact top ``k``. The bulk of a qivf build (an ``m x n`` product and its
+def query_ranks(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, iters: int,
+                seed: int, device=None):
+    """Per head: ``nlist`` clusters of the directions of ``queries [H, m, D]`` (spherical
+    k-means, ``iters`` rounds from ``nlist`` queries drawn with ``seed``) and, for ``keys [H, n,
+    D]``: ``(centroids [H, nlist, D], ranked [H, m, min(k, n)]`` each query's exact top ``k``
+    keys, ``cluster [H, m]`` each query's cluster, ``home [H, n]`` each key's cluster by its
+    largest logit with the centroids). The bulk of a qivf build (an ``m x n`` product and its
     top ``k`` per head), so it runs as one XLA computation on jax's default device: where the
     prompt was just prefilled, a GPU does it in milliseconds (``device``: another, e.g. the
     CPU from inside a host callback, where a GPU's stream is waiting on the caller). Shapes are
@@ -644,15 +654,17 @@ def query_hits(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, iters:
     n = keys.shape[1]
     init = np.random.default_rng(seed).choice(m, nlist, replace=False)
     mp, np_ = _bucket(m), _bucket(n)
-    if mp > _HITS_BLOCK:
-        mp = -(-m // _HITS_BLOCK) * _HITS_BLOCK
+    if mp > _BLOCK:
+        mp = -(-m // _BLOCK) * _BLOCK
     q = np.zeros((h, mp, d), np.float32)
     q[:, :m] = queries
     x = np.zeros((h, np_, d), np.float32)
     x[:, :n] = keys
     args = jax.device_put((q, np.int32(m), x, np.int32(n), init.astype(np.int32)), device)
-    centroids, hits = jax.device_get(_hits_fn()(*args, k=min(k, n), iters=iters))
-    return np.asarray(centroids), np.asarray(hits)[..., :n]
+    centroids, ranked, cluster, home = jax.device_get(
+        _ranks_fn()(*args, k=min(k, n), iters=iters))
+    return (np.asarray(centroids), np.asarray(ranked)[:, :m], np.asarray(cluster)[:, :m],
+            np.asarray(home)[:, :n])
 
 
 def _bucket(n: int) -> int:
@@ -661,11 +673,11 @@ def _bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-_HITS_BLOCK = 1024  # queries ranked at once: bounds the [block, n] score matrix
+_BLOCK = 1024  # queries ranked (keys homed) at once: bounds the score matrices
 
 
 @functools.cache
-def _hits_fn():
+def _ranks_fn():
     import jax
     import jax.numpy as jnp
 
@@ -686,24 +698,24 @@ def _hits_fn():
             return sums / jnp.maximum(jnp.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
 
         c = jax.lax.fori_loop(0, iters, kmeans, unit[init])
-        cluster = jnp.where(valid, jnp.argmax(dot(queries, c), 1), nlist)  # nlist: dropped
         live = jnp.arange(keys.shape[0]) < n
 
-        def rank(hits, block):
-            qb, cb = block
-            scores = jnp.where(live, dot(qb, keys), -jnp.inf)
-            _, ids = jax.lax.top_k(scores, k)
-            flat = (cb[:, None] * keys.shape[0] + ids).reshape(-1)
-            return hits.at[flat].add(1, mode="drop"), None
+        def rank(_, qb):  # a block of queries: bounded [block, n] scores
+            return None, jax.lax.top_k(jnp.where(live, dot(qb, keys), -jnp.inf), k)[1]
 
-        block = min(_HITS_BLOCK, queries.shape[0])
-        blocks = (queries.reshape(-1, block, queries.shape[1]), cluster.reshape(-1, block))
-        hits, _ = jax.lax.scan(rank, jnp.zeros(nlist * keys.shape[0], jnp.int32), blocks)
-        return c, hits.reshape(nlist, keys.shape[0])
+        block = min(_BLOCK, queries.shape[0])
+        _, ranked = jax.lax.scan(rank, None, queries.reshape(-1, block, queries.shape[1]))
+        rows = keys.shape[0]
+        kblock = min(_BLOCK, rows & -rows)  # a power of two dividing the bucket
+        home = jax.lax.map(lambda kb: jnp.argmax(dot(kb, c), 1),
+                           keys.reshape(-1, kblock, keys.shape[1]))
+        return (c, ranked.reshape(queries.shape[0], k).astype(jnp.int32),
+                jnp.argmax(dot(queries, c), 1).astype(jnp.int32),
+                home.reshape(-1).astype(jnp.int32))
 
     @functools.partial(jax.jit, static_argnames=("k", "iters"))
-    def hits_fn(queries, m, keys, n, init, *, k, iters):
+    def ranks_fn(queries, m, keys, n, init, *, k, iters):
         heads = functools.partial(one_head, k=k, iters=iters)
         return jax.vmap(heads, (0, None, 0, None, None))(queries, m, keys, n, init)
 
-    return hits_fn
+    return ranks_fn

@@ -146,6 +146,7 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
   thread_local std::vector<float> row;
   thread_local std::vector<std::pair<float, int64_t>> heap;  // min-heap of (logit, row)
   thread_local std::vector<std::pair<float, int64_t>> lists;
+  thread_local std::vector<float> centroid;
   row.resize(d);
   heap.clear();
   int64_t scanned = 0;
@@ -171,14 +172,19 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
                                                                        std::ceil(want - 1e-9))));
     double last = want - static_cast<double>(nprobe - 1);
     lists.resize(nlist);
+    centroid.resize(nlist);
     for (int64_t c = 0; c < nlist; ++c) lists[c] = {-INFINITY, c};
-    for (int j = 0; j < g; ++j) {
+    for (int j = 0; j < g; ++j) {  // row by row of the transposed centroids: contiguous
       const float* qj = q + static_cast<int64_t>(j) * d;
-      for (int64_t c = 0; c < nlist; ++c) {
-        float acc = 0.f;
-        for (int i = 0; i < d; ++i) acc += qj[i] * p.cent_t[i * nlist + c];
-        lists[c].first = std::max(lists[c].first, acc);
+      float* acc = centroid.data();
+      std::fill(acc, acc + nlist, 0.f);
+      for (int i = 0; i < d; ++i) {
+        const float qi = qj[i];
+        const float* row = p.cent_t + static_cast<int64_t>(i) * nlist;
+#pragma omp simd
+        for (int64_t c = 0; c < nlist; ++c) acc[c] += qi * row[c];
       }
+      for (int64_t c = 0; c < nlist; ++c) lists[c].first = std::max(lists[c].first, acc[c]);
     }
     // best first; ties by list id (as a stable sort of the negated logits)
     auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
@@ -247,14 +253,17 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
       logits[j * found + i] = w;
       total += w;
     }
-    for (int i = 0; i < found; ++i) {
-      load_row(p.values, -heap[i].second, d, bf16, row.data());
-      float w = logits[j * found + i];
+    for (int i = 0; i < found; ++i) logits[j * found + i] /= total;
+    lse[j] = std::log(total) + top;
+  }
+  for (int i = 0; i < found; ++i) {  // each value row read once for the group
+    load_row(p.values, -heap[i].second, d, bf16, row.data());
+    for (int j = 0; j < g; ++j) {
+      float* oj = o + static_cast<int64_t>(j) * d;
+      const float w = logits[j * found + i];
 #pragma omp simd
       for (int t = 0; t < d; ++t) oj[t] += w * row[t];
     }
-    for (int t = 0; t < d; ++t) oj[t] /= total;
-    lse[j] = std::log(total) + top;
   }
   seconds[1] = now() - t1;
   return scanned;

@@ -383,25 +383,39 @@ def _spherical_kmeans(x, n, iters, seed):
     return centroids
 
 
-@pytest.mark.parametrize("heads,m,n,k,nlist", [(1, 50, 37, 10, 4), (3, 1100, 300, 100, 17),
-                                               (2, 64, 8, 16, 8)])
-def test_qivf_training_equals_a_numpy_reference(heads, m, n, k, nlist):
-    """query_hits (one XLA computation over padded shapes) against plain numpy: spherical
-    k-means of the queries, then each cluster's count of its queries' exact top-k keys
-    (k beyond the keys: every key; query and key counts off the padding buckets)."""
+def _query_lists_reference(keys, queries, k, nlist, min_hits, iters, seed):
+    """qivf's lists in plain numpy: dense hit counts [nlist, n], members, lists."""
+    c = _spherical_kmeans(queries, nlist, iters, seed)
+    hits = np.zeros((nlist, len(keys)), np.int64)
+    ids = hindex.top_k(queries @ keys.T, k)
+    cluster = np.broadcast_to(np.argmax(queries @ c.T, 1)[:, None], ids.shape)
+    np.add.at(hits, (cluster[ids >= 0], ids[ids >= 0]), 1)
+    member = hits >= min_hits
+    member[np.argmax(hits, 0), np.arange(len(keys))] |= hits.max(0) > 0
+    unranked = np.flatnonzero(~member.any(0))
+    member[np.argmax(keys[unranked] @ c.T, 1), unranked] = True
+    return c, [np.flatnonzero(row)[np.argsort(-count[row], kind="stable")]
+               for row, count in zip(member, hits)]
+
+
+@pytest.mark.parametrize("heads,m,n,k,nlist,min_hits", [
+    (1, 50, 37, 10, 4, 1), (3, 1100, 300, 100, 17, 1), (2, 64, 8, 16, 8, 1),
+    (2, 700, 500, 20, 9, 3)])
+def test_qivf_lists_equal_a_numpy_reference(heads, m, n, k, nlist, min_hits):
+    """qivf's build (k-means, each query's exact top k and each key's home cluster as one XLA
+    computation over padded shapes, then sparse counts) against dense numpy: the same
+    centroids and the same lists in the same order (k beyond the keys; sizes off the padding
+    buckets; a member threshold)."""
     rng = np.random.default_rng(m + n)
     keys = rng.normal(size=(heads, n, 16)).astype(np.float32)
     queries = rng.normal(size=(heads, m, 16)).astype(np.float32)
-    centroids, hits = hindex.query_hits(keys, queries, k, nlist, iters=5, seed=1)
-    assert centroids.shape == (heads, nlist, 16) and hits.shape == (heads, nlist, n)
-    for h in range(heads):
-        c = _spherical_kmeans(queries[h], nlist, 5, 1)
-        np.testing.assert_allclose(centroids[h], c, atol=1e-5)
-        want = np.zeros((nlist, n), np.int64)
-        ids = hindex.top_k(queries[h] @ keys[h].T, k)
-        cluster = np.broadcast_to(np.argmax(queries[h] @ c.T, 1)[:, None], ids.shape)
-        np.add.at(want, (cluster[ids >= 0], ids[ids >= 0]), 1)
-        np.testing.assert_array_equal(hits[h], want)
+    built = hindex.query_lists(keys, queries, k, nlist, min_hits, iters=5, seed=1)
+    for h, (centroids, lists) in enumerate(built):
+        c, want = _query_lists_reference(keys[h], queries[h], k, nlist, min_hits, 5, 1)
+        np.testing.assert_allclose(centroids, c, atol=1e-5)
+        assert len(lists) == nlist
+        for got, ref in zip(lists, want):
+            np.testing.assert_array_equal(got, ref)
 
 
 def _filled_store(kind, dtype, seed=0, batch=2, heads=2, group=3, dim=32, n=700, k=20):
