@@ -509,10 +509,11 @@ class QueryIVFIndex:
     """Attention-aware IVF: clusters of prefill queries list the keys their queries rank top-k
     (see the module docstring). ``nlist`` defaults to ``sqrt(n)``.
 
-    The lists are packed per head (``offsets [H, nlist + 1]`` into ``ids [H, total]``), the
-    layout the native step reads. Keys added after the build form a *tail* that every search
-    scans exactly, and join the lists of the clusters whose mean query scores them highest once
-    ``tail`` have gathered (one repack, not one per token)."""
+    The lists are packed per head (``offsets [H, nlist + 1]`` into ``ids [H, total]``, with the
+    keys copied in that order, ``list_keys [H, total, D]``), the layout the native step reads.
+    Keys added after the build form a *tail* that every search scans exactly, and join the
+    lists of the clusters whose mean query scores them highest once ``tail`` have gathered
+    (one repack, not one per token)."""
 
     def __init__(self, keys: Rows, queries: np.ndarray, k: int, scan: float,
                  nlist: int | None = None, min_hits: int = 1, iters: int = 10, seed: int = 0,
@@ -535,6 +536,9 @@ class QueryIVFIndex:
         self.ids = np.zeros((len(heads), max(1, int(self.offsets[:, -1].max()))), np.int64)
         for row, lists, total in zip(self.ids, heads, self.offsets[:, -1]):
             row[:total] = np.concatenate(lists) if total else row[:0]
+        # The keys again in list order: a probe then reads its lists front to back, at memory
+        # speed, where gathering scattered rows waits on memory latency (the native step).
+        self.list_keys = self._keys.gather(self.ids)
 
     def lists(self, head: int) -> list[np.ndarray]:
         """Head ``head``'s lists, most-ranked first (the tail not included)."""
@@ -600,8 +604,9 @@ class QueryIVFIndex:
 
     @property
     def nbytes(self) -> int:
-        """The keys, the lists' row ids, the centroids."""
-        return self._keys.nbytes + self.ids.nbytes + self.centroids_t.nbytes
+        """The keys (by row, and by list), the lists' row ids, the centroids."""
+        return (self._keys.nbytes + self.ids.nbytes + self.list_keys.nbytes
+                + self.centroids_t.nbytes)
 
 
 def query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_hits: int,
@@ -673,7 +678,8 @@ def _bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-_BLOCK = 1024  # queries ranked (keys homed) at once: bounds the score matrices
+_BLOCK = 1024  # queries padded to a multiple; keys homed at once
+_SCORES = 1 << 28  # query-key scores of all heads computed at once (1 GiB of float32)
 
 
 @functools.cache
@@ -684,7 +690,7 @@ def _ranks_fn():
     def dot(a, b):  # exact float32 products (a GPU's default may round inputs to TF32)
         return jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
 
-    def one_head(queries, m, keys, n, init, k, iters):
+    def one_head(queries, m, keys, n, init, k, iters, block):
         nlist = init.shape[0]
         valid = jnp.arange(queries.shape[0]) < m
         unit = queries / jnp.maximum(jnp.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
@@ -703,7 +709,6 @@ def _ranks_fn():
         def rank(_, qb):  # a block of queries: bounded [block, n] scores
             return None, jax.lax.top_k(jnp.where(live, dot(qb, keys), -jnp.inf), k)[1]
 
-        block = min(_BLOCK, queries.shape[0])
         _, ranked = jax.lax.scan(rank, None, queries.reshape(-1, block, queries.shape[1]))
         rows = keys.shape[0]
         kblock = min(_BLOCK, rows & -rows)  # a power of two dividing the bucket
@@ -715,7 +720,12 @@ def _ranks_fn():
 
     @functools.partial(jax.jit, static_argnames=("k", "iters"))
     def ranks_fn(queries, m, keys, n, init, *, k, iters):
-        heads = functools.partial(one_head, k=k, iters=iters)
+        # Queries ranked at once: at most _SCORES scores for all heads (and their top-k's
+        # sort), a power of two dividing the padded count.
+        heads, rows = queries.shape[:2]
+        block = min(rows & -rows, max(1, _SCORES // (heads * keys.shape[1])))
+        block = 1 << (block.bit_length() - 1)
+        heads = functools.partial(one_head, k=k, iters=iters, block=block)
         return jax.vmap(heads, (0, None, 0, None, None))(queries, m, keys, n, init)
 
     return ranks_fn

@@ -42,7 +42,6 @@ typedef float f16x __attribute__((vector_size(64)));
 typedef uint16_t u16x __attribute__((vector_size(32)));
 typedef uint32_t u32x __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
-constexpr int kAhead = 8;  // rows prefetched ahead of a list scan
 
 inline f16x load16(const float* x) {
   f16x v;
@@ -128,6 +127,7 @@ struct Part {
   const float* cent_t;     // [d, nlist] or null (no lists: every row is scanned)
   const int64_t* offsets;  // [nlist + 1] into ids
   const int64_t* ids;      // list members, most-ranked first within a list
+  const void* list_keys;   // [total, d]: the members' keys, in the same order
   int64_t nlist, listed, n;
 };
 
@@ -150,8 +150,7 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
   row.resize(d);
   heap.clear();
   int64_t scanned = 0;
-  auto consider = [&](int64_t r) {
-    float s = group_logit(q, g, d, p.keys, r, bf16);
+  auto consider = [&](int64_t r, float s) {
     ++scanned;
     if (static_cast<int>(heap.size()) < k) {
       heap.emplace_back(s, -r);
@@ -163,7 +162,6 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
     }
   };
   int64_t listed = p.cent_t ? p.listed : 0;
-  const int64_t row_bytes = static_cast<int64_t>(d) * (bf16 ? 2 : 4);
   if (p.cent_t && p.nlist > 0) {
     // Probe: the group's logit with each centroid; the best lists, a fractional last one.
     int64_t nlist = p.nlist;
@@ -201,20 +199,16 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
         end = begin + std::max<int64_t>(1, static_cast<int64_t>(std::ceil(last * len)));
         end = std::min(end, p.offsets[c + 1]);
       }
-      for (int64_t m = begin; m < end; ++m) {
+      for (int64_t m = begin; m < end; ++m) {  // the list's keys, stored in list order
         int64_t r = p.ids[m];
-        if (m + kAhead < end) {  // listed rows are scattered: fetch a few keys ahead
-          const char* next = static_cast<const char*>(p.keys) + p.ids[m + kAhead] * row_bytes;
-          for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(next + b);
-        }
         if (stamp[r] == epoch) continue;  // a key listed by several probed clusters: once
         stamp[r] = epoch;
-        consider(r);
+        consider(r, group_logit(q, g, d, p.list_keys, m, bf16));
       }
     }
     scanned += nlist;
   }
-  for (int64_t r = listed; r < p.n; ++r) consider(r);  // the tail, or every row
+  for (int64_t r = listed; r < p.n; ++r) consider(r, group_logit(q, g, d, p.keys, r, bf16));
   // Best first; ties by row (heap holds -row).
   std::sort(heap.begin(), heap.end(), [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second > b.second);
@@ -280,13 +274,15 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
                  int threads, const float* q, const void* const* keys,
                  const void* const* values, const float* const* cent_t,
                  const int64_t* const* offsets, const int64_t* const* ids,
-                 const int64_t* nlist, const int64_t* listed, const int64_t* n, float* o,
+                 const void* const* list_keys, const int64_t* nlist, const int64_t* listed,
+                 const int64_t* n, float* o,
                  float* lse, int64_t* rows, int64_t* scanned, double* seconds) {
   int team = std::max(1, std::min(threads > 0 ? threads : omp_get_max_threads(), parts));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
   for (int i = 0; i < parts; ++i) {
     Part p{keys[i], values ? values[i] : nullptr, cent_t ? cent_t[i] : nullptr,
            offsets ? offsets[i] : nullptr, ids ? ids[i] : nullptr,
+           list_keys ? list_keys[i] : nullptr,
            nlist[i], listed[i], n[i]};
     scanned[i] = part_step(p, q + static_cast<int64_t>(i) * g * d, g, d, k, bf16, scan, scale,
                            o ? o + static_cast<int64_t>(i) * g * d : nullptr,
