@@ -192,9 +192,10 @@ class RetrievalStore:
                    kind: str, values: bool = True, train_queries: int = 0,
                    itemsize: int = 4) -> int:
         """Host memory a request of ``max_len`` tokens may take with an index of ``kind``: keys
-        (twice where faiss keeps its own copy) and values of ``itemsize`` bytes, the index's
+        (twice where faiss keeps its own copy; qivf's copy in list order holds a key about 1.5
+        times, as keys sit in several lists) and values of ``itemsize`` bytes, the index's
         bookkeeping (list entries, ids, links, ivf's float32 buffer), kept queries."""
-        copies = (2 if kind in hindex.NEEDS_FAISS else 1) + (1 if values else 0)
+        copies = 1 + {"ivf": 1, "hnsw": 1, "qivf": 1.5}.get(kind, 0) + (1 if values else 0)
         per_token = kv_heads * (head_dim * itemsize * copies + 64) + 8
         buffer = hindex.BUFFER if kind == "ivf" else 0
         return int(batch * layers * (max_len * per_token
