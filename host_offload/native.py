@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -44,7 +45,8 @@ def library():
     if compiler is None:
         warnings.warn("no C++ compiler found: retrieval's host step runs in numpy (slower)")
         return None
-    tag = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    # -march=native: a library built on one CPU may not run on another (a shared home)
+    tag = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu())).encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("LONGCTX_CACHE")
                          or pathlib.Path.home() / ".cache" / "longctx_jax")
     path = cache / f"listed_step-{tag}.so"
@@ -66,6 +68,15 @@ def library():
     lib.listed_step.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_double, ctypes.c_float,
                                                       ctypes.c_int] + [_P] * 15)
     return lib
+
+
+def _cpu() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    return "".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
 
 
 def address(a: np.ndarray | None) -> int:

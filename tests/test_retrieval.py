@@ -485,3 +485,12 @@ def test_qivf_tail_keys_are_findable_exactly_once():
         exact = hindex.top_k(np.einsum("hgqd,hnd->hgqn", q, keys[:, :n]).max(2), 10)
         np.testing.assert_array_equal(rows, exact)
         assert (scanned == n + ix.nlist).all()
+
+
+def test_native_step_without_a_compiler_is_none_with_a_warning(monkeypatch, tmp_path):
+    from host_offload import native
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="could not build the native retrieval step"):
+        assert native.library.__wrapped__() is None
