@@ -123,7 +123,7 @@ inline float group_logit(const float* q, int g, int d, const void* keys, int64_t
 
 struct Part {
   const void* keys;        // [cap, d] rows, float32 or bfloat16
-  const void* values;      // [cap, d] or null (ids only)
+  const void* values;      // [cap, d]; null for ids only, or a part with no rows
   const float* cent_t;     // [d, nlist] or null (no lists: every row is scanned)
   const int64_t* offsets;  // [nlist + 1] into ids
   const int64_t* ids;      // list members, most-ranked first within a list
@@ -218,7 +218,7 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
   double t1 = now();
   seconds[0] = t1 - t0;
   seconds[1] = 0.0;
-  if (!p.values) return scanned;
+  if (!o) return scanned;  // ids only
   // Attention of each query over the found rows: o [g, d], lse [g].
   thread_local std::vector<float> logits, keyrows;
   logits.resize(static_cast<size_t>(g) * std::max(found, 1));
