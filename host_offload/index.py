@@ -76,7 +76,7 @@ def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None,
     it takes over rather than copies (e.g. a flat index's :attr:`FlatIndex.key_rows`);
     ``queries [H, m, D]`` (each head's prefill queries) train the attention-aware kind;
     ``train_per_list``: ivf's k-means sample per list; ``device``: the jax device that trains
-    qivf (:func:`query_ranks`)."""
+    qivf (:func:`query_lists`)."""
     if kind == "flat":
         return FlatIndex(keys)
     if kind == "ivf":
@@ -613,46 +613,15 @@ def query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_h
                 iters: int, seed: int, device=None):
     """Each head's qivf structure from ``keys [H, n, D]`` and prefill ``queries [H, m, D]``:
     ``[(centroids [nlist, D], lists)]``, each list the keys its cluster's queries rank in their
-    top ``k`` (at least ``min_hits`` times; every ranked key in its most-ranking cluster;
-    unranked keys in the cluster whose mean query scores them highest), most-ranked first,
-    ties by row."""
-    n = keys.shape[1]
-    built = []
-    for centroids, ranked, cluster, home in zip(*query_ranks(keys, queries, k, nlist, iters,
-                                                             seed, device)):
-        pairs, count = np.unique(cluster[:, None].astype(np.int64) * n + ranked,
-                                 return_counts=True)  # (cluster, key) sorted, with counts
-        c, key = np.divmod(pairs, n)
-        # each ranked key's most-ranking cluster (ties: the lowest): first of its key's run
-        by_key = np.lexsort((c, -count, key))
-        best = np.zeros(len(pairs), bool)
-        best[by_key[np.r_[True, key[by_key][1:] != key[by_key][:-1]]]] = True
-        keep = (count >= min_hits) | best
-        unranked = np.ones(n, bool)
-        unranked[key] = False
-        unranked = np.flatnonzero(unranked)
-        c = np.concatenate([c[keep], home[unranked]])
-        key = np.concatenate([key[keep], unranked])
-        count = np.concatenate([count[keep], np.zeros(len(unranked), count.dtype)])
-        top = int(count.max(initial=0))
-        # By cluster, most-ranked first, ties by row: one stable sort of an integer.
-        order = np.lexsort((key, c * (top + 1) + (top - count)))
-        ends = np.cumsum(np.bincount(c, minlength=nlist))
-        built.append((centroids, np.split(key[order], ends[:-1])))
-    return built
+    top ``k`` (at least ``min_hits`` times; every ranked key in its most-ranking cluster, the
+    lowest on a tie; unranked keys in the cluster whose centroid scores them highest),
+    most-ranked first, ties by row.
 
-
-def query_ranks(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, iters: int,
-                seed: int, device=None):
-    """Per head: ``nlist`` clusters of the directions of ``queries [H, m, D]`` (spherical
-    k-means, ``iters`` rounds from ``nlist`` queries drawn with ``seed``) and, for ``keys [H, n,
-    D]``: ``(centroids [H, nlist, D], ranked [H, m, min(k, n)]`` each query's exact top ``k``
-    keys, ``cluster [H, m]`` each query's cluster, ``home [H, n]`` each key's cluster by its
-    largest logit with the centroids). The bulk of a qivf build (an ``m x n`` product and its
-    top ``k`` per head), so it runs as one XLA computation on jax's default device: where the
-    prompt was just prefilled, a GPU does it in milliseconds (``device``: another, e.g. the
-    CPU from inside a host callback, where a GPU's stream is waiting on the caller). Shapes are
-    padded to buckets, so builds of nearby sizes share a compilation."""
+    One XLA computation on jax's default device does the work (an ``m x n`` product, its top
+    ``k``, the counting and the sorts): where the prompt was just prefilled, a GPU does it in
+    milliseconds (``device``: another, e.g. the CPU from inside a host callback, where a GPU's
+    stream is waiting on the caller). Shapes are padded to buckets, so builds of nearby sizes
+    share a compilation."""
     import jax
 
     h, m, d = queries.shape
@@ -666,10 +635,10 @@ def query_ranks(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, iters
     x = np.zeros((h, np_, d), np.float32)
     x[:, :n] = keys
     args = jax.device_put((q, np.int32(m), x, np.int32(n), init.astype(np.int32)), device)
-    centroids, ranked, cluster, home = jax.device_get(
-        _ranks_fn()(*args, k=min(k, n), iters=iters))
-    return (np.asarray(centroids), np.asarray(ranked)[:, :m], np.asarray(cluster)[:, :m],
-            np.asarray(home)[:, :n])
+    centroids, members, sizes = jax.device_get(
+        _lists_fn()(*args, k=min(k, n), iters=iters, min_hits=min_hits))
+    return [(np.asarray(c), np.split(np.asarray(ids[:size.sum()]), np.cumsum(size)[:-1]))
+            for c, ids, size in zip(centroids, members, sizes)]
 
 
 def _bucket(n: int) -> int:
@@ -683,20 +652,20 @@ _SCORES = 1 << 28  # query-key scores of all heads computed at once (1 GiB of fl
 
 
 @functools.cache
-def _ranks_fn():
+def _lists_fn():
     import jax
     import jax.numpy as jnp
 
     def dot(a, b):  # exact float32 products (a GPU's default may round inputs to TF32)
         return jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
 
-    def one_head(queries, m, keys, n, init, k, iters, block):
-        nlist = init.shape[0]
+    def one_head(queries, m, keys, n, init, k, iters, min_hits, block):
+        nlist, rows = init.shape[0], keys.shape[0]
         valid = jnp.arange(queries.shape[0]) < m
         unit = queries / jnp.maximum(jnp.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         unit = jnp.where(valid[:, None], unit, 0.0)
 
-        def kmeans(_, c):
+        def kmeans(_, c):  # spherical: queries that point alike rank keys alike
             assign = jnp.argmax(dot(unit, c), 1)
             sums = jax.ops.segment_sum(unit, assign, nlist)
             count = jax.ops.segment_sum(valid.astype(jnp.int32), assign, nlist)
@@ -704,28 +673,48 @@ def _ranks_fn():
             return sums / jnp.maximum(jnp.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
 
         c = jax.lax.fori_loop(0, iters, kmeans, unit[init])
-        live = jnp.arange(keys.shape[0]) < n
+        live = jnp.arange(rows) < n
 
         def rank(_, qb):  # a block of queries: bounded [block, n] scores
             return None, jax.lax.top_k(jnp.where(live, dot(qb, keys), -jnp.inf), k)[1]
 
         _, ranked = jax.lax.scan(rank, None, queries.reshape(-1, block, queries.shape[1]))
-        rows = keys.shape[0]
         kblock = min(_BLOCK, rows & -rows)  # a power of two dividing the bucket
         home = jax.lax.map(lambda kb: jnp.argmax(dot(kb, c), 1),
-                           keys.reshape(-1, kblock, keys.shape[1]))
-        return (c, ranked.reshape(queries.shape[0], k).astype(jnp.int32),
-                jnp.argmax(dot(queries, c), 1).astype(jnp.int32),
-                home.reshape(-1).astype(jnp.int32))
+                           keys.reshape(-1, kblock, keys.shape[1])).reshape(-1)
+        # (cluster, key) of every query's top k; padding queries in cluster nlist (dropped)
+        cl = jnp.broadcast_to(jnp.where(valid, jnp.argmax(dot(queries, c), 1), nlist)[:, None],
+                              (queries.shape[0], k)).reshape(-1)
+        key = ranked.reshape(-1)
+        order = jnp.lexsort((key, cl))
+        cl, key = cl[order], key[order]
+        first = jnp.ones(cl.shape, bool).at[1:].set((cl[1:] != cl[:-1]) | (key[1:] != key[:-1]))
+        run = jnp.cumsum(first) - 1
+        count = jax.ops.segment_sum(jnp.ones_like(run), run, len(run))[run]
+        pair = first & (cl < nlist)  # one entry per (cluster, key) ranked
+        # each ranked key's most-ranking cluster, the lowest on a tie: first in this order
+        by_key = jnp.lexsort((cl, -count, jnp.where(pair, key, rows)))
+        kb = jnp.where(pair, key, rows)[by_key]
+        best = jnp.zeros(cl.shape, bool).at[by_key].set(
+            jnp.ones(cl.shape, bool).at[1:].set(kb[1:] != kb[:-1]) & (kb < rows))
+        keep = pair & ((count >= min_hits) | best)
+        ranked_key = jnp.zeros(rows, bool).at[jnp.where(pair, key, rows)].set(True, mode="drop")
+        unranked = live & ~ranked_key  # in the cluster whose centroid scores it highest
+        cl = jnp.concatenate([jnp.where(keep, cl, nlist), jnp.where(unranked, home, nlist)])
+        key = jnp.concatenate([key, jnp.arange(rows)])
+        count = jnp.concatenate([count, jnp.zeros(rows, count.dtype)])
+        order = jnp.lexsort((key, -count, cl))  # by cluster, most-ranked first, then row
+        sizes = jax.ops.segment_sum(jnp.ones_like(cl), cl, nlist + 1)[:nlist]
+        return c, key[order].astype(jnp.int32), sizes
 
-    @functools.partial(jax.jit, static_argnames=("k", "iters"))
-    def ranks_fn(queries, m, keys, n, init, *, k, iters):
+    @functools.partial(jax.jit, static_argnames=("k", "iters", "min_hits"))
+    def lists_fn(queries, m, keys, n, init, *, k, iters, min_hits):
         # Queries ranked at once: at most _SCORES scores for all heads (and their top-k's
         # sort), a power of two dividing the padded count.
         heads, rows = queries.shape[:2]
         block = min(rows & -rows, max(1, _SCORES // (heads * keys.shape[1])))
         block = 1 << (block.bit_length() - 1)
-        heads = functools.partial(one_head, k=k, iters=iters, block=block)
-        return jax.vmap(heads, (0, None, 0, None, None))(queries, m, keys, n, init)
+        one = functools.partial(one_head, k=k, iters=iters, min_hits=min_hits, block=block)
+        return jax.vmap(one, (0, None, 0, None, None))(queries, m, keys, n, init)
 
-    return ranks_fn
+    return lists_fn
