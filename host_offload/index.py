@@ -18,12 +18,14 @@ host memory the index holds (keys, codes, lists). Heads are independent: given `
   the keys are kept in numpy too, to read the retrieved ones back at memory speed.
 - ``hnsw``: faiss HNSW per head; a group's union of its queries' results is re-ranked by the
   group logit.
-- ``qivf``: attention-aware, numpy. Decode queries and keys come from different projections,
-  so clusters of *keys* say little about which keys a query ranks first. Here the clusters are
-  of prefill *queries*, and each cluster lists the keys that its queries rank in their top
-  ``k``: a group probes the lists of the clusters nearest to it, i.e. the keys that queries
-  like it attended to. Keys no prefill query ranked (and keys added later) join the list of
-  the cluster whose mean query scores them highest.
+- ``qivf``: attention-aware. Decode queries and keys come from different projections, so
+  clusters of *keys* say little about which keys a query ranks first. Here the clusters are of
+  prefill *queries*, and each cluster lists the keys that its queries rank in their top ``k``:
+  a group probes the lists of the clusters nearest to it, i.e. the keys that queries like it
+  attended to. Keys no prefill query ranked join the list of the cluster whose centroid scores
+  them highest; keys added later wait in a tail scanned exactly, and join lists the same way
+  in batches. Built by one XLA computation (:func:`query_lists`); searched in numpy here, and
+  natively by the store (:mod:`host_offload.native`).
 
 ``ivf`` and ``hnsw`` need faiss-cpu (``pip install 'longctx-jax[retrieval]'``).
 
