@@ -54,7 +54,8 @@ NEEDS_QUERIES = ("qivf",)
 INSTALL_HINT = "pip install 'longctx-jax[retrieval]'"
 TRAIN_PER_LIST = 256  # faiss's default sample for k-means: at most this many keys per list
 BUFFER = 64  # ivf: keys added since the last flush into the lists, scanned exactly meanwhile
-TAIL = 256  # qivf: keys added since the last repack of the lists, scanned exactly meanwhile
+TAIL = 256  # qivf: keys added since the last fold into the lists, scanned exactly meanwhile
+SLACK = 8  # qivf: room each list keeps at least for keys folded in later
 
 
 class MissingFaiss(ImportError):
@@ -268,6 +269,13 @@ class FlatIndex:
     @property
     def nbytes(self) -> int:
         return self.key_rows.nbytes
+
+
+def _places(offsets: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """The slots of lists filled ``fill [nlist]`` from ``offsets [nlist + 1]`` on, list after
+    list."""
+    starts = np.repeat(offsets[:-1] - np.concatenate([[0], np.cumsum(fill)[:-1]]), fill)
+    return starts + np.arange(int(fill.sum()))
 
 
 def probes(scan: float, nlist: int) -> int:
@@ -511,15 +519,20 @@ class QueryIVFIndex:
     """Attention-aware IVF: clusters of prefill queries list the keys their queries rank top-k
     (see the module docstring). ``nlist`` defaults to ``sqrt(n)``.
 
-    The lists are packed per head (``offsets [H, nlist + 1]`` into ``ids [H, total]``, with the
-    keys copied in that order, ``list_keys [H, total, D]``), the layout the native step reads.
-    Keys added after the build form a *tail* that every search scans exactly, and join the
-    lists of the clusters whose mean query scores them highest once ``tail`` have gathered
-    (one repack, not one per token)."""
+    The lists are packed per head: list ``c`` holds ``fill[h, c]`` row ids from ``ids[h,
+    offsets[h, c]]`` on, room to ``offsets[h, c + 1]``, and ``list_keys`` holds their keys in the
+    same places, so a probe reads its lists front to back (the layout the native step reads).
+    Keys added after the build form a *tail* that every search scans exactly; once ``tail``
+    have gathered they join the lists of the clusters whose centroids score them highest, in
+    the room each list keeps (an eighth of its size, at least ``SLACK``): the cost of a fold is
+    that of the new keys, not of the index, until a list runs out of room and the lists are
+    laid out again."""
 
     def __init__(self, keys: Rows, queries: np.ndarray, k: int, scan: float,
                  nlist: int | None = None, min_hits: int = 1, iters: int = 10, seed: int = 0,
                  device=None, tail: int = TAIL):
+        if min_hits < 1:
+            raise ValueError(f"min_hits must be >= 1, got {min_hits}")
         self._keys = keys
         n = keys.n
         nlist = min(nlist or max(1, int(round(math.sqrt(n)))), queries.shape[1])
@@ -527,25 +540,32 @@ class QueryIVFIndex:
                             device)
         self.centroids_t = np.ascontiguousarray(np.stack([c.T for c, _ in built]))  # [H, D, nlist]
         self.nlist, self.scan, self.tail = nlist, scan, tail
-        self._pack([lists for _, lists in built])
+        self._layout([np.concatenate(lists) for _, lists in built],
+                     np.array([[len(x) for x in lists] for _, lists in built], np.int64))
         self.listed = n  # rows [0, listed) are in the lists, the rest in the tail
 
-    def _pack(self, heads: list[list[np.ndarray]]) -> None:
-        """Pack each head's lists (most-ranked first) into ``offsets`` and ``ids``."""
-        sizes = np.array([[len(x) for x in lists] for lists in heads], np.int64)
-        self.offsets = np.zeros((len(heads), self.nlist + 1), np.int64)
-        np.cumsum(sizes, 1, out=self.offsets[:, 1:])
-        self.ids = np.zeros((len(heads), max(1, int(self.offsets[:, -1].max()))), np.int64)
-        for row, lists, total in zip(self.ids, heads, self.offsets[:, -1]):
-            row[:total] = np.concatenate(lists) if total else row[:0]
-        # The keys again in list order: a probe then reads its lists front to back, at memory
-        # speed, where gathering scattered rows waits on memory latency (the native step).
-        self.list_keys = self._keys.gather(self.ids)
+    def _layout(self, members: list[np.ndarray], fill: np.ndarray, source=None) -> None:
+        """Lay out each head's lists afresh, with room: ``members[h]`` its row ids list after
+        list (``fill [H, nlist]`` of them in each), keys from ``source[h]`` (``[total_h, D]``,
+        in that order) or gathered from the rows."""
+        heads = len(members)
+        room = fill + np.maximum(SLACK, fill // 8)
+        offsets = np.zeros((heads, self.nlist + 1), np.int64)
+        np.cumsum(room, 1, out=offsets[:, 1:])
+        width = max(1, int(offsets[:, -1].max()))
+        ids = np.zeros((heads, width), np.int64)
+        list_keys = np.zeros((heads, width, self._keys.rows.shape[2]), self._keys.rows.dtype)
+        for h in range(heads):
+            at = _places(offsets[h], fill[h])
+            ids[h, at] = members[h]
+            list_keys[h, at] = (self._keys.gather(members[h][None], first=h)[0]
+                                if source is None else source[h])
+        self.offsets, self.fill, self.ids, self.list_keys = offsets, fill, ids, list_keys
 
     def lists(self, head: int) -> list[np.ndarray]:
         """Head ``head``'s lists, most-ranked first (the tail not included)."""
-        ends = self.offsets[head]
-        return [self.ids[head, ends[c]:ends[c + 1]] for c in range(self.nlist)]
+        start, fill = self.offsets[head], self.fill[head]
+        return [self.ids[head, start[c]:start[c] + fill[c]] for c in range(self.nlist)]
 
     @property
     def n(self) -> int:
@@ -556,15 +576,33 @@ class QueryIVFIndex:
         if self.n - self.listed < self.tail:
             return
         rows = np.arange(self.listed, self.n)
-        homes = nearest_lists(self._keys.rows[:, self.listed:], self.centroids_t)
-        heads = []
-        for h, home in enumerate(homes):  # each list, then its new keys (in row order)
-            lists = self.lists(h)
-            order = np.argsort(home, kind="stable")
-            ends = np.searchsorted(home[order], np.arange(self.nlist + 1))
-            heads.append([np.concatenate([x, rows[order[ends[c]:ends[c + 1]]]])
-                          for c, x in enumerate(lists)])
-        self._pack(heads)
+        new = self._keys.rows[:, self.listed:]
+        homes = nearest_lists(new, self.centroids_t)  # [H, t]
+        counts = np.stack([np.bincount(home, minlength=self.nlist) for home in homes])
+        room = np.diff(self.offsets, axis=1) - self.fill
+        if (counts > room).any():  # lay out again: old lists then their new keys, each list
+            members, sources = [], []
+            for h in range(len(homes)):
+                old = _places(self.offsets[h], self.fill[h])
+                order = np.argsort(homes[h], kind="stable")
+                ends = np.concatenate([[0], np.cumsum(counts[h])])
+                old_ends = np.concatenate([[0], np.cumsum(self.fill[h])])
+                parts = [(old[old_ends[c]:old_ends[c + 1]], order[ends[c]:ends[c + 1]])
+                         for c in range(self.nlist)]
+                members.append(np.concatenate([x for o, r in parts
+                                               for x in (self.ids[h, o], rows[r])]))
+                sources.append(np.concatenate([x for o, r in parts
+                                               for x in (self.list_keys[h, o], new[h, r])]))
+            self._layout(members, self.fill + counts, sources)
+        else:  # into each list's room
+            for h, home in enumerate(homes):
+                order = np.argsort(home, kind="stable")
+                sorted_home = home[order]
+                rank = np.arange(len(order)) - np.searchsorted(sorted_home, sorted_home)
+                at = self.offsets[h, sorted_home] + self.fill[h, sorted_home] + rank
+                self.ids[h, at] = rows[order]
+                self.list_keys[h, at] = new[h, order]
+            self.fill += counts
         self.listed = self.n
 
     def search(self, queries: np.ndarray, k: int, first: int = 0):
@@ -576,11 +614,11 @@ class QueryIVFIndex:
         seen = np.zeros(self.n, bool)
         cands = []
         for h, groups_probed in enumerate(probed, first):
-            ids, ends = self.ids[h], self.offsets[h]
+            ids, start, fill = self.ids[h], self.offsets[h], self.fill[h]
             for p in groups_probed:
-                end = ends[p[-1]] + max(1, math.ceil(last * (ends[p[-1] + 1] - ends[p[-1]])))
-                seen[np.concatenate([ids[ends[c]:ends[c + 1]] for c in p[:-1]]
-                                    + [ids[ends[p[-1]]:min(end, ends[p[-1] + 1])], tail])] = True
+                read = min(fill[p[-1]], max(1, math.ceil(last * fill[p[-1]])))
+                seen[np.concatenate([ids[start[c]:start[c] + fill[c]] for c in p[:-1]]
+                                    + [ids[start[p[-1]]:start[p[-1]] + read], tail])] = True
                 cands.append(np.flatnonzero(seen))  # each key once, in row order
                 seen[cands[-1]] = False
         sizes = np.array([len(c) for c in cands])
@@ -608,7 +646,7 @@ class QueryIVFIndex:
     def nbytes(self) -> int:
         """The keys (by row, and by list), the lists' row ids, the centroids."""
         return (self._keys.nbytes + self.ids.nbytes + self.list_keys.nbytes
-                + self.centroids_t.nbytes)
+                + self.centroids_t.nbytes + self.offsets.nbytes + self.fill.nbytes)
 
 
 def query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_hits: int,

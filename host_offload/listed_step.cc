@@ -125,7 +125,8 @@ struct Part {
   const void* keys;        // [cap, d] rows, float32 or bfloat16
   const void* values;      // [cap, d]; null for ids only, or a part with no rows
   const float* cent_t;     // [d, nlist] or null (no lists: every row is scanned)
-  const int64_t* offsets;  // [nlist + 1] into ids
+  const int64_t* offsets;  // [nlist + 1] into ids: where each list starts (and its room ends)
+  const int64_t* fill;     // [nlist]: the ids each list holds
   const int64_t* ids;      // list members, most-ranked first within a list
   const void* list_keys;   // [total, d]: the members' keys, in the same order
   int64_t nlist, listed, n;
@@ -193,12 +194,10 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
     if (++epoch == 0) std::fill(stamp.begin(), stamp.end(), 0), epoch = 1;
     for (int64_t i = 0; i < nprobe; ++i) {
       int64_t c = lists[i].second;
-      int64_t begin = p.offsets[c], end = p.offsets[c + 1];
-      if (i == nprobe - 1) {
-        int64_t len = end - begin;
-        end = begin + std::max<int64_t>(1, static_cast<int64_t>(std::ceil(last * len)));
-        end = std::min(end, p.offsets[c + 1]);
-      }
+      int64_t begin = p.offsets[c], len = p.fill[c];
+      if (i == nprobe - 1)  // the last list: its head, a share `last` of it
+        len = std::min(len, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(last * len))));
+      int64_t end = begin + len;
       for (int64_t m = begin; m < end; ++m) {  // the list's keys, stored in list order
         int64_t r = p.ids[m];
         if (stamp[r] == epoch) continue;  // a key listed by several probed clusters: once
@@ -273,7 +272,8 @@ extern "C" {
 void listed_step(int parts, int g, int d, int k, int bf16, double scan, float scale,
                  int threads, const float* q, const void* const* keys,
                  const void* const* values, const float* const* cent_t,
-                 const int64_t* const* offsets, const int64_t* const* ids,
+                 const int64_t* const* offsets, const int64_t* const* fill,
+                 const int64_t* const* ids,
                  const void* const* list_keys, const int64_t* nlist, const int64_t* listed,
                  const int64_t* n, float* o,
                  float* lse, int64_t* rows, int64_t* scanned, double* seconds) {
@@ -281,7 +281,7 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
   for (int i = 0; i < parts; ++i) {
     Part p{keys[i], values ? values[i] : nullptr, cent_t ? cent_t[i] : nullptr,
-           offsets ? offsets[i] : nullptr, ids ? ids[i] : nullptr,
+           offsets ? offsets[i] : nullptr, fill ? fill[i] : nullptr, ids ? ids[i] : nullptr,
            list_keys ? list_keys[i] : nullptr,
            nlist[i], listed[i], n[i]};
     scanned[i] = part_step(p, q + static_cast<int64_t>(i) * g * d, g, d, k, bf16, scan, scale,

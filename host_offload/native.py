@@ -66,7 +66,7 @@ def library():
     lib = ctypes.CDLL(str(path))
     lib.listed_step.restype = None
     lib.listed_step.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_double, ctypes.c_float,
-                                                      ctypes.c_int] + [_P] * 15)
+                                                      ctypes.c_int] + [_P] * 16)
     return lib
 
 
@@ -85,13 +85,13 @@ def address(a: np.ndarray | None) -> int:
 
 
 def listed_step(q: np.ndarray, keys: np.ndarray, values: np.ndarray | None, cent_t: np.ndarray,
-                offsets: np.ndarray, ids: np.ndarray, list_keys: np.ndarray, nlist: np.ndarray,
-                listed: np.ndarray, n: np.ndarray, *, k: int, bf16: bool, scan: float, scale: float, threads: int,
+                offsets: np.ndarray, fill: np.ndarray, ids: np.ndarray, list_keys: np.ndarray,
+                nlist: np.ndarray, listed: np.ndarray, n: np.ndarray, *, k: int, bf16: bool, scan: float, scale: float, threads: int,
                 attend: bool):
     """One step for ``P`` parts: ``q [P, g, D]`` float32 (contiguous); per part the address
     (``uint64 [P]``) of its keys ``[cap, D]``, values (or ``None``), transposed centroids
-    ``[D, nlist]`` (0: none, the part is scanned whole), list offsets, members and their keys
-    in list order, and its
+    ``[D, nlist]`` (0: none, the part is scanned whole), list starts, fills, members and their
+    keys in list order, and its
     ``nlist``, ``listed`` (rows below are in the lists, the rest scanned exactly) and ``n``.
     Returns ``(o [P, g, D], lse [P, g])`` (``None`` unless ``attend``), ``rows [P, k]``
     (``-1``: none), ``scanned [P]``, ``seconds [P, 2]`` (search, attention)."""
@@ -103,7 +103,8 @@ def listed_step(q: np.ndarray, keys: np.ndarray, values: np.ndarray | None, cent
     lse = np.empty((parts, g), np.float32) if attend else None
     library().listed_step(parts, g, d, k, int(bf16), scan, scale, threads, address(q),
                           address(keys), address(values) if attend else 0, address(cent_t),
-                          address(offsets), address(ids), address(list_keys), address(nlist),
+                          address(offsets), address(fill), address(ids), address(list_keys),
+                          address(nlist),
                           address(listed),
                           address(n), address(o), address(lse), address(rows),
                           address(scanned), address(seconds))

@@ -350,7 +350,7 @@ class RetrievalStore:
         qg = np.ascontiguousarray(hindex.as_float32(q).reshape(b_ * hkv, hq // hkv, d))
         (o, lse), rows, scanned, seconds = native.listed_step(
             qg, arrays["keys"], arrays["values"], arrays["cent_t"], arrays["offsets"],
-            arrays["ids"], arrays["list_keys"], arrays["nlist"], arrays["listed"], arrays["n"],
+            arrays["fill"], arrays["ids"], arrays["list_keys"], arrays["nlist"], arrays["listed"], arrays["n"],
             k=self.k,
             bf16=bool(arrays["bf16"].any()), scan=self.scan, scale=self.scale,
             threads=self.threads, attend=attend)
@@ -405,7 +405,7 @@ def _native_fields(lay: _Layer, kv_heads: int, values: bool) -> dict | None:
     """A (sequence, layer)'s per-KV-head addresses and sizes for the native step (see
     :func:`host_offload.native.listed_step`), or ``None`` for keys it cannot read."""
     zeros = np.zeros(kv_heads, np.uint64)
-    fields = dict(keys=zeros, values=zeros, cent_t=zeros, offsets=zeros, ids=zeros,
+    fields = dict(keys=zeros, values=zeros, cent_t=zeros, offsets=zeros, fill=zeros, ids=zeros,
                   list_keys=zeros,
                   nlist=np.zeros(kv_heads, np.int64), listed=np.zeros(kv_heads, np.int64),
                   n=np.zeros(kv_heads, np.int64), bf16=np.zeros(kv_heads, bool))
@@ -426,7 +426,8 @@ def _native_fields(lay: _Layer, kv_heads: int, values: bool) -> dict | None:
         fields["values"] = native.address(vals) + heads * np.uint64(vals[0].nbytes)
     if isinstance(index, hindex.QueryIVFIndex):
         for name, array in (("cent_t", index.centroids_t), ("offsets", index.offsets),
-                            ("ids", index.ids), ("list_keys", index.list_keys)):
+                            ("fill", index.fill), ("ids", index.ids),
+                            ("list_keys", index.list_keys)):
             fields[name] = native.address(array) + heads * np.uint64(array[0].nbytes)
         fields["nlist"] = np.full(kv_heads, index.nlist, np.int64)
         fields["listed"] = np.full(kv_heads, index.listed, np.int64)

@@ -467,24 +467,31 @@ def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend):
 
 
 def test_qivf_tail_keys_are_findable_exactly_once():
-    """Keys added after the build sit in the tail (scanned exactly) until a repack moves them
-    into lists: with every list probed, the search is the exact top k and scans each key
-    once."""
+    """Keys added after the build sit in the tail (scanned exactly) until a fold moves them
+    into their lists' room, or lays the lists out again when one is full: with every list
+    probed, the search is the exact top k and scans each key once."""
     rng = np.random.default_rng(4)
-    keys = rng.normal(size=(2, 420, 16)).astype(np.float32)
+    keys = rng.normal(size=(2, 700, 16)).astype(np.float32)
     queries = rng.normal(size=(2, 300, 16)).astype(np.float32)
     ix = hindex.QueryIVFIndex(hindex.Rows(keys[:, :300]), queries, k=10, scan=1.0, tail=7)
     q = rng.normal(size=(2, 3, 2, 16)).astype(np.float32)
-    for n in range(301, 421):
+    layouts = [ix.offsets]  # held, so a new layout is a new object
+    for n in range(301, 701):
         ix.add(keys[:, n - 1:n])
         assert ix.n == n and n - 7 < ix.listed <= n
+        if ix.offsets is not layouts[-1]:
+            layouts.append(ix.offsets)
         for h in range(2):  # every listed key in some list (a key may be in several)
-            np.testing.assert_array_equal(np.unique(ix.ids[h, :ix.offsets[h, -1]]),
+            np.testing.assert_array_equal(np.unique(np.concatenate(ix.lists(h))),
                                           np.arange(ix.listed))
+            for c, members in enumerate(ix.lists(h)):  # each list's keys beside its ids
+                at = ix.offsets[h, c] + np.arange(len(members))
+                np.testing.assert_array_equal(ix.list_keys[h, at], keys[h, members])
         rows, scanned = ix.search(q, 10)
         exact = hindex.top_k(np.einsum("hgqd,hnd->hgqn", q, keys[:, :n]).max(2), 10)
         np.testing.assert_array_equal(rows, exact)
         assert (scanned == n + ix.nlist).all()
+    assert len(layouts) > 1  # some fold found a list full
 
 
 def test_native_step_without_a_compiler_is_none_with_a_warning(monkeypatch, tmp_path):
