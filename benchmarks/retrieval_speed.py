@@ -164,7 +164,8 @@ def random_store(policy, cfg, args, context: int, max_len: int, dtype, seed: int
 
 def host_store(cfg, args, context: int, index: str, scan: float, layers: int):
     """A store of ``layers`` layers as a prefill of ``context`` tokens leaves it, filled with
-    random keys and values (numpy, no device) and indexed. Returns ``(store, seconds)``."""
+    random keys and values (numpy; qivf's build runs on jax's default device) and indexed.
+    Returns ``(store, seconds)``."""
     max_len = context + len(args.host_threads) * (warm_steps(args) + args.host_steps) + 256
     store = RetrievalStore(args.batch, layers, cfg.num_kv_heads, cfg.head_dim, kind=index, k=args.k,
                            scan=scan, max_len=max_len, group=cfg.num_heads // cfg.num_kv_heads,

@@ -660,8 +660,9 @@ def query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_h
     One XLA computation on jax's default device does the work (an ``m x n`` product, its top
     ``k``, the counting and the sorts): where the prompt was just prefilled, a GPU does it in
     milliseconds (``device``: another, e.g. the CPU from inside a host callback, where a GPU's
-    stream is waiting on the caller). Shapes are padded to buckets, so builds of nearby sizes
-    share a compilation."""
+    stream is waiting on the caller). Key and query counts are padded to buckets, so builds of
+    nearby sizes with the same ``nlist`` share a compilation. At most two run at once: their
+    score blocks are bounded each, beside the prefill's cache."""
     import jax
 
     h, m, d = queries.shape
@@ -674,9 +675,10 @@ def query_lists(keys: np.ndarray, queries: np.ndarray, k: int, nlist: int, min_h
     q[:, :m] = queries
     x = np.zeros((h, np_, d), np.float32)
     x[:, :n] = keys
-    args = jax.device_put((q, np.int32(m), x, np.int32(n), init.astype(np.int32)), device)
-    centroids, members, sizes = jax.device_get(
-        _lists_fn()(*args, k=min(k, n), iters=iters, min_hits=min_hits))
+    with _BUILDS:
+        args = jax.device_put((q, np.int32(m), x, np.int32(n), init.astype(np.int32)), device)
+        centroids, members, sizes = jax.device_get(
+            _lists_fn()(*args, k=min(k, n), iters=iters, min_hits=min_hits))
     return [(np.asarray(c), np.split(np.asarray(ids[:size.sum()]), np.cumsum(size)[:-1]))
             for c, ids, size in zip(centroids, members, sizes)]
 
@@ -689,6 +691,7 @@ def _bucket(n: int) -> int:
 
 _BLOCK = 1024  # queries padded to a multiple; keys homed at once
 _SCORES = 1 << 28  # query-key scores of all heads computed at once (1 GiB of float32)
+_BUILDS = threading.Semaphore(2)  # qivf builds on the device at once
 
 
 @functools.cache

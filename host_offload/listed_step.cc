@@ -1,8 +1,10 @@
 // One decode step of a listed index (qivf, or exact when a part has no lists), native: for each
 // part (a sequence's KV head) probe the lists its query group scores highest, scan their keys
 // and the unlisted tail, keep the k best by group logit, and attend over them. The numpy
-// reference is host_offload.index.QueryIVFIndex.search followed by RetrievalStore.attend; a
-// Python step costs about 0.6 ms of interpreter work per layer, this one a few microseconds.
+// references are QueryIVFIndex.search and FlatIndex.search (host_offload.index), then
+// RetrievalStore.attend; a Python step costs about 0.6 ms of interpreter work per layer, this
+// one a few microseconds. Ties (equal logits) go to the lower row here; numpy's argpartition
+// breaks them in no set order.
 //
 // Built on first use by host_offload.native (c++ -O3 -march=native -fopenmp).
 
@@ -61,10 +63,15 @@ inline f16x load16(const uint16_t* x) {  // bfloat16: the high half of a float32
 typedef float f8x __attribute__((vector_size(32)));
 typedef float f4x __attribute__((vector_size(16)));
 
-inline float sum16(f16x v) {  // halving: three vector adds, then four lanes
-  f8x h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  f4x f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+inline float sum16(f16x v) {  // halving: two vector adds, then four lanes
+  f8x lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  f8x h = lo + hi;
+  f4x a, b;
+  std::memcpy(&a, &h, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&h) + sizeof a, sizeof b);
+  f4x f = a + b;
   return (f[0] + f[2]) + (f[1] + f[3]);
 }
 

@@ -63,7 +63,12 @@ def library():
             warnings.warn(f"could not build the native retrieval step ({detail.strip()[:200]}): "
                           "the host step runs in numpy (slower)")
             return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:  # e.g. a cache shared with a machine of another libc
+        warnings.warn(f"could not load the native retrieval step {path} ({err}): the host step "
+                      "runs in numpy (slower)")
+        return None
     lib.listed_step.restype = None
     lib.listed_step.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_double, ctypes.c_float,
                                                       ctypes.c_int] + [_P] * 16)
@@ -86,8 +91,8 @@ def address(a: np.ndarray | None) -> int:
 
 def listed_step(q: np.ndarray, keys: np.ndarray, values: np.ndarray | None, cent_t: np.ndarray,
                 offsets: np.ndarray, fill: np.ndarray, ids: np.ndarray, list_keys: np.ndarray,
-                nlist: np.ndarray, listed: np.ndarray, n: np.ndarray, *, k: int, bf16: bool, scan: float, scale: float, threads: int,
-                attend: bool):
+                nlist: np.ndarray, listed: np.ndarray, n: np.ndarray, *, k: int, bf16: bool,
+                scan: float, scale: float, threads: int, attend: bool):
     """One step for ``P`` parts: ``q [P, g, D]`` float32 (contiguous); per part the address
     (``uint64 [P]``) of its keys ``[cap, D]``, values (or ``None``), transposed centroids
     ``[D, nlist]`` (0: none, the part is scanned whole), list starts, fills, members and their

@@ -14,9 +14,11 @@ has prefill queries), then it is rebuilt as the store's kind.
 A KV head's query group retrieves together (see :mod:`host_offload.index`): it probes once,
 and gets the ``k`` keys with the largest group logit among those it scanned (the exact top
 ``k`` for the flat index). One decode step of a layer is one call, for the whole batch: it
-inserts, then searches and attends in parts (a span of one sequence's KV heads each,
-vectorised over the span) on the store's worker threads; :attr:`RetrievalStore.stats` adds up
-where its time goes.
+inserts, then searches and attends. For the flat and qivf indexes the native step
+(:mod:`host_offload.native`) does that for every (sequence, KV head) in one C++ call on an
+OpenMP team of ``threads``; otherwise, or without a compiler, numpy and faiss do it in parts
+(a span of one sequence's KV heads each) on the store's worker threads.
+:attr:`RetrievalStore.stats` adds up where its time goes.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ def default_threads(kv_heads: int) -> int:
 
 @functools.cache
 def workers(threads: int, openmp: int = 1) -> concurrent.futures.ThreadPoolExecutor:
-    """``threads`` worker threads kept for the stores' steps, each running faiss on ``openmp``
-    OpenMP threads (faiss and numpy's heavy loops release the GIL). A step is a few
-    milliseconds of work, once per layer per token: by default the parallelism is the workers'
-    (an OpenMP team spins between the calls, against the rest of the host's work, where these
-    threads sleep); ``openmp > 1`` lets one faiss call search several heads' queries at once,
-    with less Python per step."""
+    """``threads`` worker threads kept for the stores' numpy and faiss steps and for index
+    builds, each running faiss on ``openmp`` OpenMP threads (faiss and numpy's heavy loops
+    release the GIL). By default the parallelism is the workers' (a faiss OpenMP team spins
+    between the calls, against the rest of the host's work, where these threads sleep);
+    ``openmp > 1`` lets one faiss call search several heads' queries at once, with less Python
+    per step. The native step runs its own OpenMP team instead."""
     return concurrent.futures.ThreadPoolExecutor(
         threads, "retrieval-host", initializer=functools.partial(_openmp_threads, openmp))
 
@@ -108,7 +110,8 @@ class HostStats:
     """Host seconds of decode steps (one :meth:`RetrievalStore.step` per layer per token) by
     part, and what their searches read: ``scanned`` keys (centroids included) out of
     ``stored`` (both summed over heads and searches). Search and attention run together in
-    parts on the worker threads: their wall time is split in the ratio of the parts' own."""
+    parts (on the worker threads, or the native step's team): their wall time is split in the
+    ratio of the parts' own."""
 
     steps: int = 0
     total: float = 0.0
@@ -167,9 +170,9 @@ class RetrievalStore:
     learns from them (a stride over positions, so the whole prompt is represented).
     ``values=False`` keeps keys only (the device attends over its own copy).
     ``train_per_list``: the ivf index's k-means sample per list.
-    ``threads``: the worker threads a step searches and attends on (:func:`workers`; ``0``:
-    :func:`default_threads`), and ``openmp`` the OpenMP threads of each one's faiss calls;
-    attributes.
+    ``threads``: the threads a step searches and attends on (the native step's OpenMP team, or
+    the :func:`workers`; ``0``: :func:`default_threads`), and ``openmp`` the OpenMP threads of
+    each worker's faiss calls; attributes.
     """
 
     def __init__(self, batch: int, layers: int, kv_heads: int, head_dim: int, *, kind: str,
@@ -295,13 +298,20 @@ class RetrievalStore:
         """One decode step of ``layer`` for the batch: insert the evicted tokens (``k, v [B,
         Hkv, D]`` at ``evicted [B]``), then retrieve for ``q [B, Hq, D]``. Returns
         ``(o [B, Hq, D], lse [B, Hq])`` float32 with ``attend``, else the retrieved positions
-        ``[B, Hkv, k]`` int32 (``-1``: none)."""
+        ``[B, Hkv, k]`` int32 (``-1``: none). One call at a time per store: the native step
+        reads the store's arrays in place, without the GIL."""
+        b_, hq, d = q.shape
+        if attend and not self.values:
+            raise ValueError("this store keeps no values to attend over (values=False)")
+        if (b_, k.shape[1], hq % self.kv_heads) != (len(self.layers), self.kv_heads, 0):
+            raise ValueError(f"step for {len(self.layers)} sequences of {self.kv_heads} KV "
+                             f"heads, got q {q.shape} and k {k.shape}")
         stats = self.stats
         t0 = time.perf_counter()
         if self.kind in NATIVE_KINDS and native.enabled():
             self.insert(layer, k, v, evicted)
             t1 = time.perf_counter()
-            parts = self._native_parts(layer, q.dtype)
+            parts = self._native_parts(layer, d)
             if parts is not None:
                 return self._native_step(q, parts, attend, t0, t1)
         else:
@@ -333,26 +343,27 @@ class RetrievalStore:
             return out[0].reshape(b_, hq, d), out[1].reshape(b_, hq)
         return out
 
-    def _native_parts(self, layer: int, dtype):
+    def _native_parts(self, layer: int, head_dim: int):
         """The native step's per-part arrays for ``layer`` (a part: a sequence's KV head), or
         ``None`` where it cannot run (keys in another dtype than float32 or bfloat16)."""
         lays = [rows[layer] for rows in self.layers]
         fields = [_native_fields(lay, self.kv_heads, self.values) for lay in lays]
         if any(f is None for f in fields):
             return None
+        stored = {lay.index.key_rows.data.shape[2] for lay in lays if lay.index is not None}
+        if stored - {head_dim}:
+            raise ValueError(f"queries of head dim {head_dim}, keys of {stored.pop()}")
         return lays, {name: np.concatenate([f[name] for f in fields]) for name in fields[0]}
 
     def _native_step(self, q: np.ndarray, parts, attend: bool, t0: float, t1: float):
         """:meth:`step` after the inserts, by the native step (:mod:`host_offload.native`)."""
         lays, arrays = parts
         b_, hq, d = q.shape
-        hkv = len(arrays["n"]) // b_
+        hkv = self.kv_heads
         qg = np.ascontiguousarray(hindex.as_float32(q).reshape(b_ * hkv, hq // hkv, d))
+        bf16 = bool(arrays.pop("bf16").any())
         (o, lse), rows, scanned, seconds = native.listed_step(
-            qg, arrays["keys"], arrays["values"], arrays["cent_t"], arrays["offsets"],
-            arrays["fill"], arrays["ids"], arrays["list_keys"], arrays["nlist"], arrays["listed"], arrays["n"],
-            k=self.k,
-            bf16=bool(arrays["bf16"].any()), scan=self.scan, scale=self.scale,
+            qg, **arrays, k=self.k, bf16=bf16, scan=self.scan, scale=self.scale,
             threads=self.threads, attend=attend)
         t2 = time.perf_counter()
         search, attending = seconds.sum(0)

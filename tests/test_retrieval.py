@@ -177,9 +177,9 @@ def test_rows_gather_into_a_given_array_converts_exactly():
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "qivf"])
 def test_a_step_split_over_threads_matches_one_thread(kind):
-    """A step's search and attention in parts on worker threads (spans of KV heads of each
-    sequence), or on OpenMP threads inside faiss, give what one thread gives, attention and
-    positions alike."""
+    """A step's search and attention on several threads (the native step's OpenMP team for
+    flat and qivf; worker threads with spans of KV heads, or OpenMP threads inside faiss, for
+    ivf) give what one thread gives, attention and positions alike."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(11)
     b, hkv, g, d, n = 2, 4, 2, 16, 600
@@ -436,9 +436,10 @@ def _filled_store(kind, dtype, seed=0, batch=2, heads=2, group=3, dim=32, n=700,
 @pytest.mark.parametrize("kind", ["flat", "qivf"])
 @pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
 @pytest.mark.parametrize("attend", [True, False])
-def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend):
+@pytest.mark.parametrize("group,dim", [(3, 32), (9, 24)])  # vector and scalar kernels
+def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend, group, dim):
     """The C++ step against the numpy one on the same stores: the same keys retrieved and
-    scanned, (o, lse) to float32 rounding, over 300 steps whose inserts cross a repack of
+    scanned, (o, lse) to float32 rounding, over 300 steps whose inserts cross a fold of
     qivf's tail."""
     from host_offload import native
 
@@ -448,10 +449,11 @@ def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend):
     runs = []
     for flag in ("0", "1"):
         monkeypatch.setenv("LONGCTX_NATIVE", flag)
-        store, rng, outs = _filled_store(kind, dtype), np.random.default_rng(1), []
+        store = _filled_store(kind, dtype, group=group, dim=dim)
+        rng, outs = np.random.default_rng(1), []
         for _ in range(300):
-            q, k, v = (rng.normal(size=shape).astype(dtype)
-                       for shape in ((2, 6, 32), (2, 2, 32), (2, 2, 32)))
+            q, k, v = (rng.normal(size=shape).astype(dtype) for shape in
+                       ((2, 2 * group, dim), (2, 2, dim), (2, 2, dim)))
             evicted = np.array([rows[0].next for rows in store.layers])
             outs.append(store.step(0, q, k, v, evicted, attend=attend))
         runs.append((outs, store.stats.scanned, store.stats.stored))
@@ -501,3 +503,14 @@ def test_native_step_without_a_compiler_is_none_with_a_warning(monkeypatch, tmp_
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="could not build the native retrieval step"):
         assert native.library.__wrapped__() is None
+
+
+def test_store_step_refuses_mismatched_calls():
+    store = _filled_store("flat", np.float32)
+    store_ids = RetrievalStore(1, 1, 2, 32, kind="flat", k=4, scan=1.0, max_len=64, group=3,
+                               values=False)
+    q, kv = np.zeros((2, 6, 32), np.float32), np.zeros((2, 2, 32), np.float32)
+    with pytest.raises(ValueError, match="no values"):
+        store_ids.step(0, q[:1], kv[:1], kv[:1], np.array([-1]), attend=True)
+    with pytest.raises(ValueError, match="2 sequences of 2 KV heads"):
+        store.step(0, q[:1], kv[:1], kv[:1], np.array([-1]), attend=True)
