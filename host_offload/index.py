@@ -580,19 +580,14 @@ class QueryIVFIndex:
         homes = nearest_lists(new, self.centroids_t)  # [H, t]
         counts = np.stack([np.bincount(home, minlength=self.nlist) for home in homes])
         room = np.diff(self.offsets, axis=1) - self.fill
-        if (counts > room).any():  # lay out again: old lists then their new keys, each list
+        if (counts > room).any():  # lay out again: each list's keys, then its new ones
             members, sources = [], []
-            for h in range(len(homes)):
+            for h, home in enumerate(homes):
                 old = _places(self.offsets[h], self.fill[h])
-                order = np.argsort(homes[h], kind="stable")
-                ends = np.concatenate([[0], np.cumsum(counts[h])])
-                old_ends = np.concatenate([[0], np.cumsum(self.fill[h])])
-                parts = [(old[old_ends[c]:old_ends[c + 1]], order[ends[c]:ends[c + 1]])
-                         for c in range(self.nlist)]
-                members.append(np.concatenate([x for o, r in parts
-                                               for x in (self.ids[h, o], rows[r])]))
-                sources.append(np.concatenate([x for o, r in parts
-                                               for x in (self.list_keys[h, o], new[h, r])]))
+                label = np.concatenate([np.repeat(np.arange(self.nlist), self.fill[h]), home])
+                order = np.argsort(label, kind="stable")
+                members.append(np.concatenate([self.ids[h, old], rows])[order])
+                sources.append(np.concatenate([self.list_keys[h, old], new[h]])[order])
             self._layout(members, self.fill + counts, sources)
         else:  # into each list's room
             for h, home in enumerate(homes):

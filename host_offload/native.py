@@ -46,7 +46,7 @@ def library():
         warnings.warn("no C++ compiler found: retrieval's host step runs in numpy (slower)")
         return None
     # -march=native: a library built on one CPU may not run on another (a shared home)
-    tag = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu())).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu_id())).encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("LONGCTX_CACHE")
                          or pathlib.Path.home() / ".cache" / "longctx_jax")
     path = cache / f"listed_step-{tag}.so"
@@ -75,7 +75,7 @@ def library():
     return lib
 
 
-def _cpu() -> str:
+def _cpu_id() -> str:
     """What ``-march=native`` depends on: the CPU's model and feature flags."""
     try:
         info = pathlib.Path("/proc/cpuinfo").read_text().splitlines()

@@ -121,6 +121,19 @@ class HostStats:
     scanned: int = 0
     stored: int = 0
 
+    def record(self, t0: float, t1: float, t2: float, searching: float, attending: float,
+               scanned: int, stored: int) -> None:
+        """Add one step: inserts from ``t0`` to ``t1``, search and attention to ``t2`` (split
+        in the ratio of their own seconds, ``searching`` and ``attending``)."""
+        share = searching / max(searching + attending, 1e-12)
+        self.steps += 1
+        self.scanned += int(scanned)
+        self.stored += int(stored)
+        self.insert += t1 - t0
+        self.search += (t2 - t1) * share
+        self.attend += (t2 - t1) * (1 - share)
+        self.total += t2 - t0
+
 
 class _Layer:
     """One (sequence, layer): the index holding the keys (``None`` until the first key), values
@@ -135,6 +148,10 @@ class _Layer:
         self.next = 0
         self.built = False
         self.queries: list[np.ndarray] = []
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """The positions of stored ``rows`` (``-1`` stays ``-1``)."""
+        return np.where(rows >= 0, self.pos[np.maximum(rows, 0)], -1)
 
     def extend(self, k: np.ndarray, v: np.ndarray | None, pos: np.ndarray,
                capacity: int) -> bool:
@@ -306,8 +323,8 @@ class RetrievalStore:
         if (b_, k.shape[1], hq % self.kv_heads) != (len(self.layers), self.kv_heads, 0):
             raise ValueError(f"step for {len(self.layers)} sequences of {self.kv_heads} KV "
                              f"heads, got q {q.shape} and k {k.shape}")
-        stats = self.stats
         t0 = time.perf_counter()
+        pool = workers(self.threads, self.openmp)
         if self.kind in NATIVE_KINDS and native.enabled():
             self.insert(layer, k, v, evicted)
             t1 = time.perf_counter()
@@ -315,14 +332,11 @@ class RetrievalStore:
             if parts is not None:
                 return self._native_step(q, parts, attend, t0, t1)
         else:
-            pool = workers(self.threads, self.openmp)
             # On a worker: its faiss calls (the lists' adds) then run on the workers' OpenMP
             # threads, not on a team of the calling thread's that would spin after.
             pool.submit(self.insert, layer, k, v, evicted).result()
             t1 = time.perf_counter()
-        pool = workers(self.threads, self.openmp)
-        b_, hq, d = q.shape
-        hkv = k.shape[1]
+        hkv = self.kv_heads
         qg = hindex.as_float32(q).reshape(b_, hkv, -1, d)
         out = ((np.empty(qg.shape, np.float32), np.empty(qg.shape[:3], np.float32)) if attend
                else np.empty((b_, hkv, self.k), np.int32))
@@ -330,15 +344,7 @@ class RetrievalStore:
         futures = [pool.submit(self._part, layer, qg, out, b, first, end) for b in range(b_)
                    for first, end in zip(spans[:-1], spans[1:])]
         scanned, stored, searching, attending = np.sum([f.result() for f in futures], 0)
-        t2 = time.perf_counter()
-        share = searching / max(searching + attending, 1e-12)
-        stats.steps += 1
-        stats.scanned += int(scanned)
-        stats.stored += int(stored)
-        stats.insert += t1 - t0
-        stats.search += (t2 - t1) * share
-        stats.attend += (t2 - t1) * (1 - share)
-        stats.total += t2 - t0
+        self.stats.record(t0, t1, time.perf_counter(), searching, attending, scanned, stored)
         if attend:
             return out[0].reshape(b_, hq, d), out[1].reshape(b_, hq)
         return out
@@ -365,24 +371,12 @@ class RetrievalStore:
         (o, lse), rows, scanned, seconds = native.listed_step(
             qg, **arrays, k=self.k, bf16=bf16, scan=self.scan, scale=self.scale,
             threads=self.threads, attend=attend)
-        t2 = time.perf_counter()
-        search, attending = seconds.sum(0)
-        share = search / max(search + attending, 1e-12)
-        stats = self.stats
-        stats.steps += 1
-        stats.scanned += int(scanned.sum())
-        stats.stored += int(arrays["n"].sum())
-        stats.insert += t1 - t0
-        stats.search += (t2 - t1) * share
-        stats.attend += (t2 - t1) * (1 - share)
-        stats.total += t2 - t0
+        self.stats.record(t0, t1, time.perf_counter(), *seconds.sum(0), scanned.sum(),
+                          arrays["n"].sum())
         if attend:
             return o.reshape(b_, hq, d), lse.reshape(b_, hq)
         rows = rows.reshape(b_, hkv, self.k)
-        out = np.empty(rows.shape, np.int32)
-        for b, lay in enumerate(lays):
-            out[b] = np.where(rows[b] >= 0, lay.pos[np.maximum(rows[b], 0)], -1)
-        return out
+        return np.stack([lay.positions(r) for lay, r in zip(lays, rows)]).astype(np.int32)
 
     def _part(self, layer: int, qg: np.ndarray, out, b: int, first: int, end: int):
         """Search and attention (or positions) of sequence ``b``'s KV heads ``[first, end)``
@@ -396,7 +390,7 @@ class RetrievalStore:
             out[0][b, first:end], out[1][b, first:end] = self.attend(b, layer, qg[b, first:end],
                                                                     rows, first)
         else:
-            out[b, first:end] = np.where(rows >= 0, lay.pos[np.maximum(rows, 0)], -1)
+            out[b, first:end] = lay.positions(rows)
         return scanned, stored, t1 - t0, time.perf_counter() - t1
 
 
