@@ -10,7 +10,7 @@ whole cache, scoring and top-K selection), which the full step's cost is read fr
 ``--select`` also times the parts of a full step alone, per step of the whole model (32 layers),
 on scores shaped ``[B, Hkv, T]`` per layer: the top-K selection (``jax.lax.top_k`` or the radix
 select, layer by layer, and the radix select over all layers at once, as ``finish_step`` runs
-it), the max-pooling before it, and a separate scoring pass (``decode_scores`` per layer, which
+it), the pooling before it, and a separate scoring pass (``decode_scores`` per layer, which
 the dense kernel's ``with_scores`` replaces).
 
     python -m benchmarks.recycled_speed --contexts 131072 --batches 1,4 \\
@@ -34,6 +34,7 @@ from longctx_jax.config import preset
 from longctx_jax.generate import decode_tokens
 from longctx_jax.model import random_params
 from longctx_jax.policies import policy_from_spec
+from longctx_jax.policies.recycled import Recycled, select_top
 from longctx_jax.profiling import median_time
 
 
@@ -56,11 +57,12 @@ def time_decode(params, cfg, policy, batch, context, short, long, repeats, dtype
     return 1e3 * (t_long - t_short) / (long - short)
 
 
-def time_selection(batch, kv_heads, t, k, repeats, layers=32):
+def time_selection(batch, kv_heads, t, k, repeats, stride, layers=32):
     """ms per full step of the model for each way to select the top ``k`` of ``[batch,
     kv_heads, t]`` random scores in every one of ``layers`` layers: ``jax.lax.top_k`` layer by
-    layer, the radix select layer by layer, the radix select over all layers at once (what
-    ``finish_step`` runs), and the max-pooling before it (all layers at once)."""
+    layer, the radix select layer by layer, the radix select over all layers at once, and that
+    select after the policy's pooling at ``stride`` (``select_top``: what ``finish_step``
+    runs)."""
     scores = jax.random.normal(jax.random.key(0), (layers, batch, kv_heads, t), jnp.float32)
 
     def per_layer(select):
@@ -76,14 +78,16 @@ def time_selection(batch, kv_heads, t, k, repeats, layers=32):
         run = jax.jit(lambda x: jnp.sum(fn(x)))
         return 1e3 * median_time(lambda: run(scores), repeats)
 
-    def pool(x):
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 1, 7), (1, 1, 1, 1),
-                                     "SAME")
+    policy = Recycled(stride=stride)
+
+    def pool(x):  # what select_top runs before its radix select
+        return select_top(x, policy.pool, k, ahead=policy.reach)[1]
 
     return {"lax.top_k, per layer": per_layer(jax.lax.top_k),
             "radix select, per layer": per_layer(pk.top_k_unsorted),
             "radix select, all layers at once": all_layers(lambda x: pk.top_k_unsorted(x, k)[1]),
-            "max-pool 7, all layers at once": all_layers(pool)}
+            f"max-pool {policy.pool} + {policy.reach} ahead, then the radix select, all layers "
+            "at once": all_layers(pool)}
 
 
 def time_scores(cfg, batch, t, repeats, dtype, layers=32):
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
             _write(args.json, record)
             if args.select:
                 k = round(topk * context) if topk < 1 else topk
-                sel = time_selection(batch, cfg.num_kv_heads, context, k, args.repeats)
+                sel = time_selection(batch, cfg.num_kv_heads, context, k, args.repeats,
+                                     args.stride)
                 sel["decode_scores, per layer"] = time_scores(cfg, batch, context, args.repeats,
                                                              dtype)
                 record["selection"].append(dict(context=context, batch=batch, k=k,

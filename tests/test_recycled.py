@@ -28,18 +28,21 @@ def _softmax_attend(q, k, v, rows):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_select_top_is_max_pool_then_top_k(seed):
+@pytest.mark.parametrize("pool,ahead", [(7, 0), (1, 3), (5, 9)])
+def test_select_top_is_max_pool_then_top_k(seed, pool, ahead):
+    """A key's pooled score is the best of the ``pool // 2`` keys on either side and of the
+    ``ahead`` keys before those: what a scored key's followers inherit."""
     rng = np.random.default_rng(seed)
-    b, h, t, k, pool = 2, 3, 40, 6, 7
+    b, h, t, k = 2, 3, 40, 6
     scores = rng.normal(size=(b, h, t)).astype(np.float32)
     lengths = rng.integers(k + 1, t, b)
     scores[np.broadcast_to(np.arange(t)[None, None, :] >= lengths[:, None, None], scores.shape)] \
         = -np.inf
-    idx, score = select_top(jnp.asarray(scores), pool, k)
+    idx, score = select_top(jnp.asarray(scores), pool, k, ahead=ahead)
     for i in range(b):
         for j in range(h):
             n = lengths[i]
-            pooled = np.array([scores[i, j, max(0, p - pool // 2):p + pool // 2 + 1].max()
+            pooled = np.array([scores[i, j, max(0, p - pool // 2 - ahead):p + pool // 2 + 1].max()
                                for p in range(n)])
             want = np.argsort(-pooled, kind="stable")[:k]
             np.testing.assert_array_equal(idx[i, j], np.sort(want))
@@ -130,8 +133,9 @@ def test_bad_budget_for_the_cache_is_refused(tiny):
 
 
 def test_query_driven_schedule_at_its_limits(tiny):
-    """A similarity threshold that never fires is a stride longer than the generation; one that
-    always fires, checked every step, is a full step every step: full attention."""
+    """A similarity threshold that never fires is a stride longer than the generation (at the
+    same ``ahead``: by default it follows the schedule's period); one that always fires,
+    checked every step, is a full step every step: full attention."""
     cfg, params = tiny
     prompt = np.random.default_rng(5).integers(0, cfg.vocab_size, 20).tolist()
 
@@ -139,7 +143,8 @@ def test_query_driven_schedule_at_its_limits(tiny):
         return generate(cfg, params, make_policy("recycled", topk=3, **opts), [prompt],
                         max_new_tokens=11, chunk_size=8, max_len=32).ids(0)
 
-    assert run(similarity=-1.0, check_every=4) == run(stride=1000)
+    for ahead in (0, 2):
+        assert run(similarity=-1.0, check_every=4, ahead=ahead) == run(stride=1000, ahead=ahead)
     full = generate(cfg, params, Full(), [prompt], max_new_tokens=11, chunk_size=8,
                     max_len=32).ids(0)
     assert run(similarity=1.0, check_every=1) == run(stride=1) == full
