@@ -97,6 +97,18 @@ def test_runner_on_real_model(smollm2, tmp_path, mode):
     json.dumps(full)
 
 
+def test_runner_records_the_cache_decode_ran_on(smollm2):
+    """Retrieval prefills into a whole cache, then decodes on a sink + window ring with the
+    rest in host memory: the record carries the ring (streaming's), not the prefill's cache."""
+    kw = dict(batch_size=2, chunk_size=64, progress=False)
+    ret = run_eval(smollm2, make_policy("retrieval", sink=4, window=16, k=8), "passkey", [192],
+                   [0.0], 2, **kw)
+    stream = run_eval(smollm2, make_policy("streaming", sink=4, window=16), "passkey", [192],
+                      [0.0], 2, **kw)
+    assert ret["cache_bytes"] == stream["cache_bytes"]
+    assert ret["results"][0]["accuracy"] == 1.0  # the needle came back from the host
+
+
 def test_lengths_below_the_fixed_text_are_refused(tok):
     with pytest.raises(ValueError, match="cannot hold the task's fixed text"):
         make_samples("passkey", tok, 16, 0.5, 1)

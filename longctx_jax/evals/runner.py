@@ -72,6 +72,10 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
         policy.validate(model.config, max_lens[n])
     cells = [(n, d) for n in lengths for d in depths]
     results, t0 = [], time.perf_counter()
+    # Per sequence, the device cache as decode ran on it (generate mode: after the policy's
+    # host step, so retrieval's sink + window), else as prefill leaves it.
+    decode_bytes = {n: policy.cache_bytes(model.config, 1, max_lens[n],
+                                          activation_dtype(model.params)) for n in lengths}
     bar = tqdm(total=len(cells) * samples, desc=f"{task}[{policy.name}]", unit="sample",
                disable=not progress)
     for n, d in cells:
@@ -81,8 +85,10 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
         for i in range(0, samples, batch_size):
             batch = data[i:i + batch_size]
             if mode == "generate":
-                scores += _generate_batch(model, policy, batch, batch_size, new_tokens,
-                                          max_lens[n], chunk_size, mesh)
+                right, decode_bytes[n] = _generate_batch(model, policy, batch, batch_size,
+                                                         new_tokens, max_lens[n], chunk_size,
+                                                         mesh)
+                scores += right
             else:
                 right, lp = _teacher_forced_batch(model, policy, batch, batch_size,
                                                   max_lens[n], chunk_size, mesh)
@@ -97,9 +103,7 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
                 method_options={k: v for k, v in policy.options().items() if v is not None},
                 policy=policy.describe(model.config), mode=mode,
                 results=[dataclasses.asdict(r) for r in results],
-                cache_bytes={str(n): policy.cache_bytes(model.config, 1, max_lens[n],
-                                                        activation_dtype(model.params))
-                             for n in lengths},
+                cache_bytes={str(n): int(decode_bytes[n]) for n in lengths},
                 seconds=time.perf_counter() - t0)
 
 
@@ -109,17 +113,20 @@ def _fill(batch: list, size: int) -> list:
 
 
 def _generate_batch(model, policy, batch: list[Sample], batch_size: int, new_tokens: int,
-                    max_len: int, chunk_size: int, mesh=None) -> list[float]:
+                    max_len: int, chunk_size: int, mesh=None) -> tuple[list[float], int]:
+    """Exact-match scores of ``batch``, and the bytes per sequence of the cache decode ran on."""
     tok, cfg = model.tokenizer, model.config
     prompts = [tok.encode(s.prompt) for s in _fill(batch, batch_size)]
     check_request(cfg, policy, [len(p) for p in prompts], new_tokens, max_len, chunk_size)
     tokens, lengths = pad_prompts(prompts, chunk_size, min_width=max_len - new_tokens)
+    stats = {}
     out, count = generate_tokens(model.params, policy, tokens, lengths, jax.random.key(0), cfg=cfg,
                                  max_new_tokens=new_tokens, max_len=max_len,
-                                 chunk_size=chunk_size, stop_ids=tok.stop_ids, mesh=mesh)
+                                 chunk_size=chunk_size, stop_ids=tok.stop_ids, mesh=mesh,
+                                 stats=stats)
     out, count = np.asarray(out), np.asarray(count)
-    return [exact_match(s, tok.decode(out[i, :count[i]].tolist(), skip_special=True))
-            for i, s in enumerate(batch)]
+    return ([exact_match(s, tok.decode(out[i, :count[i]].tolist(), skip_special=True))
+             for i, s in enumerate(batch)], stats["cache_bytes"] // batch_size)
 
 
 def _teacher_forced_batch(model, policy, batch: list[Sample], batch_size: int, max_len: int,
