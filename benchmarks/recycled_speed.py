@@ -10,7 +10,7 @@ whole cache, scoring and top-K selection), which the full step's cost is read fr
 ``--select`` also times the parts of a full step alone, per step of the whole model (32 layers),
 on scores shaped ``[B, Hkv, T]`` per layer: the top-K selection (``jax.lax.top_k`` or the radix
 select, layer by layer, and the radix select over all layers at once, as ``finish_step`` runs
-it), the pooling before it, and a separate scoring pass (``decode_scores`` per layer, which
+it), the same after the policy's pooling, and a separate scoring pass (``decode_scores`` per layer, which
 the dense kernel's ``with_scores`` replaces).
 
     python -m benchmarks.recycled_speed --contexts 131072 --batches 1,4 \\
@@ -57,12 +57,11 @@ def time_decode(params, cfg, policy, batch, context, short, long, repeats, dtype
     return 1e3 * (t_long - t_short) / (long - short)
 
 
-def time_selection(batch, kv_heads, t, k, repeats, stride, layers=32):
+def time_selection(batch, kv_heads, t, k, repeats, policy, layers=32):
     """ms per full step of the model for each way to select the top ``k`` of ``[batch,
     kv_heads, t]`` random scores in every one of ``layers`` layers: ``jax.lax.top_k`` layer by
     layer, the radix select layer by layer, the radix select over all layers at once, and that
-    select after the policy's pooling at ``stride`` (``select_top``: what ``finish_step``
-    runs)."""
+    select after ``policy``'s pooling (``select_top``: what ``finish_step`` runs)."""
     scores = jax.random.normal(jax.random.key(0), (layers, batch, kv_heads, t), jnp.float32)
 
     def per_layer(select):
@@ -78,16 +77,13 @@ def time_selection(batch, kv_heads, t, k, repeats, stride, layers=32):
         run = jax.jit(lambda x: jnp.sum(fn(x)))
         return 1e3 * median_time(lambda: run(scores), repeats)
 
-    policy = Recycled(stride=stride)
-
-    def pool(x):  # what select_top runs before its radix select
+    def pooled_select(x):
         return select_top(x, policy.pool, k, ahead=policy.reach)[1]
 
     return {"lax.top_k, per layer": per_layer(jax.lax.top_k),
             "radix select, per layer": per_layer(pk.top_k_unsorted),
             "radix select, all layers at once": all_layers(lambda x: pk.top_k_unsorted(x, k)[1]),
-            f"max-pool {policy.pool} + {policy.reach} ahead, then the radix select, all layers "
-            "at once": all_layers(pool)}
+            "pooling and the radix select, all layers at once": all_layers(pooled_select)}
 
 
 def time_scores(cfg, batch, t, repeats, dtype, layers=32):
@@ -117,6 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--short", type=int, default=10)
     ap.add_argument("--long", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ahead", type=int, default=None,
+                    help="positions kept after each scored key (default: the policy's at "
+                         "--stride)")
     ap.add_argument("--select", action="store_true", help="also time the selection alone")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -127,13 +126,16 @@ def main(argv=None) -> int:
     dtype = jnp.bfloat16
     params = random_params(cfg, jax.random.key(0), dtype)
     topk = args.topk if args.topk < 1 else int(args.topk)
+    policy = Recycled(topk=topk, stride=args.stride, ahead=args.ahead)
     record = dict(model=args.model, device=str(jax.devices()[0].device_kind),
                   jax=jax.__version__, machine=platform.machine(), dtype="bfloat16",
-                  topk=topk, stride=args.stride, short=args.short, long=args.long,
-                  repeats=args.repeats, rows=[], selection=[],
+                  topk=topk, stride=args.stride, pool=policy.pool, ahead=policy.reach,
+                  short=args.short, long=args.long, repeats=args.repeats, rows=[], selection=[],
                   command=" ".join(["python", "-m", "benchmarks.recycled_speed", *sys.argv[1:]]))
-    methods = {"full": "full", "recycled": f"recycled:topk={topk}:stride={args.stride}",
-               "recycled, every step full": f"recycled:topk={topk}:stride=1"}
+    # The every-step row selects as the strided one does, so it prices that full step.
+    spec = f"recycled:topk={topk}:pool={policy.pool}:ahead={policy.reach}"
+    methods = {"full": "full", "recycled": f"{spec}:stride={args.stride}",
+               "recycled, every step full": f"{spec}:stride=1"}
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
             times = {}
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
             if args.select:
                 k = round(topk * context) if topk < 1 else topk
                 sel = time_selection(batch, cfg.num_kv_heads, context, k, args.repeats,
-                                     args.stride)
+                                     policy)
                 sel["decode_scores, per layer"] = time_scores(cfg, batch, context, args.repeats,
                                                              dtype)
                 record["selection"].append(dict(context=context, batch=batch, k=k,

@@ -1,6 +1,8 @@
 """Recycled Attention: the partial cache's selection, its recycling, and the partial step's
 attention against numpy; a budget covering the cache equals full attention."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +49,28 @@ def test_select_top_is_max_pool_then_top_k(seed, pool, ahead):
             want = np.argsort(-pooled, kind="stable")[:k]
             np.testing.assert_array_equal(idx[i, j], np.sort(want))
             np.testing.assert_allclose(np.sort(score[i, j]), np.sort(pooled[want]))
+
+
+@pytest.mark.parametrize("opts,reach", [(dict(stride=1), 0), (dict(stride=10), 9),
+                                        (dict(stride=50), 32), (dict(stride=100000), 32),
+                                        (dict(similarity=0.85, check_every=5), 4),
+                                        (dict(stride=50, ahead=3), 3)])
+def test_ahead_defaults_to_the_steps_until_a_refresh(opts, reach):
+    assert make_policy("recycled", **opts).reach == reach
+
+
+def test_a_full_step_keeps_the_positions_after_each_scored_key():
+    """One key scores above the rest: the partial cache is it, its pool neighbours and the
+    ``reach`` positions after them (stride 6: 5)."""
+    policy = make_policy("recycled", topk=8, stride=6, pool=3)
+    t, spike = 64, 20
+    scores = jnp.full((1, 1, t), -1.0).at[..., spike].set(0.0)
+    kv = KV(jnp.zeros((1, 1, t, 4)), jnp.zeros((1, 1, t, 4)))
+    cache = dataclasses.replace(_cache(kv, jnp.full((1, 1, 8), -1, jnp.int32),
+                                       jnp.full((1, 1, 8), -jnp.inf)),
+                                scores=scores, fresh=jnp.ones((1,), bool))
+    (out,) = policy.finish_step((cache,), jnp.array([[t - 1]]))
+    assert sorted(out.idx[0, 0].tolist()) == list(range(spike - 1, spike + 2 + 5))
 
 
 def test_select_top_marks_missing_keys_empty():

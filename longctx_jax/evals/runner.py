@@ -72,10 +72,7 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
         policy.validate(model.config, max_lens[n])
     cells = [(n, d) for n in lengths for d in depths]
     results, t0 = [], time.perf_counter()
-    # Per sequence, the device cache as decode ran on it (generate mode: after the policy's
-    # host step, so retrieval's sink + window), else as prefill leaves it.
-    decode_bytes = {n: policy.cache_bytes(model.config, 1, max_lens[n],
-                                          activation_dtype(model.params)) for n in lengths}
+    cache_bytes = {}  # per sequence: the cache decode ran on (generate mode)
     bar = tqdm(total=len(cells) * samples, desc=f"{task}[{policy.name}]", unit="sample",
                disable=not progress)
     for n, d in cells:
@@ -85,9 +82,9 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
         for i in range(0, samples, batch_size):
             batch = data[i:i + batch_size]
             if mode == "generate":
-                right, decode_bytes[n] = _generate_batch(model, policy, batch, batch_size,
-                                                         new_tokens, max_lens[n], chunk_size,
-                                                         mesh)
+                right, cache_bytes[n] = _generate_batch(model, policy, batch, batch_size,
+                                                        new_tokens, max_lens[n], chunk_size,
+                                                        mesh)
                 scores += right
             else:
                 right, lp = _teacher_forced_batch(model, policy, batch, batch_size,
@@ -103,7 +100,12 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
                 method_options={k: v for k, v in policy.options().items() if v is not None},
                 policy=policy.describe(model.config), mode=mode,
                 results=[dataclasses.asdict(r) for r in results],
-                cache_bytes={str(n): int(decode_bytes[n]) for n in lengths},
+                # Teacher-forced, as prefill leaves it (the same but for retrieval, whose
+                # decode runs on the sink + window ring after its host step).
+                cache_bytes={str(n): int(cache_bytes[n]) if n in cache_bytes else
+                             policy.cache_bytes(model.config, 1, max_lens[n],
+                                                activation_dtype(model.params))
+                             for n in lengths},
                 seconds=time.perf_counter() - t0)
 
 

@@ -37,8 +37,9 @@ partial steps until the next refresh read on from where it looked, and a value b
 (a UUID is about 30 SmolLM2 tokens) continues past the key that the full step's query found.
 By default ``ahead`` is those steps, ``stride - 1`` (``check_every - 1`` when query-driven), at
 most 32. On SmolLM2's kv task at 2K (K = T/8, the pair at the start) a fixed stride of 10 or
-50 recovers 9 of 20 against 0 without (full attention: 7), and decode KL on text falls a little
-(stride 10: 0.105 to 0.099); a fixed 32 at stride 10 costs KL (0.146), hence the default.
+50 recovers 9 of 20 against 0 without (full attention: 7). Decode KL on text falls a little at
+the fixed strides (stride 10: 0.105 to 0.099) and rises a little query-driven (0.073 to 0.079);
+a fixed 32 at stride 10 costs KL (0.146): the budget goes to long spans after few keys.
 
 Prefill is full attention. The paper selects the first partial cache with the last prompt
 token's query; here the first decode step is a full step and selects with its own query (the
@@ -59,7 +60,9 @@ from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import AttentionPolicy, register, static
 from longctx_jax.policies.full import Full
 
-MAX_AHEAD = 32  # the default ``ahead`` at most: a rarely refreshed cache keeps many spans
+# The default ``ahead`` at most: a rarely refreshed cache (stride 50, or never) keeps many spans
+# rather than a few long ones (at K = 256, a 2K context, 15 + 49 positions are a quarter of it).
+MAX_AHEAD = 32
 
 
 @jax.tree_util.register_dataclass
@@ -108,7 +111,7 @@ class Recycled(AttentionPolicy):
     ahead: int | None = static(None, help="positions after each scored key kept with it, "
                                           "beyond the pool (default: the steps until the "
                                           "schedule can refresh, stride - 1 or check_every - 1, "
-                                          f"at most {MAX_AHEAD}; see the module docstring)")
+                                          f"at most {MAX_AHEAD}; README: 'Reading on')")
 
     decode_matches_prefill = False  # partial steps see fewer tokens than a prefill would
 
@@ -142,6 +145,9 @@ class Recycled(AttentionPolicy):
         if self.ahead is not None:
             return self.ahead
         return min(self.decode_period - 1, MAX_AHEAD)
+
+    def describe(self, cfg) -> str:
+        return f"a full step keeps {self.reach} positions after each scored key (ahead)"
 
     @property
     def needs_raw(self) -> bool:
@@ -247,10 +253,10 @@ def recent_score(position: jax.Array) -> jax.Array:
 
 def select_top(scores: jax.Array, pool: int, k: int, kept: jax.Array | None = None, *,
                ahead: int = 0):
-    """The partial cache from per-key ``scores [..., T]`` (``-inf`` = no key): max-pool over
-    ``pool`` neighbouring positions and the ``ahead`` after them (a key scores the best of the
-    ``pool // 2`` keys after it and the ``pool // 2 + ahead`` before it), then the top ``k`` of
-    each row. ``kept`` (broadcastable to the scores, ``-inf`` elsewhere) overrides the pooled
+    """The partial cache from per-key ``scores [..., T]`` (``-inf`` = no key): each key scores
+    the best of the ``pool // 2`` keys after it and the ``pool // 2 + ahead`` before it (so a
+    scored key brings its ``pool`` neighbours and the ``ahead`` positions after them), then the
+    top ``k`` of each row. ``kept`` (broadcastable to the scores, ``-inf`` elsewhere) overrides the pooled
     score of keys that must stay. Returns ``(idx, score)``, each ``[..., k]`` (ascending rows),
     ``idx = -1`` where fewer than ``k`` keys exist."""
     if pool > 1 or ahead:
