@@ -262,6 +262,7 @@ class RetrievalStore:
                                             scan=self.scan, train_per_list=self.train_per_list,
                                             device=device)
         lay.built = True
+        lay.queries = []  # learnt from: a batch of 20 at 4K keeps several GB of them
 
     def insert(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
         """One token per sequence leaving the device window: ``k, v [B, Hkv, D]`` at ``pos [B]``

@@ -292,6 +292,13 @@ def test_qivf_keeps_prefill_queries_on_a_stride():
     assert [sum(len(x) for x in rows[0].queries) for rows in store.layers] == [2, 2]
 
 
+def test_qivf_lets_its_queries_go_once_built():
+    """The index learns from the kept queries once; after that they are dead weight."""
+    store = _filled_store("qivf", np.float32, batch=1)
+    lay = store.layers[0][0]
+    assert lay.built and lay.queries == []
+
+
 @pytest.mark.parametrize("kind", ["ivf", "hnsw", "qivf"])
 def test_approximate_indexes_report_scanned_keys_and_recall(kind):
     rng = np.random.default_rng(3)
