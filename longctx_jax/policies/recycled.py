@@ -11,7 +11,8 @@ copy of keys and values). The decode loop runs ``stride`` steps per period (see
   group gives it (the dense kernel writes them as it streams the keys: ``with_scores``, the
   same as ``pallas_kernels.decode_scores`` from the step's ``lse``). Once every layer has
   decoded (``finish_step``), the scores of all layers at once are max-pooled over ``pool``
-  neighbouring positions and the top ``K`` per KV head kept: one radix select
+  neighbouring positions and the ``ahead`` after them (below), and the top ``K`` per KV head
+  kept: one radix select
   (``pallas_kernels.top_k_unsorted``) for the whole model instead of a sort per layer;
 - a *partial step* (``phase=1``) appends the new token to the whole cache, puts it in the
   partial cache in place of the entry the last full step scored lowest (new tokens outrank
