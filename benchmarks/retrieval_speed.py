@@ -226,7 +226,7 @@ def run_host_only(args, record) -> None:
         for index, scan in args.index:
             store, build_s = host_store(cfg, args, context, index, scan, args.host_layers)
             for threads, openmp in args.host_threads:
-                store.threads = threads or default_threads(cfg.num_kv_heads)
+                store.threads = threads or default_threads(cfg.num_kv_heads, store.kind)
                 store.openmp = openmp
                 row = dict(context=context, method=f"retrieval:{index}", scan=scan,
                            host_threads=store.threads, host_openmp=openmp, build_s=build_s,
@@ -256,7 +256,7 @@ def retrieval_rows(row, params, cfg, policy, state: dict, args, max_len: int, st
     ``state``), with the host's share: what :func:`time_decode` measured, the store's memory."""
     rows = []
     for threads, openmp in args.host_threads:
-        store.threads = threads or default_threads(cfg.num_kv_heads)
+        store.threads = threads or default_threads(cfg.num_kv_heads, store.kind)
         store.openmp = openmp
         timed = time_decode(params, cfg, policy, state, args, max_len, store)
         rss = resident_bytes()

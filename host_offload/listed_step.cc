@@ -75,22 +75,71 @@ inline float sum16(f16x v) {  // halving: two vector adds, then four lanes
   return (f[0] + f[2]) + (f[1] + f[3]);
 }
 
-// max over the group's G queries q[G, d] of q_j . key: the key is read once for all G
-// queries, sixteen lanes at a time, into G accumulators held in registers.
-template <int G, typename T>
-inline float group_logit_fixed(const float* q, int d, const T* key) {
-  f16x acc[G];
-  for (int j = 0; j < G; ++j) acc[j] = f16x{};
-  for (int i = 0; i < d; i += kLanes) {
-    f16x x = load16(key + i);
-    for (int j = 0; j < G; ++j) acc[j] += load16(q + j * d + i) * x;
-  }
-  float best = -INFINITY;
-  for (int j = 0; j < G; ++j) best = std::max(best, sum16(acc[j]));
-  return best;
+// Sixteen sums at once: lane i of the result is the sum of a[i]'s lanes. A halving tree that
+// transposes as it adds (30 shuffles and 15 adds, against about 8 instructions a vector one
+// by one).
+inline f16x sums16(const f16x* a) {
+  f16x b[8], c[4], e[2];
+#pragma GCC unroll 8
+  for (int p = 0; p < 8; ++p)
+    b[p] = __builtin_shufflevector(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * p], a[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p)
+    c[p] = __builtin_shufflevector(b[2 * p], b[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * p], b[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+#pragma GCC unroll 2
+  for (int p = 0; p < 2; ++p)
+    e[p] = __builtin_shufflevector(c[2 * p], c[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * p], c[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
 }
 
-// Any group size and head dim (the general case, scalar).
+// The group logit (max over the G queries q[G, d] of q_j . key) of R = 16 / G keys at once:
+// each sixteen-lane slice of q is read once for the R keys, and the R x G dot products are
+// summed together by sums16. D fixed (0: any multiple of sixteen) so that the loops unroll
+// and the accumulators stay in registers.
+template <int G, int D, typename T>
+inline void block_logits(const float* q, int d, const T* const* keys, float* out) {
+  constexpr int R = kLanes / G;
+  if constexpr (D > 0) d = D;
+  f16x acc[kLanes];
+#pragma GCC unroll 16
+  for (int a = 0; a < kLanes; ++a) acc[a] = f16x{};
+#pragma GCC unroll 8
+  for (int i = 0; i < d; i += kLanes) {
+    f16x x[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) x[r] = load16(keys[r] + i);
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) {
+      const f16x qj = load16(q + j * d + i);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r * G + j] += qj * x[r];
+    }
+  }
+  float sums[kLanes];
+  const f16x s = sums16(acc);
+  std::memcpy(sums, &s, sizeof sums);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    float best = sums[r * G];
+#pragma GCC unroll 8
+    for (int j = 1; j < G; ++j) best = std::max(best, sums[r * G + j]);
+    out[r] = best;
+  }
+}
+
+// Any group size and head dim (the general case, scalar), one key.
 template <typename T>
 inline float group_logit_any(const float* q, int g, int d, const T* key) {
   float best = -INFINITY;
@@ -106,27 +155,70 @@ inline float group_logit_any(const float* q, int g, int d, const T* key) {
   return best;
 }
 
-template <typename T>
-inline float group_logit_rows(const float* q, int g, int d, const T* key) {
-  if (d % kLanes == 0) {
-    switch (g) {
-      case 1: return group_logit_fixed<1>(q, d, key);
-      case 2: return group_logit_fixed<2>(q, d, key);
-      case 3: return group_logit_fixed<3>(q, d, key);
-      case 4: return group_logit_fixed<4>(q, d, key);
-      case 5: return group_logit_fixed<5>(q, d, key);
-      case 6: return group_logit_fixed<6>(q, d, key);
-      case 7: return group_logit_fixed<7>(q, d, key);
-      case 8: return group_logit_fixed<8>(q, d, key);
-    }
+// Scores keys in blocks: add() keys (a row id and its key), and each full block of
+// `block` keys is scored and handed to `consider(row, logit)`; finish() scores the rest.
+template <typename T, typename Consider>
+class Scorer {
+ public:
+  Scorer(const float* q, int g, int d, Consider& consider)
+      : q_(q), g_(g), d_(d), consider_(consider), block_(g <= 8 && d % kLanes == 0
+                                                             ? kLanes / g : 1) {}
+  inline void add(int64_t row, const T* key) {
+    rows_[fill_] = row;
+    keys_[fill_] = key;
+    if (++fill_ == block_) flush();
   }
-  return group_logit_any(q, g, d, key);
-}
+  void finish() {
+    if (fill_ == 0) return;
+    for (int r = fill_; r < block_; ++r) keys_[r] = keys_[0];  // padding, scores unused
+    flush();
+  }
 
-inline float group_logit(const float* q, int g, int d, const void* keys, int64_t r, int bf16) {
-  if (bf16) return group_logit_rows(q, g, d, static_cast<const uint16_t*>(keys) + r * d);
-  return group_logit_rows(q, g, d, static_cast<const float*>(keys) + r * d);
-}
+ private:
+  void flush() {
+    float out[kLanes];
+    score(out);
+    for (int r = 0; r < fill_; ++r) consider_(rows_[r], out[r]);
+    fill_ = 0;
+  }
+  void score(float* out) {
+    if (d_ == 128) {
+      switch (g_) {
+        case 1: return block_logits<1, 128>(q_, d_, keys_, out);
+        case 2: return block_logits<2, 128>(q_, d_, keys_, out);
+        case 4: return block_logits<4, 128>(q_, d_, keys_, out);
+        case 8: return block_logits<8, 128>(q_, d_, keys_, out);
+      }
+    }
+    if (d_ == 64) {
+      switch (g_) {
+        case 1: return block_logits<1, 64>(q_, d_, keys_, out);
+        case 3: return block_logits<3, 64>(q_, d_, keys_, out);
+        case 4: return block_logits<4, 64>(q_, d_, keys_, out);
+      }
+    }
+    if (block_ > 1) {
+      switch (g_) {
+        case 1: return block_logits<1, 0>(q_, d_, keys_, out);
+        case 2: return block_logits<2, 0>(q_, d_, keys_, out);
+        case 3: return block_logits<3, 0>(q_, d_, keys_, out);
+        case 4: return block_logits<4, 0>(q_, d_, keys_, out);
+        case 5: return block_logits<5, 0>(q_, d_, keys_, out);
+        case 6: return block_logits<6, 0>(q_, d_, keys_, out);
+        case 7: return block_logits<7, 0>(q_, d_, keys_, out);
+        case 8: return block_logits<8, 0>(q_, d_, keys_, out);
+      }
+    }
+    out[0] = group_logit_any(q_, g_, d_, keys_[0]);
+  }
+
+  const float* q_;
+  int g_, d_;
+  Consider& consider_;
+  int block_, fill_ = 0;
+  int64_t rows_[kLanes];
+  const T* keys_[kLanes];
+};
 
 struct Part {
   const void* keys;        // [cap, d] rows, float32 or bfloat16
@@ -144,34 +236,25 @@ double now() {
       .count();
 }
 
-// A part's step: returns the keys scanned (centroids included); seconds[0, 1]: the search's
-// and the attention's.
-int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, double scan,
-                  float scale, float* o, float* lse, int64_t* rows_out, double* seconds) {
-  double t0 = now();
-  thread_local std::vector<uint32_t> stamp;
-  thread_local uint32_t epoch = 0;
-  thread_local std::vector<float> row;
-  thread_local std::vector<std::pair<float, int64_t>> heap;  // min-heap of (logit, row)
+// A key to score: its row, and where its key lies (in list order, or by row in the tail).
+struct Candidate {
+  int64_t row;
+  const void* key;
+};
+
+// The keys a part's query group will score, each once: the members of the lists whose
+// centroids the group scores highest (a share of the last), then the unlisted rows
+// [listed, n). Returns the centroids scanned. The bitmap `seen` (a bit a row, small enough to
+// stay in the L1 cache) drops a key listed by several probed lists.
+int64_t candidates(const Part& p, const float* q, int g, int d, int bf16, double scan,
+                   std::vector<Candidate>& out) {
   thread_local std::vector<std::pair<float, int64_t>> lists;
   thread_local std::vector<float> centroid;
-  row.resize(d);
-  heap.clear();
-  int64_t scanned = 0;
-  auto consider = [&](int64_t r, float s) {
-    ++scanned;
-    if (static_cast<int>(heap.size()) < k) {
-      heap.emplace_back(s, -r);
-      std::push_heap(heap.begin(), heap.end(), std::greater<>());
-    } else if (s > heap.front().first || (s == heap.front().first && -r > heap.front().second)) {
-      std::pop_heap(heap.begin(), heap.end(), std::greater<>());
-      heap.back() = {s, -r};
-      std::push_heap(heap.begin(), heap.end(), std::greater<>());
-    }
-  };
-  int64_t listed = p.cent_t ? p.listed : 0;
+  thread_local std::vector<uint64_t> seen;
+  const size_t width = bf16 ? 2 : 4;
+  out.clear();
+  int64_t listed = p.cent_t ? p.listed : 0, probed = 0;
   if (p.cent_t && p.nlist > 0) {
-    // Probe: the group's logit with each centroid; the best lists, a fractional last one.
     int64_t nlist = p.nlist;
     double want = scan * static_cast<double>(nlist);
     int64_t nprobe = std::max<int64_t>(1, std::min<int64_t>(nlist, static_cast<int64_t>(
@@ -197,39 +280,58 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     };
     std::partial_sort(lists.begin(), lists.begin() + nprobe, lists.end(), better);
-    if (stamp.size() < static_cast<size_t>(p.n)) stamp.assign(p.n, 0), epoch = 0;
-    if (++epoch == 0) std::fill(stamp.begin(), stamp.end(), 0), epoch = 1;
+    seen.assign((p.n + 63) / 64, 0);
+    const char* keys = static_cast<const char*>(p.list_keys);
     for (int64_t i = 0; i < nprobe; ++i) {
       int64_t c = lists[i].second;
       int64_t begin = p.offsets[c], len = p.fill[c];
       if (i == nprobe - 1)  // the last list: its head, a share `last` of it
         len = std::min(len, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(last * len))));
-      int64_t end = begin + len;
-      for (int64_t m = begin; m < end; ++m) {  // the list's keys, stored in list order
+      for (int64_t m = begin; m < begin + len; ++m) {  // the list's keys, in list order
         int64_t r = p.ids[m];
-        if (stamp[r] == epoch) continue;  // a key listed by several probed clusters: once
-        stamp[r] = epoch;
-        consider(r, group_logit(q, g, d, p.list_keys, m, bf16));
+        uint64_t bit = uint64_t{1} << (r & 63);
+        if (seen[r >> 6] & bit) continue;
+        seen[r >> 6] |= bit;
+        out.push_back({r, keys + m * d * width});
       }
     }
-    scanned += nlist;
+    probed = nlist;
   }
-  for (int64_t r = listed; r < p.n; ++r) consider(r, group_logit(q, g, d, p.keys, r, bf16));
-  // Best first; ties by row (heap holds -row).
-  std::sort(heap.begin(), heap.end(), [](const auto& a, const auto& b) {
-    return a.first > b.first || (a.first == b.first && a.second > b.second);
-  });
-  int found = static_cast<int>(heap.size());
-  for (int i = 0; i < k; ++i) rows_out[i] = i < found ? -heap[i].second : -1;
-  double t1 = now();
-  seconds[0] = t1 - t0;
-  seconds[1] = 0.0;
-  if (!o) return scanned;  // ids only
-  // Attention of each query over the found rows: o [g, d], lse [g].
-  thread_local std::vector<float> logits, keyrows;
+  const char* rows = static_cast<const char*>(p.keys);
+  for (int64_t r = listed; r < p.n; ++r) out.push_back({r, rows + r * d * width});
+  return probed;
+}
+
+// The k best of candidates [begin, end) by group logit, into `heap` (a min-heap of
+// (logit, -row): ties go to the lower row).
+template <typename T>
+void best_of(const Candidate* cand, int64_t begin, int64_t end, const float* q, int g, int d,
+             int k, std::vector<std::pair<float, int64_t>>& heap) {
+  heap.clear();
+  auto consider = [&](int64_t r, float s) {
+    if (static_cast<int>(heap.size()) < k) {
+      heap.emplace_back(s, -r);
+      std::push_heap(heap.begin(), heap.end(), std::greater<>());
+    } else if (s > heap.front().first || (s == heap.front().first && -r > heap.front().second)) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<>());
+      heap.back() = {s, -r};
+      std::push_heap(heap.begin(), heap.end(), std::greater<>());
+    }
+  };
+  Scorer<T, decltype(consider)> scorer(q, g, d, consider);
+  for (int64_t i = begin; i < end; ++i)
+    scorer.add(cand[i].row, static_cast<const T*>(cand[i].key));
+  scorer.finish();
+}
+
+// Attention of the group's queries q [g, d] over `found` rows: o [g, d], lse [g].
+void attend(const Part& p, const float* q, int g, int d, int bf16, float scale,
+            const int64_t* found_rows, int found, float* o, float* lse) {
+  thread_local std::vector<float> logits, keyrows, row;
   logits.resize(static_cast<size_t>(g) * std::max(found, 1));
   keyrows.resize(static_cast<size_t>(std::max(found, 1)) * d);
-  for (int i = 0; i < found; ++i) load_row(p.keys, -heap[i].second, d, bf16, &keyrows[i * d]);
+  row.resize(d);
+  for (int i = 0; i < found; ++i) load_row(p.keys, found_rows[i], d, bf16, &keyrows[i * d]);
   for (int j = 0; j < g; ++j) {
     const float* qj = q + static_cast<int64_t>(j) * d;
     float* oj = o + static_cast<int64_t>(j) * d;
@@ -257,7 +359,7 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
     lse[j] = std::log(total) + top;
   }
   for (int i = 0; i < found; ++i) {  // each value row read once for the group
-    load_row(p.values, -heap[i].second, d, bf16, row.data());
+    load_row(p.values, found_rows[i], d, bf16, row.data());
     for (int j = 0; j < g; ++j) {
       float* oj = o + static_cast<int64_t>(j) * d;
       const float w = logits[j * found + i];
@@ -265,8 +367,6 @@ int64_t part_step(const Part& p, const float* q, int g, int d, int k, int bf16, 
       for (int t = 0; t < d; ++t) oj[t] += w * row[t];
     }
   }
-  seconds[1] = now() - t1;
-  return scanned;
 }
 
 }  // namespace
@@ -275,26 +375,104 @@ extern "C" {
 
 // parts: number of (sequence, KV head) parts; per part arrays of pointers and sizes (values
 // null: ids only); q [parts, g, d] float32; outputs o [parts, g, d], lse [parts, g] (with
-// values), rows [parts, k], scanned [parts], seconds [parts, 2]. threads: OpenMP threads.
+// values), rows [parts, k], scanned [parts], seconds [parts, 2] (search, attention: a part's
+// own, summed over the threads it ran on). threads: OpenMP threads (0: all); min_slice: the
+// fewest candidates worth a thread of their own.
+//
+// In three passes over one team: each part's candidates; then slices of them, so that a step
+// of fewer parts than threads (8 KV heads, 32 cores) still uses every thread; then each part
+// merges its slices' best and attends.
 void listed_step(int parts, int g, int d, int k, int bf16, double scan, float scale,
-                 int threads, const float* q, const void* const* keys,
+                 int threads, int64_t min_slice, const float* q, const void* const* keys,
                  const void* const* values, const float* const* cent_t,
                  const int64_t* const* offsets, const int64_t* const* fill,
                  const int64_t* const* ids,
                  const void* const* list_keys, const int64_t* nlist, const int64_t* listed,
                  const int64_t* n, float* o,
                  float* lse, int64_t* rows, int64_t* scanned, double* seconds) {
-  int team = std::max(1, std::min(threads > 0 ? threads : omp_get_max_threads(), parts));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
-  for (int i = 0; i < parts; ++i) {
-    Part p{keys[i], values ? values[i] : nullptr, cent_t ? cent_t[i] : nullptr,
-           offsets ? offsets[i] : nullptr, fill ? fill[i] : nullptr, ids ? ids[i] : nullptr,
-           list_keys ? list_keys[i] : nullptr,
-           nlist[i], listed[i], n[i]};
-    scanned[i] = part_step(p, q + static_cast<int64_t>(i) * g * d, g, d, k, bf16, scan, scale,
-                           o ? o + static_cast<int64_t>(i) * g * d : nullptr,
-                           lse ? lse + static_cast<int64_t>(i) * g : nullptr,
-                           rows + static_cast<int64_t>(i) * k, seconds + 2 * i);
+  const int most = threads > 0 ? threads : omp_get_max_threads();
+  int64_t stored = 0;  // a bound on the candidates: no more threads than parts or slices
+  for (int i = 0; i < parts; ++i) stored += n[i];
+  min_slice = std::max<int64_t>(1, min_slice);
+  const int team = static_cast<int>(
+      std::clamp<int64_t>(std::max<int64_t>(parts, stored / min_slice), 1, std::max(most, 1)));
+  // The calling thread's buffers, kept between calls (the team shares them by reference).
+  thread_local std::vector<std::vector<Candidate>> cand_buffers;
+  thread_local std::vector<std::vector<std::pair<float, int64_t>>> best_buffers;
+  thread_local std::vector<int> slice_buffer, first_buffer;
+  auto& cand = cand_buffers;
+  auto& best = best_buffers;
+  auto& slices = slice_buffer;  // per part; slice s of part i is task first[i] + s
+  auto& first = first_buffer;
+  cand.resize(parts);
+  slices.assign(parts, 1);
+  first.resize(parts + 1);
+  auto part = [&](int i) {
+    return Part{keys[i], values ? values[i] : nullptr, cent_t ? cent_t[i] : nullptr,
+                offsets ? offsets[i] : nullptr, fill ? fill[i] : nullptr,
+                ids ? ids[i] : nullptr, list_keys ? list_keys[i] : nullptr,
+                nlist[i], listed[i], n[i]};
+  };
+  const int split = std::max(1, (team + parts - 1) / std::max(parts, 1));
+#pragma omp parallel num_threads(team) if (team > 1)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < parts; ++i) {
+      double t0 = now();
+      const float* qi = q + static_cast<int64_t>(i) * g * d;
+      scanned[i] = candidates(part(i), qi, g, d, bf16, scan, cand[i]);
+      scanned[i] += static_cast<int64_t>(cand[i].size());
+      slices[i] = static_cast<int>(std::clamp<int64_t>(
+          static_cast<int64_t>(cand[i].size()) / min_slice, 1, split));
+      seconds[2 * i] = now() - t0;
+      seconds[2 * i + 1] = 0.0;
+    }
+#pragma omp single
+    {
+      first[0] = 0;
+      for (int i = 0; i < parts; ++i) first[i + 1] = first[i] + slices[i];
+      best.resize(first[parts]);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < first[parts]; ++t) {
+      int i = static_cast<int>(std::upper_bound(first.begin(), first.begin() + parts + 1, t) -
+                               first.begin()) - 1;
+      int s = t - first[i];
+      double t0 = now();
+      int64_t size = static_cast<int64_t>(cand[i].size());
+      int64_t begin = size * s / slices[i], end = size * (s + 1) / slices[i];
+      const float* qi = q + static_cast<int64_t>(i) * g * d;
+      if (bf16)
+        best_of<uint16_t>(cand[i].data(), begin, end, qi, g, d, k, best[t]);
+      else
+        best_of<float>(cand[i].data(), begin, end, qi, g, d, k, best[t]);
+      double dt = now() - t0;
+#pragma omp atomic
+      seconds[2 * i] += dt;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < parts; ++i) {
+      double t0 = now();
+      thread_local std::vector<std::pair<float, int64_t>> merged;
+      merged.clear();
+      for (int t = first[i]; t < first[i + 1]; ++t)
+        merged.insert(merged.end(), best[t].begin(), best[t].end());
+      // Best first; ties by row (entries hold -row). Slices share no row.
+      auto order = [](const auto& a, const auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second > b.second);
+      };
+      int found = static_cast<int>(std::min<size_t>(merged.size(), k));
+      std::partial_sort(merged.begin(), merged.begin() + found, merged.end(), order);
+      int64_t* out = rows + static_cast<int64_t>(i) * k;
+      for (int j = 0; j < k; ++j) out[j] = j < found ? -merged[j].second : -1;
+      double t1 = now();
+      seconds[2 * i] += t1 - t0;
+      if (o) {  // with values: attention over the found rows
+        attend(part(i), q + static_cast<int64_t>(i) * g * d, g, d, bf16, scale, out, found,
+               o + static_cast<int64_t>(i) * g * d, lse + static_cast<int64_t>(i) * g);
+        seconds[2 * i + 1] = now() - t1;
+      }
+    }
   }
 }
 

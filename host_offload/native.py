@@ -30,6 +30,7 @@ SOURCE = pathlib.Path(__file__).with_name("listed_step.cc")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _P = ctypes.c_void_p
+MIN_SLICE = 1024  # a part's keys are scored on several threads in slices of at least this many
 
 
 def enabled() -> bool:
@@ -71,7 +72,7 @@ def library():
         return None
     lib.listed_step.restype = None
     lib.listed_step.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_double, ctypes.c_float,
-                                                      ctypes.c_int] + [_P] * 16)
+                                                      ctypes.c_int, ctypes.c_int64] + [_P] * 16)
     return lib
 
 
@@ -106,7 +107,7 @@ def listed_step(q: np.ndarray, keys: np.ndarray, values: np.ndarray | None, cent
     seconds = np.empty((parts, 2), np.float64)
     o = np.empty((parts, g, d), np.float32) if attend else None
     lse = np.empty((parts, g), np.float32) if attend else None
-    library().listed_step(parts, g, d, k, int(bf16), scan, scale, threads, address(q),
+    library().listed_step(parts, g, d, k, int(bf16), scan, scale, threads, MIN_SLICE, address(q),
                           address(keys), address(values) if attend else 0, address(cent_t),
                           address(offsets), address(fill), address(ids), address(list_keys),
                           address(nlist),

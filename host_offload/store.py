@@ -41,10 +41,12 @@ from host_offload import native
 MIN_INDEX_KEYS = 256  # below this an exact scan is as cheap as any index
 
 
-def default_threads(kv_heads: int) -> int:
-    """A store's worker threads by default: one per KV head (a part per head), at most the CPUs
-    this process may use."""
-    return max(1, min(kv_heads, len(os.sched_getaffinity(0))))
+def default_threads(kv_heads: int, kind: str) -> int:
+    """A store's threads by default. The native step (flat, qivf) scores a KV head's keys on
+    several threads, so it takes every CPU this process may use; the worker threads of the
+    others search a span of KV heads each, so one per KV head, at most the CPUs."""
+    cpus = len(os.sched_getaffinity(0))
+    return cpus if kind in NATIVE_KINDS else max(1, min(kv_heads, cpus))
 
 
 @functools.cache
@@ -204,7 +206,7 @@ class RetrievalStore:
         self.query_stride = max(1, math.ceil(max_len * group / max(train_queries, 1)))
         self.layers = [[_Layer(max_len) for _ in range(layers)] for _ in range(batch)]
         self.stats = HostStats()
-        self.threads = threads or default_threads(kv_heads)
+        self.threads = threads or default_threads(kv_heads, kind)
         self.openmp = openmp
 
     @staticmethod

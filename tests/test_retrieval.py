@@ -443,8 +443,10 @@ def _filled_store(kind, dtype, seed=0, batch=2, heads=2, group=3, dim=32, n=700,
 @pytest.mark.parametrize("kind", ["flat", "qivf"])
 @pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
 @pytest.mark.parametrize("attend", [True, False])
-@pytest.mark.parametrize("group,dim", [(3, 32), (9, 24)])  # vector and scalar kernels
-def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend, group, dim):
+@pytest.mark.parametrize("group,dim", [(3, 32), (4, 64), (9, 24)])  # blocks of 5 and 4, scalar
+@pytest.mark.parametrize("min_slice", [1024, 16])  # a KV head's keys on one thread, or on 3
+def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend, group, dim,
+                                           min_slice):
     """The C++ step against the numpy one on the same stores: the same keys retrieved and
     scanned, (o, lse) to float32 rounding, over 300 steps whose inserts cross a fold of
     qivf's tail."""
@@ -452,11 +454,13 @@ def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend, gro
 
     if native.library() is None:
         pytest.skip("no C++ compiler: the store runs the numpy step")
+    monkeypatch.setattr(native, "MIN_SLICE", min_slice)
     dtype = np.dtype(jnp.dtype(dtype))
     runs = []
     for flag in ("0", "1"):
         monkeypatch.setenv("LONGCTX_NATIVE", flag)
         store = _filled_store(kind, dtype, group=group, dim=dim)
+        store.threads = 12  # 4 parts (2 sequences x 2 KV heads), each on up to 3 threads
         rng, outs = np.random.default_rng(1), []
         for _ in range(300):
             q, k, v = (rng.normal(size=shape).astype(dtype) for shape in

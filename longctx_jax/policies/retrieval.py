@@ -72,9 +72,9 @@ class Retrieval(AttentionPolicy):
                                       "device keeps every token)")
     train_queries: int = static(8192, help="prefill queries kept per layer and KV head to "
                                            "train qivf")
-    host_threads: int = static(0, help="worker threads of the host's decode step, a span of KV "
-                                       "heads each (0: one per KV head, at most the usable "
-                                       "CPUs)")
+    host_threads: int = static(0, help="threads of the host's decode step (0: every usable "
+                                       "CPU for flat and qivf, one per KV head for ivf and "
+                                       "hnsw)")
     min_index_keys: int = static(MIN_INDEX_KEYS, cli=False)
     handle: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(-1))
 
