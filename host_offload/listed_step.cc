@@ -236,78 +236,61 @@ double now() {
       .count();
 }
 
-// A key to score: its row, and where its key lies (in list order, or by row in the tail).
-struct Candidate {
-  int64_t row;
-  const void* key;
-};
-
-// The keys a part's query group will score, each once: the members of the lists whose
-// centroids the group scores highest (a share of the last), then the unlisted rows
-// [listed, n). Returns the centroids scanned. The bitmap `seen` (a bit a row, small enough to
-// stay in the L1 cache) drops a key listed by several probed lists.
-int64_t candidates(const Part& p, const float* q, int g, int d, int bf16, double scan,
-                   std::vector<Candidate>& out) {
+// The keys a part's query group reads: the members of the lists whose centroids the group
+// scores highest (a share of the last), `spans` of list positions, then the unlisted rows
+// [listed, n). Returns the centroids scanned.
+int64_t probe(const Part& p, const float* q, int g, int d, double scan,
+              std::vector<std::pair<int64_t, int64_t>>& spans) {
   thread_local std::vector<std::pair<float, int64_t>> lists;
   thread_local std::vector<float> centroid;
-  thread_local std::vector<uint64_t> seen;
-  const size_t width = bf16 ? 2 : 4;
-  out.clear();
-  int64_t listed = p.cent_t ? p.listed : 0, probed = 0;
-  if (p.cent_t && p.nlist > 0) {
-    int64_t nlist = p.nlist;
-    double want = scan * static_cast<double>(nlist);
-    int64_t nprobe = std::max<int64_t>(1, std::min<int64_t>(nlist, static_cast<int64_t>(
-                                                                       std::ceil(want - 1e-9))));
-    double last = want - static_cast<double>(nprobe - 1);
-    lists.resize(nlist);
-    centroid.resize(nlist);
-    for (int64_t c = 0; c < nlist; ++c) lists[c] = {-INFINITY, c};
-    for (int j = 0; j < g; ++j) {  // row by row of the transposed centroids: contiguous
-      const float* qj = q + static_cast<int64_t>(j) * d;
-      float* acc = centroid.data();
-      std::fill(acc, acc + nlist, 0.f);
-      for (int i = 0; i < d; ++i) {
-        const float qi = qj[i];
-        const float* row = p.cent_t + static_cast<int64_t>(i) * nlist;
+  spans.clear();
+  if (!p.cent_t || p.nlist == 0) return 0;
+  int64_t nlist = p.nlist;
+  double want = scan * static_cast<double>(nlist);
+  int64_t nprobe = std::max<int64_t>(
+      1, std::min<int64_t>(nlist, static_cast<int64_t>(std::ceil(want - 1e-9))));
+  double last = want - static_cast<double>(nprobe - 1);
+  lists.resize(nlist);
+  centroid.resize(nlist);
+  for (int64_t c = 0; c < nlist; ++c) lists[c] = {-INFINITY, c};
+  for (int j = 0; j < g; ++j) {  // row by row of the transposed centroids: contiguous
+    const float* qj = q + static_cast<int64_t>(j) * d;
+    float* acc = centroid.data();
+    std::fill(acc, acc + nlist, 0.f);
+    for (int i = 0; i < d; ++i) {
+      const float qi = qj[i];
+      const float* row = p.cent_t + static_cast<int64_t>(i) * nlist;
 #pragma omp simd
-        for (int64_t c = 0; c < nlist; ++c) acc[c] += qi * row[c];
-      }
-      for (int64_t c = 0; c < nlist; ++c) lists[c].first = std::max(lists[c].first, acc[c]);
+      for (int64_t c = 0; c < nlist; ++c) acc[c] += qi * row[c];
     }
-    // best first; ties by list id (as a stable sort of the negated logits)
-    auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
-    std::partial_sort(lists.begin(), lists.begin() + nprobe, lists.end(), better);
-    seen.assign((p.n + 63) / 64, 0);
-    const char* keys = static_cast<const char*>(p.list_keys);
-    for (int64_t i = 0; i < nprobe; ++i) {
-      int64_t c = lists[i].second;
-      int64_t begin = p.offsets[c], len = p.fill[c];
-      if (i == nprobe - 1)  // the last list: its head, a share `last` of it
-        len = std::min(len, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(last * len))));
-      for (int64_t m = begin; m < begin + len; ++m) {  // the list's keys, in list order
-        int64_t r = p.ids[m];
-        uint64_t bit = uint64_t{1} << (r & 63);
-        if (seen[r >> 6] & bit) continue;
-        seen[r >> 6] |= bit;
-        out.push_back({r, keys + m * d * width});
-      }
-    }
-    probed = nlist;
+    for (int64_t c = 0; c < nlist; ++c) lists[c].first = std::max(lists[c].first, acc[c]);
   }
-  const char* rows = static_cast<const char*>(p.keys);
-  for (int64_t r = listed; r < p.n; ++r) out.push_back({r, rows + r * d * width});
-  return probed;
+  // best first; ties by list id (as a stable sort of the negated logits)
+  auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  std::partial_sort(lists.begin(), lists.begin() + nprobe, lists.end(), better);
+  for (int64_t i = 0; i < nprobe; ++i) {
+    int64_t c = lists[i].second;
+    int64_t begin = p.offsets[c], len = p.fill[c];
+    if (i == nprobe - 1)  // the last list: its head, a share `last` of it
+      len = std::min(len, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(last * len))));
+    spans.emplace_back(begin, begin + len);
+  }
+  return nlist;
 }
 
-// The k best of candidates [begin, end) by group logit, into `heap` (a min-heap of
-// (logit, -row): ties go to the lower row).
+// Entries [from, to) of a part's reading order (its spans' list positions, then its unlisted
+// rows) scored into `heap` (a min-heap of (logit, -row): ties go to the lower row); returns
+// the keys scored. A key several probed lists hold is scored once: the first slice to set
+// its bit in `seen` (one bit a row, small enough to stay in the L1 cache) takes it, by an
+// atomic OR when slices run at once (`shared`).
 template <typename T>
-void best_of(const Candidate* cand, int64_t begin, int64_t end, const float* q, int g, int d,
-             int k, std::vector<std::pair<float, int64_t>>& heap) {
+int64_t score_slice(const Part& p, const std::vector<std::pair<int64_t, int64_t>>& spans,
+                    int64_t from, int64_t to, uint64_t* seen, bool shared, const float* q,
+                    int g, int d, int k, std::vector<std::pair<float, int64_t>>& heap) {
   heap.clear();
+  int64_t scored = 0;
   auto consider = [&](int64_t r, float s) {
     if (static_cast<int>(heap.size()) < k) {
       heap.emplace_back(s, -r);
@@ -319,9 +302,30 @@ void best_of(const Candidate* cand, int64_t begin, int64_t end, const float* q, 
     }
   };
   Scorer<T, decltype(consider)> scorer(q, g, d, consider);
-  for (int64_t i = begin; i < end; ++i)
-    scorer.add(cand[i].row, static_cast<const T*>(cand[i].key));
+  const T* list_keys = static_cast<const T*>(p.list_keys);
+  int64_t at = 0;  // entries before the current span
+  for (const auto& [begin, end] : spans) {
+    int64_t lo = std::max(begin, begin + from - at), hi = std::min(end, begin + to - at);
+    at += end - begin;
+    for (int64_t m = lo; m < hi; ++m) {  // the list's keys, stored in list order
+      int64_t r = p.ids[m];
+      uint64_t bit = uint64_t{1} << (r & 63);
+      uint64_t was = shared ? __atomic_fetch_or(&seen[r >> 6], bit, __ATOMIC_RELAXED)
+                            : std::exchange(seen[r >> 6], seen[r >> 6] | bit);
+      if (was & bit) continue;
+      ++scored;
+      scorer.add(r, list_keys + m * d);
+    }
+  }
+  const T* keys = static_cast<const T*>(p.keys);
+  int64_t listed = p.cent_t ? p.listed : 0;
+  for (int64_t r = listed + std::max<int64_t>(from - at, 0);
+       r < std::min(p.n, listed + to - at); ++r) {
+    ++scored;
+    scorer.add(r, keys + r * d);
+  }
   scorer.finish();
+  return scored;
 }
 
 // Attention of the group's queries q [g, d] over `found` rows: o [g, d], lse [g].
@@ -379,9 +383,9 @@ extern "C" {
 // own, summed over the threads it ran on). threads: OpenMP threads (0: all); min_slice: the
 // fewest candidates worth a thread of their own.
 //
-// In three passes over one team: each part's candidates; then slices of them, so that a step
-// of fewer parts than threads (8 KV heads, 32 cores) still uses every thread; then each part
-// merges its slices' best and attends.
+// In three passes over one team: each part probes its lists; then slices of the keys they
+// hold are scored, so that a step of fewer parts than threads (8 KV heads, 32 cores) still
+// uses every thread; then each part merges its slices' best and attends.
 void listed_step(int parts, int g, int d, int k, int bf16, double scan, float scale,
                  int threads, int64_t min_slice, const float* q, const void* const* keys,
                  const void* const* values, const float* const* cent_t,
@@ -397,14 +401,20 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
   const int team = static_cast<int>(
       std::clamp<int64_t>(std::max<int64_t>(parts, stored / min_slice), 1, std::max(most, 1)));
   // The calling thread's buffers, kept between calls (the team shares them by reference).
-  thread_local std::vector<std::vector<Candidate>> cand_buffers;
+  thread_local std::vector<std::vector<std::pair<int64_t, int64_t>>> span_buffers;
+  thread_local std::vector<std::vector<uint64_t>> seen_buffers;
   thread_local std::vector<std::vector<std::pair<float, int64_t>>> best_buffers;
+  thread_local std::vector<int64_t> entry_buffer;
   thread_local std::vector<int> slice_buffer, first_buffer;
-  auto& cand = cand_buffers;
+  auto& spans = span_buffers;
+  auto& seen = seen_buffers;
   auto& best = best_buffers;
-  auto& slices = slice_buffer;  // per part; slice s of part i is task first[i] + s
+  auto& entries = entry_buffer;  // per part: list entries to read, then unlisted rows
+  auto& slices = slice_buffer;   // per part; slice s of part i is task first[i] + s
   auto& first = first_buffer;
-  cand.resize(parts);
+  spans.resize(parts);
+  seen.resize(parts);
+  entries.assign(parts, 0);
   slices.assign(parts, 1);
   first.resize(parts + 1);
   auto part = [&](int i) {
@@ -419,11 +429,12 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < parts; ++i) {
       double t0 = now();
-      const float* qi = q + static_cast<int64_t>(i) * g * d;
-      scanned[i] = candidates(part(i), qi, g, d, bf16, scan, cand[i]);
-      scanned[i] += static_cast<int64_t>(cand[i].size());
-      slices[i] = static_cast<int>(std::clamp<int64_t>(
-          static_cast<int64_t>(cand[i].size()) / min_slice, 1, split));
+      const Part p = part(i);
+      scanned[i] = probe(p, q + static_cast<int64_t>(i) * g * d, g, d, scan, spans[i]);
+      for (const auto& [begin, end] : spans[i]) entries[i] += end - begin;
+      entries[i] += p.n - (p.cent_t ? p.listed : 0);
+      seen[i].assign(spans[i].empty() ? 0 : (p.n + 63) / 64, 0);
+      slices[i] = static_cast<int>(std::clamp<int64_t>(entries[i] / min_slice, 1, split));
       seconds[2 * i] = now() - t0;
       seconds[2 * i + 1] = 0.0;
     }
@@ -439,14 +450,17 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
                                first.begin()) - 1;
       int s = t - first[i];
       double t0 = now();
-      int64_t size = static_cast<int64_t>(cand[i].size());
-      int64_t begin = size * s / slices[i], end = size * (s + 1) / slices[i];
+      int64_t from = entries[i] * s / slices[i], to = entries[i] * (s + 1) / slices[i];
       const float* qi = q + static_cast<int64_t>(i) * g * d;
-      if (bf16)
-        best_of<uint16_t>(cand[i].data(), begin, end, qi, g, d, k, best[t]);
-      else
-        best_of<float>(cand[i].data(), begin, end, qi, g, d, k, best[t]);
+      const bool shared = slices[i] > 1;
+      int64_t scored =
+          bf16 ? score_slice<uint16_t>(part(i), spans[i], from, to, seen[i].data(), shared, qi,
+                                       g, d, k, best[t])
+               : score_slice<float>(part(i), spans[i], from, to, seen[i].data(), shared, qi, g,
+                                    d, k, best[t]);
       double dt = now() - t0;
+#pragma omp atomic
+      scanned[i] += scored;
 #pragma omp atomic
       seconds[2 * i] += dt;
     }

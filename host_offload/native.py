@@ -41,39 +41,48 @@ def enabled() -> bool:
 @functools.cache
 def library():
     """The compiled step (a ctypes library), or ``None`` where it cannot be built."""
-    source = SOURCE.read_bytes()
+    lib = build(SOURCE, FLAGS, "the native retrieval step", "retrieval's host step runs in "
+                "numpy (slower)")
+    if lib is not None:
+        lib.listed_step.restype = None
+        lib.listed_step.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_double, ctypes.c_float,
+                                                          ctypes.c_int, ctypes.c_int64]
+                                    + [_P] * 16)
+    return lib
+
+
+def build(source: pathlib.Path, flags: tuple[str, ...], what: str, otherwise: str,
+          loader=ctypes.CDLL):
+    """``source`` compiled with ``flags`` into the cache (once per source, flags, compiler and
+    CPU) and loaded with ``loader``; ``None``, after a warning ending in ``otherwise``, where
+    there is no compiler or the build or the load fails."""
+    text = source.read_bytes()
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
-        warnings.warn("no C++ compiler found: retrieval's host step runs in numpy (slower)")
+        warnings.warn(f"no C++ compiler found: {otherwise}")
         return None
     # -march=native: a library built on one CPU may not run on another (a shared home)
-    tag = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu_id())).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(text + " ".join((compiler, *flags, _cpu_id())).encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("LONGCTX_CACHE")
                          or pathlib.Path.home() / ".cache" / "longctx_jax")
-    path = cache / f"listed_step-{tag}.so"
+    path = cache / f"{source.stem}-{tag}.so"
     if not path.exists():
         try:
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 built = pathlib.Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True,
+                subprocess.run([compiler, *flags, "-o", str(built), str(source)], check=True,
                                capture_output=True, text=True)
                 os.replace(built, path)  # atomic: a concurrent build loses nothing
         except (OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or str(err)
-            warnings.warn(f"could not build the native retrieval step ({detail.strip()[:200]}): "
-                          "the host step runs in numpy (slower)")
+            warnings.warn(f"could not build {what} ({detail.strip()[:200]}): {otherwise}")
             return None
     try:
-        lib = ctypes.CDLL(str(path))
+        return loader(str(path))
     except OSError as err:  # e.g. a cache shared with a machine of another libc
-        warnings.warn(f"could not load the native retrieval step {path} ({err}): the host step "
-                      "runs in numpy (slower)")
+        warnings.warn(f"could not load {what} {path} ({err}): {otherwise}")
         return None
-    lib.listed_step.restype = None
-    lib.listed_step.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_double, ctypes.c_float,
-                                                      ctypes.c_int, ctypes.c_int64] + [_P] * 16)
-    return lib
 
 
 def _cpu_id() -> str:

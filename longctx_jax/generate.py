@@ -19,11 +19,11 @@ import time
 from typing import Callable, Sequence
 
 import jax
-from jax.experimental import io_callback
 import jax.numpy as jnp
 import numpy as np
 
 import host_offload
+from host_offload.host_call import host_call
 from longctx_jax.cache import tree_bytes
 from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
@@ -178,7 +178,7 @@ def prefill_chunks(cfg: ModelConfig, params, policy: AttentionPolicy, tokens: ja
         here = (idx >= 0) & (idx < chunk_size)
         rows = jnp.take_along_axis(hidden, jnp.clip(idx, 0, chunk_size - 1)[..., None], axis=1)
         if progress is not None:
-            io_callback(_tick, None, progress, hidden[0, 0, 0], ordered=True)
+            host_call(_tick, None, progress, hidden[0, 0, 0])
         return (caches, jnp.where(here[..., None], rows, picked)), None
 
     starts = jnp.arange(0, p, chunk_size, dtype=jnp.int32)
@@ -246,7 +246,7 @@ def decode_tokens(params, policy: AttentionPolicy, logits: jax.Array, caches, le
         key, sub = jax.random.split(key)
         tok = jnp.where(done | ~live, pad_id, sample(logits, sub, sampling))
         if streaming:
-            io_callback(_emit, None, stream_handle, tok, live, ordered=True)
+            host_call(_emit, None, stream_handle, tok, live)
         out = out.at[:, i].set(tok, mode="drop")
         count = count + (~done & live).astype(jnp.int32)
         done = done | jnp.isin(tok, stops)

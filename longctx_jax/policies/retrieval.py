@@ -4,11 +4,12 @@ the keys the index retrieves for its query, merged exactly by lse.
 
 - Prefill is full attention over the prompt (``full``'s kernels and cache). With an index that
   learns from queries (``qivf``), each layer's prefill queries are also copied to the host on a
-  stride (``train_queries`` per layer and KV head), by an ``io_callback``.
+  stride (``train_queries`` per layer and KV head), by a host call
+  (:func:`host_offload.host_call.host_call`).
 - ``after_prefill`` moves the prompt's out-of-window keys and values (positions ``[sink,
   length - window)``) into a :class:`host_offload.store.RetrievalStore`, builds the indexes, and
   hands the device a ``sink + window`` ring (plus the whole cache for ``attend="device"``).
-- Each decode step, per layer, one ordered ``io_callback`` for the batch: it inserts the token
+- Each decode step, per layer, one host call for the batch: it inserts the token
   leaving the window (read from its ring slot before the new token overwrites it), so every
   earlier token is either on the device or findable on the host, exactly once; then it
   retrieves ``k`` keys per KV head for the step's query group and returns either their
@@ -24,17 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 import host_offload
 import pallas_kernels as pk
 from host_offload import index as hindex
+from host_offload.host_call import host_call
 from host_offload.store import MIN_INDEX_KEYS, RetrievalStore, workers
 from longctx_jax.cache import KV, ring_slot_positions, ring_slots
 from longctx_jax.errors import LongctxError
@@ -124,8 +124,7 @@ class Retrieval(AttentionPolicy):
 
     def prefill(self, layer, x, cache):
         if self.index in hindex.NEEDS_QUERIES:
-            io_callback(functools.partial(_keep_queries, layer), None, self.handle, x.q,
-                        x.positions, ordered=True)
+            host_call(_keep_queries, None, self.handle, x.q, x.positions, static=(layer,))
         return Full().prefill(layer, x, cache)
 
     def after_prefill(self, caches, lengths):
@@ -174,18 +173,18 @@ class Retrieval(AttentionPolicy):
         window = pk.window_decode_attention(q, ring.k, ring.v, (pos + 1).astype(jnp.int32))
         b, hq, d = q.shape
         hkv = ring.k.shape[1]
-        run = functools.partial(_step, layer, self.attend == "host")
+        static = (layer, self.attend == "host")
         ints = jnp.concatenate([self.handle[None], evicted])  # [1 + B]
         old = jnp.concatenate([old_k, old_v], 1)  # [B, 2 Hkv, D]
         if self.attend == "host":
-            both = io_callback(run, jax.ShapeDtypeStruct((b, hq, d + 1), jnp.float32), ints, q,
-                               old, ordered=True)
+            both = host_call(_step, jax.ShapeDtypeStruct((b, hq, d + 1), jnp.float32), ints, q,
+                             old, static=static)
             o, lse = both[..., :d], both[..., d]
             full = None
         else:
             full = cache.full.write(x.k, x.v, x.positions, in_range=True)
-            ids = io_callback(run, jax.ShapeDtypeStruct((b, hkv, self.k), jnp.int32), ints, q,
-                              old, ordered=True)
+            ids = host_call(_step, jax.ShapeDtypeStruct((b, hkv, self.k), jnp.int32), ints, q,
+                            old, static=static)
             o, lse = pk.topk_decode_attention(q, full.k, full.v, ids)
         out, _ = pk.merge_attention([window, (o.astype(window[0].dtype), lse)])
         return out[:, None].astype(x.q.dtype), RetrievalCache(ring, full)
@@ -199,9 +198,7 @@ def _keep_queries(layer, handle, q, positions) -> None:
 def _step(layer, attend, ints, q, old):
     """A decode step's host call: ``ints`` the store's handle then the evicted positions, ``old``
     the evicted keys then values; with ``attend``, returns ``o`` and ``lse`` side by side
-    ``[B, Hq, D + 1]``. Each operand and result of a callback costs a transfer and a
-    conversion: on the CPU, a call with three operands and one result takes 0.13-0.14 ms
-    against 0.19-0.22 with five and two."""
+    ``[B, Hq, D + 1]``: each operand and result of a host call costs a copy."""
     ints = np.asarray(ints)
     k, v = np.split(np.asarray(old), 2, axis=1)
     out = host_offload.lookup(ints[0]).step(layer, np.asarray(q), k, v, ints[1:], attend=attend)
