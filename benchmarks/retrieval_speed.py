@@ -69,6 +69,7 @@ import numpy as np
 
 import host_offload
 from benchmarks.duo_speed import device_bytes, random_caches
+from host_offload import host_call
 from host_offload import index as hindex
 from host_offload.store import HostStats, RetrievalStore, default_threads
 from longctx_jax.config import preset
@@ -522,8 +523,8 @@ def main(argv=None) -> int:
         device=str(jax.devices()[0].device_kind), jax=jax.__version__,
         machine=platform.machine(), host_cpus=os.cpu_count(),
         host_cpus_usable=len(os.sched_getaffinity(0)),
-        faiss_threads=faiss.omp_get_max_threads(), dtype=args.dtype, batch=args.batch,
-        sink=args.sink, window=args.window, k=args.k, scan=args.scan,
+        faiss_threads=faiss.omp_get_max_threads(), host_calls=host_call.route(),
+        dtype=args.dtype, batch=args.batch, sink=args.sink, window=args.window, k=args.k, scan=args.scan,
         train_per_list=args.train_per_list, train_queries=args.train_queries,
         fill_threads=args.fill_threads,
         short=args.short, long=args.long, repeats=args.repeats, rows=[],

@@ -62,6 +62,11 @@ def host_call(fn: Callable, result: jax.ShapeDtypeStruct | None, *args, static: 
     return None if result is None else out
 
 
+def route() -> str:
+    """How a host call traced now crosses: ``"ffi"`` (the handler) or ``"io_callback"``."""
+    return "ffi" if _use_ffi() else "io_callback"
+
+
 def _use_ffi() -> bool:
     if os.environ.get("LONGCTX_HOST_CALL", "ffi") == "callback" or not _registered():
         return False
