@@ -280,6 +280,13 @@ int64_t probe(const Part& p, const float* q, int g, int d, double scan,
   return nlist;
 }
 
+// Keys ahead of the scan whose cache lines are asked for early (0: none); a build flag, so
+// that hosts can be compared (-DLONGCTX_PREFETCH=N).
+#ifndef LONGCTX_PREFETCH
+#define LONGCTX_PREFETCH 8
+#endif
+constexpr int64_t kPrefetch = LONGCTX_PREFETCH;
+
 // Entries [from, to) of a part's reading order (its spans' list positions, then its unlisted
 // rows) scored into `heap` (a min-heap of (logit, -row): ties go to the lower row); returns
 // the keys scored. A key several probed lists hold is scored once: the first slice to set
@@ -308,6 +315,11 @@ int64_t score_slice(const Part& p, const std::vector<std::pair<int64_t, int64_t>
     int64_t lo = std::max(begin, begin + from - at), hi = std::min(end, begin + to - at);
     at += end - begin;
     for (int64_t m = lo; m < hi; ++m) {  // the list's keys, stored in list order
+      if (kPrefetch > 0 && m + kPrefetch < hi) {  // ahead of the hardware's own prefetch
+        const char* ahead = reinterpret_cast<const char*>(list_keys + (m + kPrefetch) * d);
+        for (int64_t at = 0; at < d * static_cast<int64_t>(sizeof(T)); at += 64)
+          __builtin_prefetch(ahead + at);
+      }
       int64_t r = p.ids[m];
       uint64_t bit = uint64_t{1} << (r & 63);
       uint64_t was = shared ? __atomic_fetch_or(&seen[r >> 6], bit, __ATOMIC_RELAXED)
