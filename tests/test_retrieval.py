@@ -292,6 +292,26 @@ def test_qivf_keeps_prefill_queries_on_a_stride():
     assert [sum(len(x) for x in rows[0].queries) for rows in store.layers] == [2, 2]
 
 
+@pytest.mark.parametrize("stride", [1, 3, 4, 7])
+@pytest.mark.parametrize("start", [0, 5, 12])
+def test_only_queries_on_the_stride_leave_the_device(stride, start):
+    """``on_stride`` gathers what ``add_queries`` keeps (a chunk of 11 positions from
+    ``start``; a sequence that ends inside the chunk, one that ended before it), and no more
+    than ``ceil(11 / stride)`` rows cross."""
+    rng = np.random.default_rng(stride * 100 + start)
+    pos = np.repeat(np.arange(start, start + 11)[None], 3, 0)
+    pos[1, 6:], pos[2] = -1, -1
+    q = rng.normal(size=(3, 11, 2, 4)).astype(np.float32)
+    got_q, got_pos = map(np.asarray, retrieval_mod.on_stride(jnp.asarray(q), jnp.asarray(pos),
+                                                             stride))
+    assert got_pos.shape == (3, -(-11 // stride))
+    for b in range(3):
+        want = (pos[b] >= 0) & (pos[b] % stride == 0)
+        kept = got_pos[b] >= 0
+        np.testing.assert_array_equal(got_pos[b, kept], pos[b, want])
+        np.testing.assert_array_equal(got_q[b, kept], q[b, want])
+
+
 def test_qivf_lets_its_queries_go_once_built():
     """The index learns from the kept queries once; after that they are dead weight."""
     store = _filled_store("qivf", np.float32, batch=1)

@@ -76,13 +76,14 @@ class Retrieval(AttentionPolicy):
                                        "CPU for flat and qivf, one per KV head for ivf and "
                                        "hnsw)")
     min_index_keys: int = static(MIN_INDEX_KEYS, cli=False)
+    query_stride: int = static(1, cli=False)  # set by session(): the store's
     handle: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(-1))
 
     decode_matches_prefill = False  # an approximate index sees less than prefill does
 
     def __post_init__(self):
         for name, low in (("sink", 0), ("window", 1), ("k", 1), ("train_queries", 1),
-                          ("min_index_keys", 1), ("host_threads", 0)):
+                          ("min_index_keys", 1), ("host_threads", 0), ("query_stride", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise LongctxError(f"retrieval {name} must be an integer >= {low}, got {value!r}")
@@ -120,11 +121,13 @@ class Retrieval(AttentionPolicy):
                                train_queries=self.train_queries, values=not device,
                                min_index_keys=self.min_index_keys, threads=self.host_threads)
         with host_offload.registered(store) as handle:
-            yield dataclasses.replace(self, handle=jnp.int32(handle))
+            yield dataclasses.replace(self, handle=jnp.int32(handle),
+                                      query_stride=store.query_stride)
 
     def prefill(self, layer, x, cache):
         if self.index in hindex.NEEDS_QUERIES:
-            host_call(_keep_queries, None, self.handle, x.q, x.positions, static=(layer,))
+            q, positions = on_stride(x.q, x.positions, self.query_stride)
+            host_call(_keep_queries, None, self.handle, q, positions, static=(layer,))
         return Full().prefill(layer, x, cache)
 
     def after_prefill(self, caches, lengths):
@@ -188,6 +191,21 @@ class Retrieval(AttentionPolicy):
             o, lse = pk.topk_decode_attention(q, full.k, full.v, ids)
         out, _ = pk.merge_attention([window, (o.astype(window[0].dtype), lse)])
         return out[:, None].astype(x.q.dtype), RetrievalCache(ring, full)
+
+
+def on_stride(q, positions, stride: int):
+    """The queries ``q [B, T, Hq, D]`` whose ``positions [B, T]`` fall on the store's query
+    stride, gathered on the device so that only they cross to the host (at 128K, all of a
+    layer's queries are a gigabyte): ``[B, ceil(T / stride), Hq, D]`` and their positions
+    (``-1``: none). A chunk holds distinct positions, so no more than that many fall on it."""
+    if stride == 1:
+        return q, positions
+    keep = (positions >= 0) & (positions % stride == 0)
+    width = -(-positions.shape[1] // stride)
+    take = jnp.argsort(~keep, axis=1, stable=True)[:, :width]  # kept ones first, in order
+    kept = jnp.take_along_axis(keep, take, 1)
+    return (jnp.take_along_axis(q, take[:, :, None, None], 1),
+            jnp.where(kept, jnp.take_along_axis(positions, take, 1), -1))
 
 
 def _keep_queries(layer, handle, q, positions) -> None:
