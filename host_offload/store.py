@@ -29,6 +29,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import operator
 import os
 import pathlib
 import time
@@ -206,6 +207,7 @@ class RetrievalStore:
         self.query_stride = max(1, math.ceil(max_len * group / max(train_queries, 1)))
         self.layers = [[_Layer(max_len) for _ in range(layers)] for _ in range(batch)]
         self.stats = HostStats()
+        self._layouts: dict[int, tuple] = {}  # layer -> (the arrays read in place, addresses)
         self.threads = threads or default_threads(kv_heads, kind)
         self.openmp = openmp
 
@@ -354,15 +356,26 @@ class RetrievalStore:
 
     def _native_parts(self, layer: int, head_dim: int):
         """The native step's per-part arrays for ``layer`` (a part: a sequence's KV head), or
-        ``None`` where it cannot run (keys in another dtype than float32 or bfloat16)."""
+        ``None`` where it cannot run (keys in another dtype than float32 or bfloat16). The
+        addresses are kept while the arrays they point into stay the same objects (a build, a
+        growth or a new layout of the lists makes new ones); the counts change every step."""
         lays = [rows[layer] for rows in self.layers]
-        fields = [_native_fields(lay, self.kv_heads, self.values) for lay in lays]
-        if any(f is None for f in fields):
-            return None
-        stored = {lay.index.key_rows.data.shape[2] for lay in lays if lay.index is not None}
-        if stored - {head_dim}:
-            raise ValueError(f"queries of head dim {head_dim}, keys of {stored.pop()}")
-        return lays, {name: np.concatenate([f[name] for f in fields]) for name in fields[0]}
+        held = [_native_arrays(lay) for lay in lays]
+        cached = self._layouts.get(layer)
+        if cached is None or not all(len(new) == len(old) and all(map(operator.is_, new, old))
+                                     for new, old in zip(held, cached[0])):
+            fields = [_native_fields(lay, self.kv_heads, self.values) for lay in lays]
+            if any(f is None for f in fields):
+                return None
+            stored = {lay.index.key_rows.data.shape[2] for lay in lays if lay.index is not None}
+            if stored - {head_dim}:
+                raise ValueError(f"queries of head dim {head_dim}, keys of {stored.pop()}")
+            cached = self._layouts[layer] = (
+                held, {name: np.concatenate([f[name] for f in fields]) for name in fields[0]})
+        counts = np.array([(0, 0) if lay.index is None else
+                           (lay.index.n, getattr(lay.index, "listed", 0)) for lay in lays],
+                          np.int64).repeat(self.kv_heads, 0)
+        return lays, dict(cached[1], n=counts[:, 0].copy(), listed=counts[:, 1].copy())
 
     def _native_step(self, q: np.ndarray, parts, attend: bool, t0: float, t1: float):
         """:meth:`step` after the inserts, by the native step (:mod:`host_offload.native`)."""
@@ -409,14 +422,25 @@ def _cpu():
 NATIVE_KINDS = ("flat", "qivf")  # the indexes the native step reads (the others: numpy, faiss)
 
 
+def _native_arrays(lay: _Layer) -> tuple:
+    """The objects whose memory the native step reads for ``lay`` by address."""
+    index = lay.index
+    if index is None:
+        return ()
+    held = (index, index.key_rows.data, None if lay.values is None else lay.values.data)
+    if isinstance(index, hindex.QueryIVFIndex):
+        held += (index.centroids_t, index.offsets, index.fill, index.ids, index.list_keys)
+    return held
+
+
 def _native_fields(lay: _Layer, kv_heads: int, values: bool) -> dict | None:
     """A (sequence, layer)'s per-KV-head addresses and sizes for the native step (see
-    :func:`host_offload.native.listed_step`), or ``None`` for keys it cannot read."""
+    :func:`host_offload.native.listed_step`; the counts ``n`` and ``listed`` are the caller's),
+    or ``None`` for keys it cannot read."""
     zeros = np.zeros(kv_heads, np.uint64)
     fields = dict(keys=zeros, values=zeros, cent_t=zeros, offsets=zeros, fill=zeros, ids=zeros,
-                  list_keys=zeros,
-                  nlist=np.zeros(kv_heads, np.int64), listed=np.zeros(kv_heads, np.int64),
-                  n=np.zeros(kv_heads, np.int64), bf16=np.zeros(kv_heads, bool))
+                  list_keys=zeros, nlist=np.zeros(kv_heads, np.int64),
+                  bf16=np.zeros(kv_heads, bool))
     index = lay.index
     if index is None:  # nothing stored yet: parts of no rows
         return fields
@@ -425,7 +449,6 @@ def _native_fields(lay: _Layer, kv_heads: int, values: bool) -> dict | None:
         return None
     heads = np.arange(kv_heads, dtype=np.uint64)
     fields.update(keys=native.address(rows) + heads * np.uint64(rows[0].nbytes),
-                  n=np.full(kv_heads, index.n, np.int64),
                   bf16=np.full(kv_heads, rows.dtype.name == "bfloat16"))
     if values:
         vals = lay.values.data
@@ -438,5 +461,4 @@ def _native_fields(lay: _Layer, kv_heads: int, values: bool) -> dict | None:
                             ("list_keys", index.list_keys)):
             fields[name] = native.address(array) + heads * np.uint64(array[0].nbytes)
         fields["nlist"] = np.full(kv_heads, index.nlist, np.int64)
-        fields["listed"] = np.full(kv_heads, index.listed, np.int64)
     return fields
