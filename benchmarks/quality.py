@@ -1,10 +1,11 @@
 """Accuracy of attention policies on synthetic long-context tasks, on the real model.
 
 Runs every (task, method) pair in one process, so compiled functions are shared between tasks
-of the same shapes. Writes ``<out>/<task>_<method>.json`` and ``<out>/summary.json`` after every
-length (a run cut short keeps what it finished), a ``.png`` heatmap per pair, and prints one table
-per pair and a summary of mean accuracy per length. ``--resume`` picks up a cut run: lengths that
-``<out>`` already holds for a pair (same samples and dtype) are kept, not rerun.
+of the same shapes. Writes ``<out>/<task>_<method>.json`` after every (length, depth) cell and
+``<out>/summary.json`` after every length (a run cut short keeps what it finished), a ``.png``
+heatmap per pair, and prints one table per pair and a summary of mean accuracy per length.
+``--resume`` picks up a cut run: the (length, depth) cells that ``<out>`` already holds for a
+pair (same samples and dtype) are kept, not rerun.
 
     python -m benchmarks.quality --tasks passkey,niah --methods full,streaming:sink=64:window=256 \\
         --lengths 1024,2048,4096,8192 --samples 20 --haystack-file data.txt --out results/
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--resume", action="store_true",
-                    help="keep the lengths --out already holds for a (task, method) pair")
+                    help="keep the (length, depth) cells --out already holds for a (task, "
+                         "method) pair")
     args = ap.parse_args(argv)
 
     model = load_model(args.model, jnp.dtype(args.dtype))
@@ -57,19 +59,20 @@ def main(argv=None) -> int:
             policy = policy_from_spec(spec)
             name = f"{task}_{file_stem(spec)}"
             record = _done_record(args, name) if args.resume else None
-            done = [] if record is None else [n for n in lengths if str(n) in record["cache_bytes"]]
-            summary += [_summary_row(task, spec, n, record) for n in done]
-            for n in lengths:  # one length at a time, written as it ends: a cut run keeps its rows
-                if n in done:
-                    continue
-                part = run_eval(model, policy, task, [n], depths, args.samples, mode=args.mode,
-                                haystack=haystack if task == "niah" else None,
-                                batch_size=args.batch_size, chunk_size=args.chunk_size)
-                record = part if record is None else _extend(record, part)
-                record.update(model=args.model, dtype=args.dtype, method_spec=spec,
-                              device=jax.devices()[0].device_kind)
-                (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
-                summary.append(_summary_row(task, spec, n, part))
+            done = set() if record is None else {(r["length"], r["depth"])
+                                                 for r in record["results"]}
+            for n in lengths:
+                for d in depths:  # a cell at a time, written as it ends: a cut run keeps it
+                    if (n, d) in done:
+                        continue
+                    part = run_eval(model, policy, task, [n], [d], args.samples, mode=args.mode,
+                                    haystack=haystack if task == "niah" else None,
+                                    batch_size=args.batch_size, chunk_size=args.chunk_size)
+                    record = part if record is None else _extend(record, part)
+                    record.update(model=args.model, dtype=args.dtype, method_spec=spec,
+                                  device=jax.devices()[0].device_kind)
+                    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
+                summary.append(_summary_row(task, spec, n, depths, record))
                 (args.out / "summary.json").write_text(json.dumps(dict(
                     mode=args.mode, samples_per_cell=args.samples, depths=depths,
                     dtype=args.dtype, command=command, rows=summary), indent=2))
@@ -101,16 +104,16 @@ def _done_record(args, name: str) -> dict | None:
     return record if same else None
 
 
-def _summary_row(task: str, spec: str, n: int, record: dict) -> dict:
-    """Mean accuracy over a length's depths, and its cache bytes."""
-    cells = [r for r in record["results"] if r["length"] == n]
+def _summary_row(task: str, spec: str, n: int, depths, record: dict) -> dict:
+    """Mean accuracy over a length's ``depths``, and its cache bytes."""
+    cells = [r for r in record["results"] if r["length"] == n and r["depth"] in depths]
     return dict(task=task, method=spec, length=n,
                 accuracy=sum(r["accuracy"] for r in cells) / len(cells),
                 cache_bytes=record["cache_bytes"][str(n)])
 
 
 def _extend(record: dict, part: dict) -> dict:
-    """``record`` with the rows, cache bytes and time of ``part`` (another length) added."""
+    """``record`` with the rows, cache bytes and time of ``part`` (another cell) added."""
     return {**record, "results": record["results"] + part["results"],
             "cache_bytes": {**record["cache_bytes"], **part["cache_bytes"]},
             "seconds": record["seconds"] + part["seconds"]}

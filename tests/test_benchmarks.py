@@ -46,11 +46,13 @@ def test_a_merged_folder_merges_again(tmp_path):
         (2048, "run a"), (4096, "run b"), (8192, "run c")]
 
 
-def test_quality_resume_runs_only_the_missing_lengths(tmp_path, monkeypatch):
+def test_quality_resume_runs_only_the_missing_cells(tmp_path, monkeypatch):
     ran = []
 
     def fake_eval(model, policy, task, lengths, depths, samples, **kw):
-        ran.append((task, lengths[0]))
+        ran.extend((task, lengths[0], d) for d in depths)
+        if (lengths[0], depths[0]) == cut:
+            raise KeyboardInterrupt  # the run is cut inside this cell
         return dict(task=task, mode=kw["mode"], results=[dict(length=lengths[0], depth=d,
                                                               accuracy=0.5, n=samples)
                                                          for d in depths],
@@ -60,14 +62,21 @@ def test_quality_resume_runs_only_the_missing_lengths(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "run_eval", fake_eval)
     monkeypatch.setattr(quality, "heatmap", lambda *a, **k: None)
     monkeypatch.setattr(quality, "format_table", lambda record: "")
-    argv = ["--tasks", "passkey", "--methods", "full", "--samples", "2", "--out", str(tmp_path)]
+    argv = ["--tasks", "passkey", "--methods", "full", "--samples", "2", "--depths", "0,0.5,1",
+            "--out", str(tmp_path)]
+    cut = (2048, 0.5)
     quality.main(argv + ["--lengths", "1024"])
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(argv + ["--lengths", "1024,2048", "--resume"])
+    cut = None
     quality.main(argv + ["--lengths", "1024,2048", "--resume"])
-    assert ran == [("passkey", 1024), ("passkey", 2048)]
+    assert ran == [("passkey", 1024, 0.0), ("passkey", 1024, 0.5), ("passkey", 1024, 1.0),
+                   ("passkey", 2048, 0.0), ("passkey", 2048, 0.5),  # cut here
+                   ("passkey", 2048, 0.5), ("passkey", 2048, 1.0)]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["length"] for r in summary["rows"]] == [1024, 2048]
     quality.main(argv + ["--lengths", "1024", "--resume", "--samples", "4"])  # not comparable
-    assert ran[-1] == ("passkey", 1024)
+    assert ran[-3:] == [("passkey", 1024, 0.0), ("passkey", 1024, 0.5), ("passkey", 1024, 1.0)]
 
 
 def test_command_for_picks_the_task_of_a_per_task_summary():
