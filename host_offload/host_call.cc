@@ -1,6 +1,7 @@
 // An XLA FFI handler that runs a Python function on the host from jitted code, in place of
 // jax.experimental.io_callback: on an H200, a decode step's 32 host calls cost about 0.56 ms each
-// through io_callback and 0.06 ms through this handler (host_offload.host_call).
+// through io_callback and 0.06 ms through this handler (host_offload.host_call; 640 calls of
+// a jitted fori_loop).
 //
 // The function is named by an integer attribute `fn`; a ctypes callback (the dispatcher, set
 // once from Python) receives it with the host addresses of the operands and results. On the
@@ -102,13 +103,11 @@ const Driver& driver() {
   return d;
 }
 
-// Pinned host memory of the calling thread, grown to the largest call it has served.
+// Pinned host memory of the calling thread, grown to the largest call it has served. Never
+// freed at thread exit: that may come after the driver has shut down.
 struct Staging {
   char* data = nullptr;
   size_t size = 0;
-  ~Staging() {
-    if (data != nullptr && driver().ok) driver().host_free(data);
-  }
 };
 
 constexpr size_t kAlign = 64;

@@ -1,5 +1,5 @@
-"""Host calls from jitted code: :func:`host_call` runs a numpy function on the host, in order,
-like ``io_callback(..., ordered=True)`` but through an XLA FFI handler (``host_call.cc``).
+"""Host calls from jitted code: :func:`host_call` runs a numpy function on the host, like
+``io_callback`` but through an XLA FFI handler (``host_call.cc``).
 
 Why: a retrieval decode step makes one host call per layer, and on an H200 ``io_callback``
 costs about 0.56 ms a call in JAX's machinery (copies to pageable memory, dispatch), 18 ms of a
@@ -7,9 +7,12 @@ token at 32 layers; the handler copies through pinned memory on XLA's stream and
 function directly, about 0.06 ms a call. The handler is built on first use (as the native
 step, :mod:`host_offload.native`) against the FFI headers jaxlib ships.
 
-Where it cannot serve, :func:`host_call` is ``io_callback``: no compiler, a backend other than
-the CPU or a CUDA GPU, a computation over several devices (the partitioner would run the
-handler on each of them, where ``io_callback`` runs once), or ``LONGCTX_HOST_CALL=callback``.
+Where it cannot serve, :func:`host_call` is ``io_callback``: no compiler, a default backend other
+than the CPU or a CUDA GPU, a mesh of several devices set with ``jax.set_mesh`` (as
+``generate`` and ``score`` do; the partitioner wants a sharding for a side-effecting call,
+which ``io_callback`` gives and the handler does not), or ``LONGCTX_HOST_CALL=callback``. A
+call jitted over arrays sharded across devices without a mesh set fails to compile: set the
+mesh, or ``LONGCTX_HOST_CALL=callback``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Callable
 
 import jax
 import jax.extend
+import jaxlib.version
 import numpy as np
 from jax.experimental import io_callback
 
@@ -43,10 +47,11 @@ _lock = threading.Lock()
 
 def host_call(fn: Callable, result: jax.ShapeDtypeStruct | None, *args, static: tuple = ()):
     """``fn(*static, *args)`` on the host with ``args`` as numpy arrays (its own, to keep),
-    returning an array of
-    ``result``'s shape and dtype (``None``: nothing); ordered with the computation's other host
-    calls (each depends on the device work before it) and never removed as unused. ``fn`` and
-    ``static`` must be hashable: they name the call across traces."""
+    returning an array of ``result``'s shape and dtype (``None``: nothing); never removed as
+    unused. It runs after the device work its operands depend on; two calls with no data
+    dependency between them may run in either order (``io_callback(ordered=True)`` orders
+    them). ``fn`` and ``static`` must be hashable and stable (a module-level function, not a
+    fresh lambda): they name the call across traces."""
     if not _use_ffi():
         return io_callback(functools.partial(fn, *static), result, *args, ordered=True)
     args = [jax.numpy.asarray(a) for a in args]
@@ -86,7 +91,7 @@ def _registered() -> bool:
     flags = ("-O2", "-shared", "-fPIC", "-std=c++17", "-w", "-I" + jax.ffi.include_dir(),
              "-ldl")
     lib = native.build(SOURCE, flags, "the host-call handler", "host calls go through "
-                       "io_callback (slower)")
+                       "io_callback (slower)", against="jaxlib " + jaxlib.version.__version__)
     if lib is None:
         return False
     global _library
@@ -125,7 +130,7 @@ def _run(fid: int, args, rets, message: int, capacity: int) -> int:
         text = "".join(traceback.format_exception_only(type(err), err)).strip()
         print(f"host call {getattr(fn, '__qualname__', fid)} failed:", file=sys.stderr)
         traceback.print_exc()
-        data = text.encode()[: max(capacity - 1, 0)]
+        data = text.encode()[: max(capacity - 1, 0)].decode(errors="ignore").encode()
         ctypes.memmove(message, data + b"\0", len(data) + 1)
         return 1
 

@@ -60,20 +60,13 @@ inline f16x load16(const uint16_t* x) {  // bfloat16: the high half of a float32
   return v;
 }
 
-typedef float f8x __attribute__((vector_size(32)));
-typedef float f4x __attribute__((vector_size(16)));
-
-inline float sum16(f16x v) {  // halving: two vector adds, then four lanes
-  f8x lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  f8x h = lo + hi;
-  f4x a, b;
-  std::memcpy(&a, &h, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&h) + sizeof a, sizeof b);
-  f4x f = a + b;
-  return (f[0] + f[2]) + (f[1] + f[3]);
-}
+// A shuffle of two sixteen-float vectors (GCC before 12 has only __builtin_shuffle).
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t m16x __attribute__((vector_size(64)));
+#define SHUFFLE16(a, b, ...) __builtin_shuffle(a, b, m16x{__VA_ARGS__})
+#endif
 
 // Sixteen sums at once: lane i of the result is the sum of a[i]'s lanes. A halving tree that
 // transposes as it adds (30 shuffles and 15 adds, against about 8 instructions a vector one
@@ -82,25 +75,25 @@ inline f16x sums16(const f16x* a) {
   f16x b[8], c[4], e[2];
 #pragma GCC unroll 8
   for (int p = 0; p < 8; ++p)
-    b[p] = __builtin_shufflevector(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+    b[p] = SHUFFLE16(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
                                    19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a[2 * p], a[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+           SHUFFLE16(a[2 * p], a[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
                                    26, 27, 28, 29, 30, 31);
 #pragma GCC unroll 4
   for (int p = 0; p < 4; ++p)
-    c[p] = __builtin_shufflevector(b[2 * p], b[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+    c[p] = SHUFFLE16(b[2 * p], b[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
                                    19, 24, 25, 26, 27) +
-           __builtin_shufflevector(b[2 * p], b[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+           SHUFFLE16(b[2 * p], b[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
                                    22, 23, 28, 29, 30, 31);
 #pragma GCC unroll 2
   for (int p = 0; p < 2; ++p)
-    e[p] = __builtin_shufflevector(c[2 * p], c[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+    e[p] = SHUFFLE16(c[2 * p], c[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
                                    21, 24, 25, 28, 29) +
-           __builtin_shufflevector(c[2 * p], c[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+           SHUFFLE16(c[2 * p], c[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
                                    22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+  return SHUFFLE16(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
                                  28, 30) +
-         __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+         SHUFFLE16(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
                                  29, 31);
 }
 

@@ -52,17 +52,19 @@ def library():
 
 
 def build(source: pathlib.Path, flags: tuple[str, ...], what: str, otherwise: str,
-          loader=ctypes.CDLL):
-    """``source`` compiled with ``flags`` into the cache (once per source, flags, compiler and
-    CPU) and loaded with ``loader``; ``None``, after a warning ending in ``otherwise``, where
-    there is no compiler or the build or the load fails."""
+          against: str = ""):
+    """``source`` compiled with ``flags`` into the cache (once per source, flags, compiler, CPU
+    and ``against``: the version of headers it includes) and loaded with ctypes; ``None``,
+    after a warning ending in ``otherwise``, where there is no compiler or the build or the
+    load fails."""
     text = source.read_bytes()
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         warnings.warn(f"no C++ compiler found: {otherwise}")
         return None
     # -march=native: a library built on one CPU may not run on another (a shared home)
-    tag = hashlib.sha256(text + " ".join((compiler, *flags, _cpu_id())).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(text + " ".join((compiler, *flags, against, _cpu_id())).encode())
+    tag = tag.hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("LONGCTX_CACHE")
                          or pathlib.Path.home() / ".cache" / "longctx_jax")
     path = cache / f"{source.stem}-{tag}.so"
@@ -79,7 +81,7 @@ def build(source: pathlib.Path, flags: tuple[str, ...], what: str, otherwise: st
             warnings.warn(f"could not build {what} ({detail.strip()[:200]}): {otherwise}")
             return None
     try:
-        return loader(str(path))
+        return ctypes.CDLL(str(path))
     except OSError as err:  # e.g. a cache shared with a machine of another libc
         warnings.warn(f"could not load {what} {path} ({err}): {otherwise}")
         return None

@@ -43,7 +43,7 @@ def test_handler_equals_io_callback(monkeypatch):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_a_call_without_a_result_runs_in_order():
+def test_a_call_without_a_result_runs_after_its_operands():
     seen = []
 
     @jax.jit
@@ -63,6 +63,15 @@ def test_a_failing_function_raises_its_message():
 
     f = jax.jit(lambda x: hc.host_call(bad, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
     with pytest.raises(Exception, match="host call failed: ValueError: the store is gone"):
+        f(jnp.ones(3)).block_until_ready()
+
+
+def test_a_long_message_is_cut_whole():
+    def bad(x):
+        raise ValueError("é" * 2000)  # two bytes a character: cut past the handler's buffer
+
+    f = jax.jit(lambda x: hc.host_call(bad, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
+    with pytest.raises(Exception, match="host call failed: ValueError: éé"):
         f(jnp.ones(3)).block_until_ready()
 
 

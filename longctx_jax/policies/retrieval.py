@@ -197,7 +197,8 @@ def on_stride(q, positions, stride: int):
     """The queries ``q [B, T, Hq, D]`` whose ``positions [B, T]`` fall on the store's query
     stride, gathered on the device so that only they cross to the host (at 128K, all of a
     layer's queries are a gigabyte): ``[B, ceil(T / stride), Hq, D]`` and their positions
-    (``-1``: none). A chunk holds distinct positions, so no more than that many fall on it."""
+    (``-1``: none). A prefill chunk holds consecutive positions, so no more than that many
+    fall on the stride (of other positions, the ones past that count would be dropped)."""
     if stride == 1:
         return q, positions
     keep = (positions >= 0) & (positions % stride == 0)
