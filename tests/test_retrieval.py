@@ -447,9 +447,10 @@ def test_qivf_lists_equal_a_numpy_reference(heads, m, n, k, nlist, min_hits):
             np.testing.assert_array_equal(got, ref)
 
 
-def _filled_store(kind, dtype, seed=0, batch=2, heads=2, group=3, dim=32, n=700, k=20):
+def _filled_store(kind, dtype, seed=0, batch=2, heads=2, group=3, dim=32, n=700, k=20,
+                  room=400):
     rng = np.random.default_rng(seed)
-    store = RetrievalStore(batch, 1, heads, dim, kind=kind, k=k, scan=0.3, max_len=n + 400,
+    store = RetrievalStore(batch, 1, heads, dim, kind=kind, k=k, scan=0.3, max_len=n + room,
                            group=group, train_queries=400, min_index_keys=64)
     if kind == "qivf":
         qpos = np.arange(0, n, store.query_stride)
@@ -471,7 +472,8 @@ def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend, gro
                                            min_slice):
     """The C++ step against the numpy one on the same stores: the same keys retrieved and
     scanned, (o, lse) to float32 rounding, over 300 steps whose inserts cross a fold of
-    qivf's tail."""
+    qivf's tail, a new layout of its lists, and the rows' growth past the capacity reserved
+    (the native step's addresses must follow each)."""
     import shutil
 
     from host_offload import native
@@ -485,7 +487,7 @@ def test_native_step_equals_the_numpy_step(monkeypatch, kind, dtype, attend, gro
     runs = []
     for flag in ("0", "1"):
         monkeypatch.setenv("LONGCTX_NATIVE", flag)
-        store = _filled_store(kind, dtype, group=group, dim=dim)
+        store = _filled_store(kind, dtype, group=group, dim=dim, room=20)
         store.threads = 12  # 4 parts (2 sequences x 2 KV heads), each on up to 3 threads
         rng, outs = np.random.default_rng(1), []
         for _ in range(300):
