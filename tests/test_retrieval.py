@@ -553,3 +553,30 @@ def test_store_step_refuses_mismatched_calls():
         store_ids.step(0, q[:1], kv[:1], kv[:1], np.array([-1]), attend=True)
     with pytest.raises(ValueError, match="2 sequences of 2 KV heads"):
         store.step(0, q[:1], kv[:1], kv[:1], np.array([-1]), attend=True)
+
+
+@pytest.mark.parametrize("native_step", ["0", "1"])
+def test_bfloat16_shortlist_is_ranked_exactly(monkeypatch, native_step):
+    """On hosts with a bfloat16 dot product the native step shortlists keys with the queries
+    rounded to bfloat16, then ranks the shortlist exactly: key A outscores key B only by a
+    term the rounding drops (1 + 2^-12 against 1), and B, the lower row, would win the tie."""
+    from host_offload import native
+
+    monkeypatch.setenv("LONGCTX_NATIVE", native_step)
+    if native_step == "1" and native.library() is None:
+        pytest.skip("no C++ compiler")
+    n, dim, group, a, b = 64, 32, 4, 40, 20
+    keys = np.zeros((n, 1, dim), np.float32)
+    keys[:, 0, 2:] = np.random.default_rng(0).normal(size=(n, dim - 2)) * 1e-3
+    keys[a, 0, :2], keys[b, 0, :2] = (1, 0), (0, 1)
+    store = RetrievalStore(1, 1, 1, dim, kind="qivf", k=1, scan=1.0, max_len=n + 8,
+                           group=group, train_queries=64, min_index_keys=8)
+    qpos = np.arange(0, n, store.query_stride)
+    store.add_queries(0, np.random.default_rng(1).normal(
+        size=(1, len(qpos), group, dim)).astype(np.float32), qpos[None])
+    store.load(0, 0, keys.astype(jnp.bfloat16), keys.astype(jnp.bfloat16), np.arange(n))
+    q = np.zeros((1, group, dim), np.float32)
+    q[0, :, 0], q[0, :, 1] = 1 + 2.0**-12, 1
+    none = np.zeros((1, 1, dim), jnp.bfloat16)
+    found = store.step(0, q, none, none, np.array([-1]), attend=False)
+    assert found.tolist() == [[[a]]]
