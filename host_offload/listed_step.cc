@@ -571,7 +571,7 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
   const int split = std::max(1, (team + parts - 1) / std::max(parts, 1));
   // bfloat16 keys in lists: shortlisted by vdpbf16ps, then scored exactly (score_slice)
   const bool approx = kBf16Dot && bf16 && d % 32 == 0 && g <= 8;
-  const int kept = approx ? kShortlist * k : k;
+  const int shortlist_k = kShortlist * k;
   thread_local std::vector<std::vector<uint16_t>> qb_buffers;
   auto& qbs = qb_buffers;  // per part: its queries in bfloat16
   qbs.resize(parts);
@@ -605,12 +605,13 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
       double t0 = now();
       int64_t from = entries[i] * s / slices[i], to = entries[i] * (s + 1) / slices[i];
       const float* qi = q + static_cast<int64_t>(i) * g * d;
-      const bool shared = slices[i] > 1;
+      const bool shared = slices[i] > 1, shortlisted = approx && !spans[i].empty();
       int64_t scored =
           bf16 ? score_slice<uint16_t>(part(i), spans[i], from, to, seen[i].data(), shared, qi,
-                                       approx ? qbs[i].data() : nullptr, g, d, kept, best[t])
+                                       shortlisted ? qbs[i].data() : nullptr, g, d,
+                                       shortlisted ? shortlist_k : k, best[t])
                : score_slice<float>(part(i), spans[i], from, to, seen[i].data(), shared, qi,
-                                    nullptr, g, d, kept, best[t]);
+                                    nullptr, g, d, k, best[t]);
       double dt = now() - t0;
 #pragma omp atomic
       scanned[i] += scored;
@@ -630,12 +631,10 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
       auto order = [](const auto& a, const auto& b) {
         return a.first > b.first || (a.first == b.first && a.second > b.second);
       };
-      if (approx && merged.size() > static_cast<size_t>(k)) {  // the shortlist, scored exactly
-        size_t shortlist = std::min<size_t>(merged.size(), kept);
+      if (approx && !spans[i].empty()) {  // the shortlist, ranked by exact logits
+        size_t shortlist = std::min<size_t>(merged.size(), shortlist_k);
         std::partial_sort(merged.begin(), merged.begin() + shortlist, merged.end(), order);
         merged.resize(shortlist);
-        rescore(part(i), q + static_cast<int64_t>(i) * g * d, g, d, merged);
-      } else if (approx) {  // every key kept: only the exact logits order them
         rescore(part(i), q + static_cast<int64_t>(i) * g * d, g, d, merged);
       }
       int found = static_cast<int>(std::min<size_t>(merged.size(), k));
