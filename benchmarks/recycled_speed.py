@@ -10,8 +10,8 @@ whole cache, scoring and top-K selection), which the full step's cost is read fr
 ``--select`` also times the parts of a full step alone, per step of the whole model (32 layers),
 on scores shaped ``[B, Hkv, T]`` per layer: the top-K selection (``jax.lax.top_k`` or the radix
 select, layer by layer, and the radix select over all layers at once, as ``finish_step`` runs
-it), the same after the policy's pooling, and a separate scoring pass (``decode_scores`` per layer, which
-the dense kernel's ``with_scores`` replaces).
+it), the same after the policy's pooling, and a separate scoring pass (``decode_scores`` per
+layer, which the dense kernel's ``with_scores`` replaces).
 
     python -m benchmarks.recycled_speed --contexts 131072 --batches 1,4 \\
         --json benchmarks/results/recycled_speed/llama3_8b_128k.json

@@ -6,9 +6,10 @@ index) is registered here and named by an int32 *handle* that travels through ji
 ordinary traced value; a host callback receives the handle and looks the object up. Nothing
 here imports the model or the methods.
 
-``host_offload.index``: maximum-inner-product indexes (exact, faiss IVF and HNSW, and an
-attention-aware IVF trained on prefill queries); ``host_offload.store``: the host KV of a
-retrieval-attention request behind them.
+``host_offload.host_call``: host calls from jitted code through an XLA FFI handler
+(``io_callback`` where it cannot serve); ``host_offload.index``: maximum-inner-product indexes
+(exact, faiss IVF and HNSW, and an attention-aware IVF trained on prefill queries);
+``host_offload.store``: the host KV of a retrieval-attention request behind them.
 """
 
 from host_offload.handles import lookup, registered, release, register

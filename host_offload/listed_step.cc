@@ -81,27 +81,25 @@ typedef int32_t m16x __attribute__((vector_size(64)));
 inline f16x sums16(const f16x* a) {
   f16x b[8], c[4], e[2];
 #pragma GCC unroll 8
-  for (int p = 0; p < 8; ++p)
-    b[p] = SHUFFLE16(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
-                                   19, 20, 21, 22, 23) +
-           SHUFFLE16(a[2 * p], a[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
-                                   26, 27, 28, 29, 30, 31);
+  for (int p = 0; p < 8; ++p)  // halves: lanes 0-7 a[2p]'s, 8-15 a[2p + 1]'s
+    b[p] = SHUFFLE16(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7,
+                     16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUFFLE16(a[2 * p], a[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15,
+                     24, 25, 26, 27, 28, 29, 30, 31);
 #pragma GCC unroll 4
-  for (int p = 0; p < 4; ++p)
-    c[p] = SHUFFLE16(b[2 * p], b[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
-                                   19, 24, 25, 26, 27) +
-           SHUFFLE16(b[2 * p], b[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
-                                   22, 23, 28, 29, 30, 31);
+  for (int p = 0; p < 4; ++p)  // quarters: four lanes per a
+    c[p] = SHUFFLE16(b[2 * p], b[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11,
+                     16, 17, 18, 19, 24, 25, 26, 27) +
+           SHUFFLE16(b[2 * p], b[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15,
+                     20, 21, 22, 23, 28, 29, 30, 31);
 #pragma GCC unroll 2
-  for (int p = 0; p < 2; ++p)
-    e[p] = SHUFFLE16(c[2 * p], c[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
-                                   21, 24, 25, 28, 29) +
-           SHUFFLE16(c[2 * p], c[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
-                                   22, 23, 26, 27, 30, 31);
-  return SHUFFLE16(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                 28, 30) +
-         SHUFFLE16(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
-                                 29, 31);
+  for (int p = 0; p < 2; ++p)  // pairs: two lanes per a
+    e[p] = SHUFFLE16(c[2 * p], c[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13,
+                     16, 17, 20, 21, 24, 25, 28, 29) +
+           SHUFFLE16(c[2 * p], c[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15,
+                     18, 19, 22, 23, 26, 27, 30, 31);
+  return SHUFFLE16(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         SHUFFLE16(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 // The group logit (max over the G queries q[G, d] of q_j . key) of R = 16 / G keys at once:
@@ -404,10 +402,11 @@ class TopK {
 constexpr int64_t kPrefetch = LONGCTX_PREFETCH;
 
 // Entries [from, to) of a part's reading order (its spans' list positions, then its unlisted
-// rows) scored into `top`, the best k; returns the keys scored. A key several probed lists hold is scored once: the first
-// slice to set its bit in `seen` (one bit a row, small enough to stay in the L1 cache) takes
-// it, by an atomic OR when slices run at once (`shared`). With `qb` (the queries in bfloat16)
-// the lists' keys get the approximate logit of block_logits_bf16, the unlisted rows the exact.
+// rows) scored into `top`, the best k; returns the keys scored. A key several probed lists
+// hold is scored once: the first slice to set its bit in `seen` (one bit a row, small enough
+// to stay in the L1 cache) takes it, by an atomic OR when slices run at once (`shared`).
+// With `qb` (the queries in bfloat16) the lists' keys get the approximate logit of
+// block_logits_bf16, the unlisted rows the exact.
 template <typename T>
 int64_t score_slice(const Part& p, const std::vector<std::pair<int64_t, int64_t>>& spans,
                     int64_t from, int64_t to, uint64_t* seen, bool shared, const float* q,

@@ -7,8 +7,9 @@ layers. The C++ step does the same work (probe, scan, top ``k``, attention) for 
 
 It is built with the host's C++ compiler (``$CXX``, else ``c++``) into
 ``$LONGCTX_CACHE`` (default ``~/.cache/longctx_jax``), once per source version, and loaded with
-ctypes. Without a compiler, or with ``LONGCTX_NATIVE=0``, the store runs its numpy step (the
-reference the tests compare with), after one warning.
+ctypes (:func:`build`, which builds the host-call handler too). Without a compiler, or with
+``LONGCTX_NATIVE=0``, the store runs its numpy step (the reference the tests compare with),
+after one warning.
 """
 
 from __future__ import annotations

@@ -257,9 +257,9 @@ def select_top(scores: jax.Array, pool: int, k: int, kept: jax.Array | None = No
     """The partial cache from per-key ``scores [..., T]`` (``-inf`` = no key): each key scores
     the best of the ``pool // 2`` keys after it and the ``pool // 2 + ahead`` before it (so a
     scored key brings its ``pool`` neighbours and the ``ahead`` positions after them), then the
-    top ``k`` of each row. ``kept`` (broadcastable to the scores, ``-inf`` elsewhere) overrides the pooled
-    score of keys that must stay. Returns ``(idx, score)``, each ``[..., k]`` (ascending rows),
-    ``idx = -1`` where fewer than ``k`` keys exist."""
+    top ``k`` of each row. ``kept`` (broadcastable to the scores, ``-inf`` elsewhere) overrides
+    the pooled score of keys that must stay. Returns ``(idx, score)``, each ``[..., k]``
+    (ascending rows), ``idx = -1`` where fewer than ``k`` keys exist."""
     if pool > 1 or ahead:
         half = pool // 2
         window = (1,) * (scores.ndim - 1) + (pool + ahead,)
