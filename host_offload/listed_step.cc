@@ -4,17 +4,13 @@
 // references are QueryIVFIndex.search and FlatIndex.search (host_offload.index), then
 // RetrievalStore.attend; a Python step costs about 0.6 ms of interpreter work per layer, this
 // one a few microseconds. Ties (equal logits) go to the lower row here; numpy's argpartition
-// breaks them in no set order. With bfloat16 keys on a CPU with a bfloat16 dot product the
-// lists' keys are shortlisted with the queries rounded to bfloat16, then the shortlist is
-// ranked exactly (kShortlist).
+// breaks them in no set order. bfloat16 keys are widened to float32 and scored exactly: a
+// shortlist by vdpbf16ps with the queries rounded to bfloat16, then ranked again, was slower
+// on the H200 machines' Xeon hosts than the exact scan.
 //
 // Built on first use by host_offload.native (c++ -O3 -march=native -fopenmp).
 
 #include <omp.h>
-
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <chrono>
@@ -137,60 +133,6 @@ inline void block_logits(const float* q, int d, const T* const* keys, float* out
   }
 }
 
-#if defined(__AVX512BF16__)
-constexpr bool kBf16Dot = true;
-
-// block_logits for bfloat16 keys with the queries rounded to bfloat16 (`qb [G, d]`): one
-// instruction multiplies 32 pairs and adds them in float32 (vdpbf16ps), against 16 for a
-// float32 multiply-add after widening the keys. An approximate logit, to shortlist keys that
-// are scored again exactly (see score_slice); d a multiple of 32.
-template <int G, int D>
-inline void block_logits_bf16(const uint16_t* qb, int d, const uint16_t* const* keys,
-                              float* out) {
-  constexpr int R = kLanes / G;
-  if constexpr (D > 0) d = D;
-  __m512 acc[kLanes];
-#pragma GCC unroll 16
-  for (int a = 0; a < kLanes; ++a) acc[a] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-  for (int i = 0; i < d; i += 32) {
-    __m512i x[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) x[r] = _mm512_loadu_si512(keys[r] + i);
-#pragma GCC unroll 8
-    for (int j = 0; j < G; ++j) {
-      const __m512bh qj = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qb + j * d + i));
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        acc[r * G + j] = _mm512_dpbf16_ps(acc[r * G + j], qj, reinterpret_cast<__m512bh>(x[r]));
-    }
-  }
-  f16x lanes[kLanes];
-  std::memcpy(lanes, acc, sizeof lanes);
-  float sums[kLanes];
-  const f16x s = sums16(lanes);
-  std::memcpy(sums, &s, sizeof sums);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    float best = sums[r * G];
-#pragma GCC unroll 8
-    for (int j = 1; j < G; ++j) best = std::max(best, sums[r * G + j]);
-    out[r] = best;
-  }
-}
-#else
-constexpr bool kBf16Dot = false;
-#endif
-
-// The queries q [n] rounded to bfloat16 (to nearest, ties to even) into qb.
-inline void round_bf16(const float* q, int n, uint16_t* qb) {
-  for (int t = 0; t < n; ++t) {
-    uint32_t bits;
-    std::memcpy(&bits, &q[t], sizeof bits);
-    qb[t] = static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-  }
-}
-
 // Any group size and head dim (the general case, scalar), one key.
 template <typename T>
 inline float group_logit_any(const float* q, int g, int d, const T* key) {
@@ -212,10 +154,9 @@ inline float group_logit_any(const float* q, int g, int d, const T* key) {
 template <typename T, typename Consider>
 class Scorer {
  public:
-  // qb: the queries in bfloat16, for an approximate score of bfloat16 keys (null: exact)
-  Scorer(const float* q, int g, int d, Consider& consider, const uint16_t* qb = nullptr)
-      : q_(q), qb_(qb), g_(g), d_(d), consider_(consider), block_(g <= 8 && d % kLanes == 0
-                                                                      ? kLanes / g : 1) {}
+  Scorer(const float* q, int g, int d, Consider& consider)
+      : q_(q), g_(g), d_(d), consider_(consider), block_(g <= 8 && d % kLanes == 0
+                                                         ? kLanes / g : 1) {}
   inline void add(int64_t row, const T* key) {
     rows_[fill_] = row;
     keys_[fill_] = key;
@@ -235,31 +176,6 @@ class Scorer {
     fill_ = 0;
   }
   void score(float* out) {
-#if defined(__AVX512BF16__)
-    if constexpr (sizeof(T) == 2) {
-      if (qb_ != nullptr) {
-        const uint16_t* const* keys = reinterpret_cast<const uint16_t* const*>(keys_);
-        if (d_ == 128) {
-          switch (g_) {
-            case 1: return block_logits_bf16<1, 128>(qb_, d_, keys, out);
-            case 2: return block_logits_bf16<2, 128>(qb_, d_, keys, out);
-            case 4: return block_logits_bf16<4, 128>(qb_, d_, keys, out);
-            case 8: return block_logits_bf16<8, 128>(qb_, d_, keys, out);
-          }
-        }
-        switch (g_) {
-          case 1: return block_logits_bf16<1, 0>(qb_, d_, keys, out);
-          case 2: return block_logits_bf16<2, 0>(qb_, d_, keys, out);
-          case 3: return block_logits_bf16<3, 0>(qb_, d_, keys, out);
-          case 4: return block_logits_bf16<4, 0>(qb_, d_, keys, out);
-          case 5: return block_logits_bf16<5, 0>(qb_, d_, keys, out);
-          case 6: return block_logits_bf16<6, 0>(qb_, d_, keys, out);
-          case 7: return block_logits_bf16<7, 0>(qb_, d_, keys, out);
-          case 8: return block_logits_bf16<8, 0>(qb_, d_, keys, out);
-        }
-      }
-    }
-#endif
     if (d_ == 128) {
       switch (g_) {
         case 1: return block_logits<1, 128>(q_, d_, keys_, out);
@@ -291,7 +207,6 @@ class Scorer {
   }
 
   const float* q_;
-  const uint16_t* qb_;
   int g_, d_;
   Consider& consider_;
   int block_, fill_ = 0;
@@ -405,16 +320,14 @@ constexpr int64_t kPrefetch = LONGCTX_PREFETCH;
 // rows) scored into `top`, the best k; returns the keys scored. A key several probed lists
 // hold is scored once: the first slice to set its bit in `seen` (one bit a row, small enough
 // to stay in the L1 cache) takes it, by an atomic OR when slices run at once (`shared`).
-// With `qb` (the queries in bfloat16) the lists' keys get the approximate logit of
-// block_logits_bf16, the unlisted rows the exact.
 template <typename T>
 int64_t score_slice(const Part& p, const std::vector<std::pair<int64_t, int64_t>>& spans,
                     int64_t from, int64_t to, uint64_t* seen, bool shared, const float* q,
-                    const uint16_t* qb, int g, int d, int k, TopK& top) {
+                    int g, int d, int k, TopK& top) {
   top.reset(k);
   int64_t scored = 0;
   auto consider = [&](int64_t r, float s) { top.add(r, s); };
-  Scorer<T, decltype(consider)> scorer(q, g, d, consider, qb);
+  Scorer<T, decltype(consider)> scorer(q, g, d, consider);
   const T* list_keys = static_cast<const T*>(p.list_keys);
   int64_t at = 0;  // entries before the current span
   for (const auto& [begin, end] : spans) {
@@ -435,42 +348,16 @@ int64_t score_slice(const Part& p, const std::vector<std::pair<int64_t, int64_t>
       scorer.add(r, list_keys + m * d);
     }
   }
-  scorer.finish();
-  Scorer<T, decltype(consider)> exact(q, g, d, consider);
   const T* keys = static_cast<const T*>(p.keys);
   int64_t listed = p.cent_t ? p.listed : 0;
   for (int64_t r = listed + std::max<int64_t>(from - at, 0);
        r < std::min(p.n, listed + to - at); ++r) {
     ++scored;
-    exact.add(r, keys + r * d);
+    scorer.add(r, keys + r * d);
   }
-  exact.finish();
+  scorer.finish();
   return scored;
 }
-
-// The exact group logits of `shortlist` (entries (logit, -row)) for bfloat16 keys by row,
-// in place of the approximate ones.
-void rescore(const Part& p, const float* q, int g, int d,
-             std::vector<std::pair<float, int64_t>>& shortlist) {
-  thread_local std::vector<int64_t> rows;
-  rows.clear();
-  const uint16_t* keys = static_cast<const uint16_t*>(p.keys);
-  for (const auto& entry : shortlist) {  // rows anywhere in memory: all asked for at once
-    rows.push_back(-entry.second);
-    const char* key = reinterpret_cast<const char*>(keys + rows.back() * d);
-    for (int at = 0; at < d * 2; at += 64) __builtin_prefetch(key + at);
-  }
-  size_t at = 0;
-  auto put = [&](int64_t r, float s) { shortlist[at++] = {s, -r}; };
-  Scorer<uint16_t, decltype(put)> exact(q, g, d, put);
-  for (int64_t r : rows) exact.add(r, keys + r * d);
-  exact.finish();
-}
-
-// Keys shortlisted by the approximate logit per key kept: the exact top k of the shortlist is
-// the exact top k of all the keys scanned unless a key's rank moves past k * kShortlist by
-// rounding the queries to bfloat16 (a relative error of about 2^-9 a term).
-constexpr int kShortlist = 2;
 
 // Attention of the group's queries q [g, d] over `found` rows: o [g, d], lse [g].
 void attend(const Part& p, const float* q, int g, int d, int bf16, float scale,
@@ -568,12 +455,6 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
                 nlist[i], listed[i], n[i]};
   };
   const int split = std::max(1, (team + parts - 1) / std::max(parts, 1));
-  // bfloat16 keys in lists: shortlisted by vdpbf16ps, then scored exactly (score_slice)
-  const bool approx = kBf16Dot && bf16 && d % 32 == 0 && g <= 8;
-  const int shortlist_k = kShortlist * k;
-  thread_local std::vector<std::vector<uint16_t>> qb_buffers;
-  auto& qbs = qb_buffers;  // per part: its queries in bfloat16
-  qbs.resize(parts);
 #pragma omp parallel num_threads(team) if (team > 1)
   {
 #pragma omp for schedule(dynamic, 1)
@@ -584,8 +465,6 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
       for (const auto& [begin, end] : spans[i]) entries[i] += end - begin;
       entries[i] += p.n - (p.cent_t ? p.listed : 0);
       seen[i].assign(spans[i].empty() ? 0 : (p.n + 63) / 64, 0);
-      qbs[i].resize(approx ? static_cast<size_t>(g) * d : 0);
-      if (approx) round_bf16(q + static_cast<int64_t>(i) * g * d, g * d, qbs[i].data());
       slices[i] = static_cast<int>(std::clamp<int64_t>(entries[i] / min_slice, 1, split));
       seconds[2 * i] = now() - t0;
       seconds[2 * i + 1] = 0.0;
@@ -604,13 +483,12 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
       double t0 = now();
       int64_t from = entries[i] * s / slices[i], to = entries[i] * (s + 1) / slices[i];
       const float* qi = q + static_cast<int64_t>(i) * g * d;
-      const bool shared = slices[i] > 1, shortlisted = approx && !spans[i].empty();
+      const bool shared = slices[i] > 1;
       int64_t scored =
           bf16 ? score_slice<uint16_t>(part(i), spans[i], from, to, seen[i].data(), shared, qi,
-                                       shortlisted ? qbs[i].data() : nullptr, g, d,
-                                       shortlisted ? shortlist_k : k, best[t])
-               : score_slice<float>(part(i), spans[i], from, to, seen[i].data(), shared, qi,
-                                    nullptr, g, d, k, best[t]);
+                                       g, d, k, best[t])
+               : score_slice<float>(part(i), spans[i], from, to, seen[i].data(), shared, qi, g,
+                                    d, k, best[t]);
       double dt = now() - t0;
 #pragma omp atomic
       scanned[i] += scored;
@@ -630,12 +508,6 @@ void listed_step(int parts, int g, int d, int k, int bf16, double scan, float sc
       auto order = [](const auto& a, const auto& b) {
         return a.first > b.first || (a.first == b.first && a.second > b.second);
       };
-      if (approx && !spans[i].empty()) {  // the shortlist, ranked by exact logits
-        size_t shortlist = std::min<size_t>(merged.size(), shortlist_k);
-        std::partial_sort(merged.begin(), merged.begin() + shortlist, merged.end(), order);
-        merged.resize(shortlist);
-        rescore(part(i), q + static_cast<int64_t>(i) * g * d, g, d, merged);
-      }
       int found = static_cast<int>(std::min<size_t>(merged.size(), k));
       std::partial_sort(merged.begin(), merged.begin() + found, merged.end(), order);
       int64_t* out = rows + static_cast<int64_t>(i) * k;

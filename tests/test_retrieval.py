@@ -556,10 +556,10 @@ def test_store_step_refuses_mismatched_calls():
 
 
 @pytest.mark.parametrize("native_step", ["0", "1"])
-def test_bfloat16_shortlist_is_ranked_exactly(monkeypatch, native_step):
-    """On hosts with a bfloat16 dot product the native step shortlists keys with the queries
-    rounded to bfloat16, then ranks the shortlist exactly: key A outscores key B only by a
-    term the rounding drops (1 + 2^-12 against 1), and B, the lower row, would win the tie."""
+def test_bfloat16_keys_are_ranked_exactly(monkeypatch, native_step):
+    """bfloat16 keys are ranked by exact float32 logits: key A outscores key B only by a term
+    that rounding the queries to bfloat16 (a faster dot product) would drop (1 + 2^-12
+    against 1), and B, the lower row, would then win the tie."""
     from host_offload import native
 
     monkeypatch.setenv("LONGCTX_NATIVE", native_step)
