@@ -1,11 +1,13 @@
-"""Merge ``benchmarks.quality`` output folders into one: runs split by length or by machine.
+"""Merge ``benchmarks.quality`` output folders into one: runs split by length, depth or machine.
 
 Long evaluations rarely fit in one job; each run writes per-(task, method) JSON for its own
-lengths. This joins them: one JSON and heatmap per (task, method) covering every length, and
-one ``summary.json`` whose rows say which run (command) each length came from; an earlier
-merge's folder can be merged again. A length found in several runs is taken from the first
-folder given; the others are only checked against it (same seed, same samples: a mismatch is
-printed, as it means the runs were not comparable).
+(length, depth) cells, and a grid may split one length's depths across processes or GPUs. This
+joins them cell by cell: one JSON and heatmap per (task, method) covering every cell, and one
+``summary.json`` row per (task, method, length), its accuracy the mean over all the length's
+depths, saying which run (command) the length came from, or a list of them when its depths came
+from several; an earlier merge's folder can be merged again. A (length, depth) cell found in
+several runs is taken from the first folder given; the others are only checked against it (same
+seed, same samples: a mismatch is printed, as it means the runs were not comparable).
 
     python -m benchmarks.merge_quality --out benchmarks/results/quality_smollm2 run_a/ run_b/
 """
@@ -23,52 +25,61 @@ from longctx_jax.evals.plots import heatmap
 def merge(folders: list[pathlib.Path], out: pathlib.Path) -> list[dict]:
     """Merge ``folders`` into ``out``; returns the summary rows."""
     records: dict[str, dict] = {}
-    rows: list[dict] = []
+    commands: dict[tuple[str, int], list[str]] = {}  # (file, length): its runs, folder order
     for folder in folders:
         command_of = _commands(json.loads((folder / "summary.json").read_text()))
         for path in sorted(folder.glob("*.json")):
             if path.name == "summary.json":
                 continue
             part = json.loads(path.read_text())
-            have = records.get(path.name)
-            lengths = sorted({r["length"] for r in part["results"]})
-            for n in lengths:
-                cells = [r for r in part["results"] if r["length"] == n]
-                if have is not None and str(n) in have["cache_bytes"]:
-                    kept = [r for r in have["results"] if r["length"] == n]
-                    if [r["accuracy"] for r in kept] != [r["accuracy"] for r in cells]:
-                        print(f"warning: {path.name} at {n} differs between runs; kept the first",
-                              file=sys.stderr)
+            have = records.setdefault(path.name, {**part, "results": [], "cache_bytes": {},
+                                                  "seconds": 0.0})
+            kept = {(r["length"], r["depth"]): r for r in have["results"]}
+            for r in part["results"]:
+                n, d = r["length"], r["depth"]
+                if (n, d) in kept:
+                    if kept[n, d]["accuracy"] != r["accuracy"]:
+                        print(f"warning: {path.name} at {n} depth {d} differs between runs; "
+                              "kept the first", file=sys.stderr)
                     continue
-                if have is None:
-                    have = records[path.name] = {**part, "results": [], "cache_bytes": {},
-                                                 "seconds": 0.0}
-                have["results"] += cells
-                have["cache_bytes"][str(n)] = part["cache_bytes"][str(n)]
-                rows.append(dict(task=part["task"], method=part["method_spec"], length=n,
-                                 accuracy=sum(r["accuracy"] for r in cells) / len(cells),
-                                 cache_bytes=part["cache_bytes"][str(n)],
-                                 command=command_of(part["task"], part["method_spec"], n)))
-            if have is not None:
-                have["seconds"] += part["seconds"]
+                kept[n, d] = r
+                have["results"].append(r)
+                have["cache_bytes"].setdefault(str(n), part["cache_bytes"][str(n)])
+                runs = commands.setdefault((path.name, n), [])
+                command = command_of(part["task"], part["method_spec"], n)
+                runs += [c for c in _listed(command) if c not in runs]
+            have["seconds"] += part["seconds"]
     out.mkdir(parents=True, exist_ok=True)
+    rows = []
     for name, record in records.items():
         record["results"].sort(key=lambda r: (r["length"], r["depth"]))
         (out / name).write_text(json.dumps(record, indent=2))
         heatmap(record, str(out / name.replace(".json", ".png")),
                 title=f"{record['task']}: {record['method_spec']}")
+        for n in sorted({r["length"] for r in record["results"]}):
+            cells = [r for r in record["results"] if r["length"] == n]
+            runs = commands[name, n]
+            rows.append(dict(task=record["task"], method=record["method_spec"], length=n,
+                             accuracy=sum(r["accuracy"] for r in cells) / len(cells),
+                             cache_bytes=record["cache_bytes"][str(n)],
+                             command=runs[0] if len(runs) == 1 else runs))
     rows.sort(key=lambda r: (r["task"], r["method"], r["length"]))
     (out / "summary.json").write_text(json.dumps(dict(rows=rows), indent=2))
     return rows
 
 
 def _commands(summary: dict):
-    """``(task, method, length) -> command`` for a folder: a ``benchmarks.quality`` run (one
-    command, or one per task) or an earlier merge (a command per row)."""
+    """``(task, method, length) -> command(s)`` for a folder: a ``benchmarks.quality`` run (one
+    command, or one per task) or an earlier merge (a command, or a list of them, per row)."""
     if "command" in summary:
         return lambda task, method, n: command_for(summary["command"], task)
     by_row = {(r["task"], r["method"], r["length"]): r["command"] for r in summary["rows"]}
     return lambda task, method, n: by_row[(task, method, n)]
+
+
+def _listed(command: str | list[str]) -> list[str]:
+    """A row's command as a list: a length merged from several runs holds one per run."""
+    return [command] if isinstance(command, str) else list(command)
 
 
 def command_for(commands: str | list[str], task: str) -> str:

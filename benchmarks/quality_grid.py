@@ -7,15 +7,23 @@ expressions of it (``recycled:topk={L//8}``, ``streaming:sink=64:window={L//8-64
 command covers K = T/8 at every length. Each cell writes ``<out>/runs/<task>_<L>_<method>``
 (with ``--resume``: a rerun keeps what a cut run finished) and its log beside it; the merged grid
 goes to ``<out>`` (``benchmarks.merge_quality``). The longest lengths start first.
+``--split-depths`` makes a cell of each depth too (``<task>_<L>_<method>_d0.25``), so a long
+length's depths run side by side instead of one after another; the merge joins them.
+``--gpus 0,1,2,3`` spreads the processes over several GPUs: each cell sees one of them
+(``CUDA_VISIBLE_DEVICES``), a freed GPU taking the next cell, and its memory share is that of
+the processes on its GPU rather than of all of them.
 
     python -m benchmarks.quality_grid --tasks passkey,niah,kv --lengths 2048,4096,8192 \\
         --methods full,streaming:sink=64:window={L//8-64},recycled:topk={L//8}:stride=10 \\
         --samples 20 --dtype float32 --haystack-file data.txt --processes 8 --out OUT
+    python -m benchmarks.quality_grid --tasks niah --lengths 32768 --methods full \\
+        --split-depths --gpus 0,1,2,3 --processes 8 --out OUT  # 2 cells a GPU at once
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import re
@@ -70,27 +78,41 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--processes", type=int, default=8, help="cells running at once")
+    ap.add_argument("--gpus", default=None,
+                    help="comma list of GPU ids the processes share, round robin (default: "
+                         "each sees what the environment gives)")
+    ap.add_argument("--split-depths", action="store_true",
+                    help="a cell per depth too, so one length's depths run in parallel")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds a cell may run (a cut cell keeps its finished lengths)")
     ap.add_argument("--out", type=pathlib.Path, required=True)
     args = ap.parse_args(argv)
     if args.processes < 1:
         ap.error("--processes must be >= 1")
+    if args.gpus is not None and not re.fullmatch(r"[0-9]+(,[0-9]+)*", args.gpus):
+        ap.error(f"--gpus must be a comma list of GPU ids (0,1,2,3), not {args.gpus!r}")
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus is not None else []
     try:
         todo = cells(args.tasks.split(","), [int(n) for n in args.lengths.split(",")],
                      args.methods)
+        depths = ([f"{float(d):g}" for d in args.depths.split(",")] if args.split_depths
+                  else [None])
     except ValueError as e:
         ap.error(str(e))
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    # Each process preallocates its share; CUDA graphs (command buffers) would take memory
-    # outside it, and several processes' worth of them ran a shared card out of memory.
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.processes:.3f}")
+    # Each process preallocates its share of its GPU; CUDA graphs (command buffers) would take
+    # memory outside it, and several processes' worth of them ran a shared card out of memory.
+    per_gpu = math.ceil(args.processes / len(gpus)) if gpus else args.processes
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / per_gpu:.3f}")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     # And its share of the host's cores for OpenMP and BLAS (faiss's index builds, numpy).
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // args.processes)))
-    running: list[tuple[subprocess.Popen, str, float]] = []
+    # Slot i is gpus[i % len(gpus)]: no GPU runs more than ceil(processes / len(gpus)) cells.
+    slots = [gpus[i % len(gpus)] for i in range(max(args.processes, len(gpus)))] if gpus else []
+    turn = 0  # the next slot to try: round robin, so every GPU gets cells in turn
+    running: list[tuple[subprocess.Popen, str, float, int]] = []
     failed = []
     t0 = time.perf_counter()
 
@@ -98,25 +120,33 @@ def main(argv=None) -> int:
         """Report and drop the cells that have ended."""
         for item in [item for item in running if item[0].poll() is not None]:
             running.remove(item)
-            proc, name, start = item
+            proc, name, start, _ = item
             if proc.returncode:
                 failed.append(name)
             status = f"exit {proc.returncode}" if proc.returncode else "done"
             print(f"[{time.perf_counter() - t0:7.0f}s] {name}: {status} in "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
 
-    for task, n, spec in todo:
+    for (task, n, spec), depth in [(cell, d) for cell in todo for d in depths]:
         while len(running) >= args.processes:
             time.sleep(1)
             reap()
-        name = f"{task}_{n}_{file_stem(spec)}"
-        cmd = command(args, task, n, spec, runs / name)
+        name = f"{task}_{n}_{file_stem(spec)}" + (f"_d{depth}" if depth is not None else "")
+        cell_args = args if depth is None else argparse.Namespace(**{**vars(args), "depths": depth})
+        cmd = command(cell_args, task, n, spec, runs / name)
         if args.timeout:
             cmd = ["timeout", str(int(args.timeout))] + cmd
+        cell_env, slot = env, -1
+        if slots:
+            busy = {item[3] for item in running}
+            slot = next(s % len(slots) for s in range(turn, turn + len(slots))
+                        if s % len(slots) not in busy)
+            turn = slot + 1
+            cell_env = {**env, "CUDA_VISIBLE_DEVICES": str(slots[slot])}
         with open(runs / f"{name}.log", "w") as log:
-            running.append((subprocess.Popen(cmd, env=env, stdout=log,
+            running.append((subprocess.Popen(cmd, env=cell_env, stdout=log,
                                              stderr=subprocess.STDOUT),
-                            name, time.perf_counter()))
+                            name, time.perf_counter(), slot))
     while running:
         time.sleep(1)
         reap()

@@ -2,6 +2,9 @@
 
 import json
 import pathlib
+import subprocess
+import sys
+import types
 
 import pytest
 
@@ -10,11 +13,12 @@ from benchmarks.quality import file_stem
 from longctx_jax import profiling
 
 
-def _run(folder: pathlib.Path, lengths, accuracy, command):
-    """A ``benchmarks.quality`` output folder with one (task, method) record over ``lengths``."""
+def _run(folder: pathlib.Path, lengths, accuracy, command, depths=(0.0, 1.0)):
+    """A ``benchmarks.quality`` output folder with one (task, method) record over ``lengths``
+    and ``depths``."""
     folder.mkdir()
     results = [dict(length=n, depth=d, accuracy=accuracy, n=20, mean_answer_logprob=None)
-               for n in lengths for d in (0.0, 1.0)]
+               for n in lengths for d in depths]
     record = dict(task="niah", variant="single", method="duo", mode="generate", results=results,
                   cache_bytes={str(n): 10 * n for n in lengths}, seconds=1.0, model="smollm2",
                   dtype="float32", method_spec="duo:retrieval_ratio=0.5")
@@ -44,6 +48,29 @@ def test_a_merged_folder_merges_again(tmp_path):
     rows = merge_quality.merge([tmp_path / "ab", tmp_path / "c"], tmp_path / "abc")
     assert [(r["length"], r["command"]) for r in rows] == [
         (2048, "run a"), (4096, "run b"), (8192, "run c")]
+
+
+def test_merge_joins_the_depths_of_a_length_split_across_runs(tmp_path, capsys):
+    _run(tmp_path / "a", [4096, 8192], 1.0, "run a", depths=(0.0, 0.25))
+    _run(tmp_path / "b", [8192], 0.25, "run b", depths=(0.25, 0.5))  # 0.25 differs from a's
+    _run(tmp_path / "c", [8192], 0.5, "run a", depths=(0.75,))  # a's command again
+    rows = merge_quality.merge([tmp_path / n for n in "abc"], tmp_path / "abc")
+
+    assert [(r["length"], r["accuracy"], r["command"]) for r in rows] == [
+        (4096, 1.0, "run a"), (8192, (1.0 + 1.0 + 0.25 + 0.5) / 4, ["run a", "run b"])]
+    merged = json.loads((tmp_path / "abc" / "niah_duo.json").read_text())
+    assert [(r["length"], r["depth"], r["accuracy"]) for r in merged["results"]] == [
+        (4096, 0.0, 1.0), (4096, 0.25, 1.0),
+        (8192, 0.0, 1.0), (8192, 0.25, 1.0), (8192, 0.5, 0.25), (8192, 0.75, 0.5)]
+    assert merged["cache_bytes"] == {"4096": 40960, "8192": 81920}
+    assert merged["seconds"] == 3.0
+    err = capsys.readouterr().err
+    assert err.count("differs between runs") == 1 and "at 8192 depth 0.25" in err
+
+    _run(tmp_path / "d", [8192], 0.0, "run d", depths=(1.0,))  # a merge whose rows hold lists
+    rows = merge_quality.merge([tmp_path / "abc", tmp_path / "d"], tmp_path / "abcd")
+    assert [(r["length"], r["accuracy"], r["command"]) for r in rows] == [
+        (4096, 1.0, "run a"), (8192, 2.75 / 5, ["run a", "run b", "run d"])]
 
 
 def test_quality_resume_runs_only_the_missing_cells(tmp_path, monkeypatch):
@@ -320,20 +347,38 @@ def test_quality_grid_expands_the_length_in_methods():
         ("a", 4096), ("b", 4096), ("a", 1024), ("b", 1024)]
 
 
-def test_quality_grid_runs_every_cell_and_merges(tmp_path, monkeypatch, capsys):
-    import sys
+_FAKE_CELL = (  # benchmarks.quality's output for argv: out, length, method, depths
+    "import json, pathlib, sys; out = pathlib.Path(sys.argv[1]); out.mkdir(); "
+    "n = int(sys.argv[2]); spec = sys.argv[3]; depths = sys.argv[4]; "
+    "r = dict(task='niah', variant='single', method=spec, mode='generate', "
+    "results=[dict(length=n, depth=float(d), accuracy=float(d), n=2) for d in depths.split(',')], "
+    "cache_bytes={str(n): 1}, seconds=1.0, model='smollm2', dtype='float32', method_spec=spec); "
+    "(out / f'niah_{spec}.json').write_text(json.dumps(r)); "
+    "(out / 'summary.json').write_text(json.dumps(dict(command=f'fake {spec} {depths}', rows=[])))")
 
+
+def _fake_cells(monkeypatch, quality_grid) -> list:
+    """Cells run ``_FAKE_CELL``, not the model; returns (env, process, GPUs busy at its start)
+    of each cell as it starts."""
+    started = []
+
+    def popen(cmd, env, **kw):
+        busy = [e.get("CUDA_VISIBLE_DEVICES") for e, p, _ in started if p.poll() is None]
+        started.append((env, subprocess.Popen(cmd, env=env, **kw), busy))
+        return started[-1][1]
+
+    monkeypatch.setattr(quality_grid, "command", lambda args, task, n, spec, out: [
+        sys.executable, "-c", _FAKE_CELL, str(out), str(n),
+        spec.replace(":", "_").replace("=", ""), args.depths])
+    monkeypatch.setattr(quality_grid, "subprocess",
+                        types.SimpleNamespace(Popen=popen, STDOUT=subprocess.STDOUT))
+    return started
+
+
+def test_quality_grid_runs_every_cell_and_merges(tmp_path, monkeypatch, capsys):
     from benchmarks import quality_grid
 
-    fake = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[1]); out.mkdir(); "
-            "n = int(sys.argv[2]); spec = sys.argv[3]; "
-            "r = dict(task='niah', variant='single', method=spec, mode='generate', "
-            "results=[dict(length=n, depth=0.0, accuracy=0.5, n=2)], cache_bytes={str(n): 1}, "
-            "seconds=1.0, model='smollm2', dtype='float32', method_spec=spec); "
-            "(out / f'niah_{spec}.json').write_text(json.dumps(r)); "
-            "(out / 'summary.json').write_text(json.dumps(dict(command='fake ' + spec, rows=[])))")
-    monkeypatch.setattr(quality_grid, "command", lambda args, task, n, spec, out: [
-        sys.executable, "-c", fake, str(out), str(n), spec.replace(":", "_").replace("=", "")])
+    _fake_cells(monkeypatch, quality_grid)
     assert quality_grid.main(["--tasks", "niah", "--lengths", "1024,2048", "--methods",
                               "full,streaming:window={L//4}", "--processes", "2",
                               "--out", str(tmp_path)]) == 0
@@ -345,8 +390,6 @@ def test_quality_grid_runs_every_cell_and_merges(tmp_path, monkeypatch, capsys):
 
 
 def test_quality_grid_reports_the_cells_that_did_not_finish(tmp_path, monkeypatch, capsys):
-    import sys
-
     from benchmarks import quality_grid
 
     monkeypatch.setattr(quality_grid, "command", lambda args, task, n, spec, out: [
@@ -356,3 +399,59 @@ def test_quality_grid_reports_the_cells_that_did_not_finish(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "1 cell(s) did not finish" in err and "niah_1024_full" in err
     assert (tmp_path / "runs" / "niah_1024_full.log").read_text().strip() == "boom"
+
+
+def test_quality_grid_deals_cells_to_gpus_round_robin(tmp_path, monkeypatch):
+    from benchmarks import quality_grid
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    argv = ["--tasks", "niah", "--lengths", "1024,2048", "--methods", "full,streaming:window=64"]
+
+    def run(out: str, *flags: str) -> list:
+        started = _fake_cells(monkeypatch, quality_grid)
+        assert quality_grid.main(argv + [*flags, "--out", str(tmp_path / out)]) == 0
+        return [(e.get("CUDA_VISIBLE_DEVICES"), e["XLA_PYTHON_CLIENT_MEM_FRACTION"], busy)
+                for e, _, busy in started]
+
+    # 4 processes on 3 GPUs: slots 0, 1, 2, 0, so 2 cells (0.45 each) on a GPU at most.
+    cells = run("a", "--processes", "4", "--gpus", "0,1,2")
+    assert [(gpu, fraction) for gpu, fraction, _ in cells] == [
+        ("0", "0.450"), ("1", "0.450"), ("2", "0.450"), ("0", "0.450")]
+    # 2 processes on 3 GPUs: a GPU to itself, the third cell on the one not used yet.
+    cells = run("b", "--processes", "2", "--gpus", "3,4,5")
+    assert [gpu for gpu, _, _ in cells][:3] == ["3", "4", "5"]
+    assert all(gpu not in busy and fraction == "0.900" for gpu, fraction, busy in cells)
+    # Without --gpus every cell sees what the environment gives, 0.9 / processes of it.
+    assert {(gpu, fraction) for gpu, fraction, _ in run("c", "--processes", "4")} == {
+        (None, "0.225")}
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")  # a set value wins
+    assert {fraction for _, fraction, _ in run("d", "--processes", "4", "--gpus", "0,1")} == {
+        "0.3"}
+
+
+@pytest.mark.parametrize("gpus", ["0,x", "1,-1", "", "0,,1"])
+def test_quality_grid_rejects_a_bad_gpu_list(tmp_path, capsys, gpus):
+    from benchmarks import quality_grid
+
+    with pytest.raises(SystemExit):
+        quality_grid.main(["--methods", "full", "--gpus", gpus, "--out", str(tmp_path)])
+    assert "--gpus must be a comma list" in capsys.readouterr().err
+
+
+def test_quality_grid_splits_depths_into_cells_and_merges_them(tmp_path, monkeypatch):
+    from benchmarks import quality_grid
+
+    started = _fake_cells(monkeypatch, quality_grid)
+    assert quality_grid.main(["--tasks", "niah", "--lengths", "1024", "--methods", "full",
+                              "--depths", "0,0.5,1", "--split-depths", "--processes", "3",
+                              "--out", str(tmp_path)]) == 0
+    assert len(started) == 3
+    assert sorted(f.name for f in (tmp_path / "runs").iterdir() if f.is_dir()) == [
+        "niah_1024_full_d0", "niah_1024_full_d0.5", "niah_1024_full_d1"]
+    merged = json.loads((tmp_path / "niah_full.json").read_text())
+    assert [(r["length"], r["depth"]) for r in merged["results"]] == [
+        (1024, 0.0), (1024, 0.5), (1024, 1.0)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["length"], r["accuracy"], r["command"]) for r in summary["rows"]] == [
+        (1024, 0.5, ["fake full 0", "fake full 0.5", "fake full 1"])]
