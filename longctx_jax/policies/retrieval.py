@@ -64,7 +64,7 @@ class Retrieval(AttentionPolicy):
     k: int = static(100, help="keys retrieved per KV head per decode step")
     index: str = static("flat", help="host index: flat (exact), ivf, hnsw (faiss-cpu), or "
                                      "qivf (clusters of prefill queries: attention-aware)")
-    scan: float = static(0.1, help="search effort of an approximate index, in (0, 1]: the "
+    scan: float = static(0.2, help="search effort of an approximate index, in (0, 1]: the "
                                    "fraction of lists a KV head's query group probes (ivf, "
                                    "qivf) or efSearch as a fraction of the keys (hnsw)")
     attend: str = static("host", help="where the retrieved keys are attended: 'host' (CPU, "
@@ -72,9 +72,9 @@ class Retrieval(AttentionPolicy):
                                       "device keeps every token)")
     train_queries: int = static(8192, help="prefill queries kept per layer and KV head to "
                                            "train qivf")
-    host_threads: int = static(0, help="threads of the host's decode step (0: every usable "
-                                       "CPU for flat and qivf, one per KV head for ivf and "
-                                       "hnsw)")
+    host_threads: int = static(0, help="threads of the host's decode step (0: half the "
+                                       "usable CPUs for flat and qivf, one per KV head for "
+                                       "ivf and hnsw)")
     min_index_keys: int = static(MIN_INDEX_KEYS, cli=False)
     query_stride: int = static(1, cli=False)  # set by session(): the store's
     handle: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(-1))
