@@ -262,7 +262,8 @@ def _run(args, cfg, mesh, duo, duo_shards) -> int:
     bandwidth = None
     if args.floor and not args.plan:  # before the weights and caches take the memory
         bandwidth = read_bandwidth(mesh, args.floor_gib, max(7, args.repeats))
-        header.update(read_gb_per_s=bandwidth / 1e9, floor_gib=args.floor_gib)
+        header.update(read_gb_per_s=bandwidth / 1e9, floor_gib=args.floor_gib,
+                      floor_repeats=max(7, args.repeats))
     if args.plan:
         params = weight_shapes(cfg, dtype, mesh)
     else:

@@ -1,4 +1,4 @@
-"""A quality grid as several ``benchmarks.quality`` processes sharing one GPU, merged at the end.
+"""A quality grid as several ``benchmarks.quality`` processes sharing GPUs, merged at the end.
 
 A 135M model leaves most of a GPU idle and compiles on one CPU core, so one process per (task,
 length, method) cell, a few at a time, each with its share of device memory, finishes a grid
@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     if args.gpus is not None and not re.fullmatch(r"[0-9]+(,[0-9]+)*", args.gpus):
         ap.error(f"--gpus must be a comma list of GPU ids (0,1,2,3), not {args.gpus!r}")
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus is not None else []
+    if len(set(gpus)) < len(gpus):
+        ap.error(f"--gpus names a GPU twice: {args.gpus!r}")
     try:
         todo = cells(args.tasks.split(","), [int(n) for n in args.lengths.split(",")],
                      args.methods)

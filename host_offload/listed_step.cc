@@ -4,9 +4,8 @@
 // references are QueryIVFIndex.search and FlatIndex.search (host_offload.index), then
 // RetrievalStore.attend; a Python step costs about 0.6 ms of interpreter work per layer, this
 // one a few microseconds. Ties (equal logits) go to the lower row here; numpy's argpartition
-// breaks them in no set order. bfloat16 keys are widened to float32 and scored exactly: a
-// shortlist by vdpbf16ps with the queries rounded to bfloat16, then ranked again, was slower
-// on the H200 machines' Xeon hosts than the exact scan.
+// breaks them in no set order. bfloat16 keys are widened to float32 and scored exactly (a
+// bfloat16 dot-product shortlist was no faster; README).
 //
 // Built on first use by host_offload.native (c++ -O3 -march=native -fopenmp).
 

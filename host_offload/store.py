@@ -44,12 +44,15 @@ MIN_INDEX_KEYS = 256  # below this an exact scan is as cheap as any index
 
 def default_threads(kv_heads: int, kind: str) -> int:
     """A store's threads by default. The native step (flat, qivf) scores a KV head's keys on
-    several threads: half the CPUs this process may use, the fastest on both GPU hosts measured
-    (16 of 32 cores, 32 of 64; all 64 took 2.6 times as long as 32, as the team's waits grow
-    with it). The worker threads of the others search a span of KV heads each, so one per KV
-    head, at most the CPUs."""
+    a team: ``OMP_NUM_THREADS`` where set (a process's share of a host that runs several),
+    else half the CPUs this process may use (a larger team waits on itself longer than it
+    gains; README). The worker threads of the others search a span of KV heads each, so one
+    per KV head, at most the CPUs."""
     cpus = len(os.sched_getaffinity(0))
-    return max(1, cpus // 2) if kind in NATIVE_KINDS else max(1, min(kv_heads, cpus))
+    if kind in NATIVE_KINDS:
+        share = os.environ.get("OMP_NUM_THREADS", "")
+        return int(share) if share.isdigit() and int(share) > 0 else max(1, cpus // 2)
+    return max(1, min(kv_heads, cpus))
 
 
 @functools.cache

@@ -439,6 +439,14 @@ def test_quality_grid_rejects_a_bad_gpu_list(tmp_path, capsys, gpus):
     assert "--gpus must be a comma list" in capsys.readouterr().err
 
 
+def test_quality_grid_rejects_a_gpu_named_twice(tmp_path, capsys):
+    from benchmarks import quality_grid
+
+    with pytest.raises(SystemExit):
+        quality_grid.main(["--methods", "full", "--gpus", "0,1,0", "--out", str(tmp_path)])
+    assert "--gpus names a GPU twice" in capsys.readouterr().err
+
+
 def test_quality_grid_splits_depths_into_cells_and_merges_them(tmp_path, monkeypatch):
     from benchmarks import quality_grid
 

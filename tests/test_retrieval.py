@@ -558,7 +558,7 @@ def test_store_step_refuses_mismatched_calls():
 @pytest.mark.parametrize("native_step", ["0", "1"])
 def test_bfloat16_keys_are_ranked_exactly(monkeypatch, native_step):
     """bfloat16 keys are ranked by exact float32 logits: key A outscores key B only by a term
-    that rounding the queries to bfloat16 (a faster dot product) would drop (1 + 2^-12
+    that rounding the queries to bfloat16 (as a bfloat16 dot product would) drops (1 + 2^-12
     against 1), and B, the lower row, would then win the tie."""
     from host_offload import native
 
@@ -580,3 +580,17 @@ def test_bfloat16_keys_are_ranked_exactly(monkeypatch, native_step):
     none = np.zeros((1, 1, dim), jnp.bfloat16)
     found = store.step(0, q, none, none, np.array([-1]), attend=False)
     assert found.tolist() == [[[a]]]
+
+
+def test_native_team_follows_omp_num_threads(monkeypatch):
+    """A process given a share of the host (``OMP_NUM_THREADS``, as quality grids set) keeps its
+    native team to it; otherwise the team is half the usable CPUs."""
+    import os
+
+    from host_offload.store import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(8, "qivf") == default_threads(8, "flat") == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads(8, "qivf") == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert default_threads(8, "ivf") == max(1, min(8, len(os.sched_getaffinity(0))))

@@ -72,9 +72,9 @@ class Retrieval(AttentionPolicy):
                                       "device keeps every token)")
     train_queries: int = static(8192, help="prefill queries kept per layer and KV head to "
                                            "train qivf")
-    host_threads: int = static(0, help="threads of the host's decode step (0: half the "
-                                       "usable CPUs for flat and qivf, one per KV head for "
-                                       "ivf and hnsw)")
+    host_threads: int = static(0, help="threads of the host's decode step (0: "
+                                       "OMP_NUM_THREADS or half the usable CPUs for flat "
+                                       "and qivf, one per KV head for ivf and hnsw)")
     min_index_keys: int = static(MIN_INDEX_KEYS, cli=False)
     query_stride: int = static(1, cli=False)  # set by session(): the store's
     handle: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(-1))
