@@ -21,13 +21,13 @@ sit whole on every device; pass the same ``--duo-shards`` to a one-device run to
 heads. Every row records the bytes resident on one device for the weights and the caches.
 
 ``--floor`` first measures one device's HBM read bandwidth (a jitted sum over ``--floor-gib``
-GiB of bf16 per device, each device reading its own part, median of at least 7 warm runs: under
-a four-H200 mesh 4 GiB and 3 runs read 2.3-3.1 TB/s, 8 GiB and 7 runs 3.6) and gives each row the
-decode floor: the bytes one device reads per step over that bandwidth, and the measured
-step time over it. A step is counted as reading the device's weights except the embedding table
-(a lookup reads ``B`` rows of it; a tied table is read whole, as the output layer) and its whole
-cache: ``max_len`` slots for full attention, every slot a ring holds (all are read once it is
-full) for streaming and DuoAttention's streaming heads. Activations and logits are left out.
+GiB of bf16 per device, each device reading its own part, median of at least 7 warm runs: fewer
+and smaller read low under a mesh; README) and gives each row the decode floor: the bytes one
+device reads per step over that bandwidth, and the measured step time over it. A step is
+counted as reading the device's weights except the embedding table (a lookup reads ``B`` rows
+of it; a tied table is read whole, as the output layer) and its whole cache: ``max_len`` slots
+for full attention, every slot a ring holds (all are read once it is full) for streaming and
+DuoAttention's streaming heads. Activations and logits are left out.
 
 ``--plan`` allocates no weights or caches: the per-device bytes of every row from the shapes
 and shardings, and each row's decode (and prefill) lowered under the mesh, e.g. for

@@ -4,10 +4,11 @@ Long evaluations rarely fit in one job; each run writes per-(task, method) JSON 
 (length, depth) cells, and a grid may split one length's depths across processes or GPUs. This
 joins them cell by cell: one JSON and heatmap per (task, method) covering every cell, and one
 ``summary.json`` row per (task, method, length), its accuracy the mean over all the length's
-depths, saying which run (command) the length came from, or a list of them when its depths came
-from several; an earlier merge's folder can be merged again. A (length, depth) cell found in
-several runs is taken from the first folder given; the others are only checked against it (same
-seed, same samples: a mismatch is printed, as it means the runs were not comparable).
+depths (weighted by their samples; ``depths`` says how many), saying which run (command) the
+length came from, or a list of them when its depths came from several; an earlier merge's folder
+can be merged again. A (length, depth) cell found in several runs is taken from the first folder
+given; the others are only checked against it (same seed, same samples: a mismatch is printed,
+as it means the runs were not comparable), as is each part's model, dtype, variant and mode.
 
     python -m benchmarks.merge_quality --out benchmarks/results/quality_smollm2 run_a/ run_b/
 """
@@ -20,6 +21,8 @@ import pathlib
 import sys
 
 from longctx_jax.evals.plots import heatmap
+
+_SAME = ("model", "dtype", "variant", "mode")  # what every merged part of a file must share
 
 
 def merge(folders: list[pathlib.Path], out: pathlib.Path) -> list[dict]:
@@ -34,21 +37,29 @@ def merge(folders: list[pathlib.Path], out: pathlib.Path) -> list[dict]:
             part = json.loads(path.read_text())
             have = records.setdefault(path.name, {**part, "results": [], "cache_bytes": {},
                                                   "seconds": 0.0})
+            for key in _SAME:
+                if part.get(key) != have.get(key):
+                    print(f"warning: {path.name} in {folder}: {key} {part.get(key)!r}, not "
+                          f"{have.get(key)!r} as in the first run", file=sys.stderr)
             kept = {(r["length"], r["depth"]): r for r in have["results"]}
+            added = False
             for r in part["results"]:
                 n, d = r["length"], r["depth"]
                 if (n, d) in kept:
-                    if kept[n, d]["accuracy"] != r["accuracy"]:
+                    if (kept[n, d]["accuracy"], kept[n, d].get("n")) != (r["accuracy"],
+                                                                         r.get("n")):
                         print(f"warning: {path.name} at {n} depth {d} differs between runs; "
                               "kept the first", file=sys.stderr)
                     continue
+                added = True
                 kept[n, d] = r
                 have["results"].append(r)
                 have["cache_bytes"].setdefault(str(n), part["cache_bytes"][str(n)])
                 runs = commands.setdefault((path.name, n), [])
                 command = command_of(part["task"], part["method_spec"], n)
                 runs += [c for c in _listed(command) if c not in runs]
-            have["seconds"] += part["seconds"]
+            if added:  # a part merged again (an earlier merge beside its source) counts once
+                have["seconds"] += part["seconds"]
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, record in records.items():
@@ -59,8 +70,10 @@ def merge(folders: list[pathlib.Path], out: pathlib.Path) -> list[dict]:
         for n in sorted({r["length"] for r in record["results"]}):
             cells = [r for r in record["results"] if r["length"] == n]
             runs = commands[name, n]
+            weights = [r.get("n") or 1 for r in cells]
             rows.append(dict(task=record["task"], method=record["method_spec"], length=n,
-                             accuracy=sum(r["accuracy"] for r in cells) / len(cells),
+                             accuracy=sum(r["accuracy"] * w for r, w in zip(cells, weights))
+                             / sum(weights), depths=len(cells),
                              cache_bytes=record["cache_bytes"][str(n)],
                              command=runs[0] if len(runs) == 1 else runs))
     rows.sort(key=lambda r: (r["task"], r["method"], r["length"]))

@@ -10,8 +10,8 @@ goes to ``<out>`` (``benchmarks.merge_quality``). The longest lengths start firs
 ``--split-depths`` makes a cell of each depth too (``<task>_<L>_<method>_d0.25``), so a long
 length's depths run side by side instead of one after another; the merge joins them.
 ``--gpus 0,1,2,3`` spreads the processes over several GPUs: each cell sees one of them
-(``CUDA_VISIBLE_DEVICES``), a freed GPU taking the next cell, and its memory share is that of
-the processes on its GPU rather than of all of them.
+(``CUDA_VISIBLE_DEVICES``), the least busy taking the next cell, and its memory share is that
+of the processes on its GPU rather than of all of them.
 
     python -m benchmarks.quality_grid --tasks passkey,niah,kv --lengths 2048,4096,8192 \\
         --methods full,streaming:sink=64:window={L//8-64},recycled:topk={L//8}:stride=10 \\
@@ -64,6 +64,14 @@ def command(args, task: str, length: int, spec: str, out: pathlib.Path) -> list[
     return cmd + (["--haystack-file", args.haystack_file] if args.haystack_file else [])
 
 
+def next_gpu(count: int, busy: list[int], last: int) -> int:
+    """The index of the GPU (of ``count``) for the next cell: the one running fewest cells
+    (``busy``: the GPU of each running cell), the first after ``last`` on a tie, so that idle
+    GPUs fill first and cells go round robin."""
+    order = [(last + 1 + i) % count for i in range(count)]
+    return min(order, key=busy.count)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -111,10 +119,8 @@ def main(argv=None) -> int:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     # And its share of the host's cores for OpenMP and BLAS (faiss's index builds, numpy).
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // args.processes)))
-    # Slot i is gpus[i % len(gpus)]: no GPU runs more than ceil(processes / len(gpus)) cells.
-    slots = [gpus[i % len(gpus)] for i in range(max(args.processes, len(gpus)))] if gpus else []
-    turn = 0  # the next slot to try: round robin, so every GPU gets cells in turn
-    running: list[tuple[subprocess.Popen, str, float, int]] = []
+    last = -1  # the index in gpus of the GPU the last cell went to
+    running: list[tuple[subprocess.Popen, str, float, int | None]] = []
     failed = []
     t0 = time.perf_counter()
 
@@ -138,17 +144,14 @@ def main(argv=None) -> int:
         cmd = command(cell_args, task, n, spec, runs / name)
         if args.timeout:
             cmd = ["timeout", str(int(args.timeout))] + cmd
-        cell_env, slot = env, -1
-        if slots:
-            busy = {item[3] for item in running}
-            slot = next(s % len(slots) for s in range(turn, turn + len(slots))
-                        if s % len(slots) not in busy)
-            turn = slot + 1
-            cell_env = {**env, "CUDA_VISIBLE_DEVICES": str(slots[slot])}
+        cell_env, gpu = env, None  # gpu: an index into gpus
+        if gpus:
+            gpu = last = next_gpu(len(gpus), [item[3] for item in running], last)
+            cell_env = {**env, "CUDA_VISIBLE_DEVICES": str(gpus[gpu])}
         with open(runs / f"{name}.log", "w") as log:
             running.append((subprocess.Popen(cmd, env=cell_env, stdout=log,
                                              stderr=subprocess.STDOUT),
-                            name, time.perf_counter(), slot))
+                            name, time.perf_counter(), gpu))
     while running:
         time.sleep(1)
         reap()

@@ -72,8 +72,11 @@ def faiss_module():
     return faiss
 
 
+SCAN = 0.2  # the default search effort: needles at 8K score as with the exact top k (README)
+
+
 def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None, *,
-                     k: int = 100, scan: float = 0.1, train_per_list: int = TRAIN_PER_LIST,
+                     k: int = 100, scan: float = SCAN, train_per_list: int = TRAIN_PER_LIST,
                      device=None):
     """An index of ``kind`` over the keys ``[H, n, D]`` (float32 or bfloat16) of ``keys``, which
     it takes over rather than copies (e.g. a flat index's :attr:`FlatIndex.key_rows`);
@@ -94,7 +97,7 @@ def make_heads_index(kind: str, keys: "Rows", queries: np.ndarray | None = None,
 
 
 def make_index(kind: str, keys: np.ndarray, queries: np.ndarray | None = None, *, k: int = 100,
-               scan: float = 0.1):
+               scan: float = SCAN):
     """One head's index over ``keys [n, D]``; ``queries [m, D]`` (prefill queries of the head)
     train the attention-aware kind. Its :meth:`OneHead.search` ranks for each query alone."""
     return OneHead(make_heads_index(kind, Rows(np.asarray(keys)[None]),

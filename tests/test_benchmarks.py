@@ -50,6 +50,22 @@ def test_a_merged_folder_merges_again(tmp_path):
         (2048, "run a"), (4096, "run b"), (8192, "run c")]
 
 
+def test_merge_weights_depths_by_samples_and_checks_the_runs_agree(tmp_path, capsys):
+    """A length's accuracy weights each depth by its samples; a part of another dtype is named;
+    a merge merged again beside one of its sources counts that source's seconds once."""
+    _run(tmp_path / "a", [8192], 1.0, "run a", depths=(0.0,))
+    _run(tmp_path / "b", [8192], 0.0, "run b", depths=(0.5,))
+    path = tmp_path / "b" / "niah_duo.json"
+    record = json.loads(path.read_text())
+    record["results"][0]["n"], record["dtype"] = 60, "bfloat16"
+    path.write_text(json.dumps(record))
+    rows = merge_quality.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    assert (rows[0]["accuracy"], rows[0]["depths"]) == (20 / 80, 2)
+    assert "dtype 'bfloat16', not 'float32'" in capsys.readouterr().err
+    merge_quality.merge([tmp_path / "ab", tmp_path / "a"], tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "niah_duo.json").read_text())["seconds"] == 2.0
+
+
 def test_merge_joins_the_depths_of_a_length_split_across_runs(tmp_path, capsys):
     _run(tmp_path / "a", [4096, 8192], 1.0, "run a", depths=(0.0, 0.25))
     _run(tmp_path / "b", [8192], 0.25, "run b", depths=(0.25, 0.5))  # 0.25 differs from a's
@@ -428,6 +444,15 @@ def test_quality_grid_deals_cells_to_gpus_round_robin(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")  # a set value wins
     assert {fraction for _, fraction, _ in run("d", "--processes", "4", "--gpus", "0,1")} == {
         "0.3"}
+
+
+def test_next_gpu_fills_idle_gpus_first_then_goes_round_robin():
+    from benchmarks.quality_grid import next_gpu
+
+    assert next_gpu(3, [], -1) == 0 and next_gpu(3, [0], 0) == 1
+    assert next_gpu(3, [0, 1, 2], 2) == 0  # all equal: round robin
+    assert next_gpu(3, [0, 0, 1], 1) == 2  # the idle one, though GPU 0 is next in turn
+    assert next_gpu(4, [1, 2, 3], 0) == 0  # at the tail of a grid: the idle GPU, not the next
 
 
 @pytest.mark.parametrize("gpus", ["0,x", "1,-1", "", "0,,1"])
