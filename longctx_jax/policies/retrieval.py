@@ -64,9 +64,10 @@ class Retrieval(AttentionPolicy):
     k: int = static(100, help="keys retrieved per KV head per decode step")
     index: str = static("flat", help="host index: flat (exact), ivf, hnsw (faiss-cpu), or "
                                      "qivf (clusters of prefill queries: attention-aware)")
-    scan: float = static(hindex.SCAN, help="search effort of an approximate index, in (0, 1]: the "
-                                   "fraction of lists a KV head's query group probes (ivf, "
-                                   "qivf) or efSearch as a fraction of the keys (hnsw)")
+    scan: float = static(hindex.SCAN, help="search effort of an approximate index, in (0, "
+                                           "1]: the fraction of lists a KV head's query "
+                                           "group probes (ivf, qivf) or efSearch as a "
+                                           "fraction of the keys (hnsw)")
     attend: str = static("host", help="where the retrieved keys are attended: 'host' (CPU, "
                                       "returns o and lse) or 'device' (host returns ids; the "
                                       "device keeps every token)")
