@@ -8,9 +8,10 @@ log of the softmax denominator over the visible keys) in float32; no visible key
 ``out = 0`` and ``lse = -inf``. ``decode_scores`` returns per-key scores instead, for KV
 selection; ``decode_attention``/``decode_append_attention`` with ``with_scores=True`` return
 them too, from logits stored while streaming the cache (no second read of K).
-``prefix_prefill_attention`` is full prefill's chunk-over-cache attention by cuDNN (two masked
-calls merged by lse; ``cudnn_problem`` says why it cannot run, ``None`` when it can); ``Tiles``
-tunes the band kernel.
+Full prefill's chunk-over-cache attention has two more: ``hopper_prefill_attention`` (a Mosaic
+GPU kernel for Hopper, one pass; ``hopper_problem`` says why it cannot run, ``None`` when it can)
+and ``prefix_prefill_attention`` (cuDNN, two masked calls merged by lse; ``cudnn_problem``);
+``Tiles`` tunes the band kernel.
 ``default_impl(impl)`` is a context under which ``"auto"`` means ``impl``. See README.md beside
 this file for the contracts and timings.
 """
@@ -20,6 +21,7 @@ from pallas_kernels.band_blockwise import band_attention_blockwise  # noqa: F401
 from pallas_kernels.band_prefill import Tiles, band_prefill_attention
 from pallas_kernels.decode import decode_append_attention, decode_attention
 from pallas_kernels.duo_decode import duo_decode_attention
+from pallas_kernels.hopper_prefill import hopper_prefill_attention, hopper_problem
 from pallas_kernels.merge import merge_attention
 from pallas_kernels.prefix_prefill import cudnn_problem, prefix_prefill_attention
 from pallas_kernels.scores import decode_scores
@@ -29,6 +31,7 @@ from pallas_kernels.window import window_decode_attention
 
 __all__ = ["IMPLS", "Tiles", "band_attention_blockwise", "band_prefill_attention", "cudnn_problem",
            "decode_append_attention", "decode_attention", "decode_scores", "default_impl",
-           "duo_decode_attention", "masked_attention", "merge_attention",
+           "duo_decode_attention", "hopper_prefill_attention", "hopper_problem",
+           "masked_attention", "merge_attention",
            "prefix_prefill_attention", "query_heads", "ring_slot", "top_k_unsorted",
            "topk_decode_attention", "window_decode_attention"]

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import pallas_kernels as pk
+from pallas_kernels.band_prefill import band_prefill_reference
 from longctx_jax.generate import pad_prompts, prefill_tokens
 from longctx_jax.model import Decoder, random_params
 from longctx_jax.policies import Full, make_policy
@@ -100,10 +101,12 @@ def test_full_prefill_kernels_agree(kernel, tiles):
     chex.assert_trees_all_close(logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_full_auto_prefill_kernel_is_cudnn_where_it_runs(monkeypatch):
-    """``Full()``'s default prefill kernel: cuDNN's split where :func:`pk.cudnn_problem` finds
-    none (a GPU in bf16/f16), else the band kernel, on a CPU its jnp reference as before; the
-    band kernel's tiles need the band kernel named."""
+def test_full_auto_prefill_kernel_is_the_fastest_that_runs(monkeypatch):
+    """``Full()``'s default prefill kernel: the Hopper kernel where :func:`pk.hopper_problem`
+    finds none, else cuDNN's split where :func:`pk.cudnn_problem` finds none (a GPU in
+    bf16/f16), else the band kernel, on a CPU its jnp reference as before; the band kernel's
+    tiles need the band kernel named; the Hopper kernel named where it cannot run is a clear
+    error."""
     from longctx_jax.errors import LongctxError
 
     assert Full().prefill_kernel == "auto"
@@ -129,6 +132,19 @@ def test_full_auto_prefill_kernel_is_cudnn_where_it_runs(monkeypatch):
     monkeypatch.setattr(pk, "cudnn_problem", lambda dtype, d: None)  # as where cuDNN runs
     got, _ = forward_hidden(cfg, params, Full(), tokens, chunk_size=4)
     assert set(calls) == {"prefix_prefill_attention"}
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LongctxError, match="'hopper' cannot run here: the backend is cpu"):
+        forward_hidden(cfg, params, Full(prefill_kernel="hopper"), tokens, chunk_size=4)
+    calls.clear()
+
+    def hopper(q, k, v, *, q_start):  # as on a Hopper GPU: the kernel's contract, in jnp
+        return band_prefill_reference(q, k, v, q_start=q_start, k_start=0, sink=0,
+                                      window=k.shape[2])
+
+    monkeypatch.setattr(pk, "hopper_problem", lambda *shapes: None)
+    monkeypatch.setattr(pk, "hopper_prefill_attention", spy("hopper_prefill_attention", hopper))
+    got, _ = forward_hidden(cfg, params, Full(), tokens, chunk_size=4)
+    assert set(calls) == {"hopper_prefill_attention"}
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     for kernel in ("auto", "cudnn"):
         with pytest.raises(LongctxError, match="need prefill_kernel='band'"):

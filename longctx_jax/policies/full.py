@@ -9,7 +9,7 @@ from longctx_jax.cache import KV
 from longctx_jax.errors import LongctxError
 from longctx_jax.policies.base import AttentionPolicy, chunk_start, heads_first, register, static
 
-PREFILL_KERNELS = ("auto", "band", "cudnn")
+PREFILL_KERNELS = ("auto", "band", "cudnn", "hopper")
 
 
 @register("full")
@@ -17,20 +17,21 @@ class Full(AttentionPolicy):
     """Every token attends to every earlier token; the cache holds ``max_len`` slots per layer.
 
     ``prefill_kernel`` picks the chunk-over-cache attention of prefill, where nearly all of a
-    long prompt's attention time goes: ``"band"``, the Pallas band kernel over the cache (with
-    ``tiles``, default :func:`pallas_kernels.band_prefill.default_tiles`), ``"cudnn"``, cuDNN's
-    flash attention over the cached prefix and the chunk, merged by lse (on a GPU in bf16/f16;
-    elsewhere the same split in jnp), or ``"auto"``: cuDNN where it runs (a GPU, bf16/f16, a
-    head dim it takes, jax's wrapper in place; see
-    :func:`pallas_kernels.prefix_prefill.cudnn_problem`), else the band kernel, which on a CPU
-    is its jnp reference. Why cuDNN: on an H100 at the Llama-3-8B shape a 128K prefill took
-    11.3 s with it against 13.5 s with the band kernel's best tiles, and 32K 1.47 s against 1.42
-    (``pallas_kernels/README.md``).
+    long prompt's attention time goes: ``"hopper"``, the Mosaic GPU kernel for Hopper
+    (:func:`pallas_kernels.hopper_prefill.hopper_problem` says where it runs), ``"cudnn"``,
+    cuDNN's flash attention over the cached prefix and the chunk, merged by lse (on a GPU in
+    bf16/f16; elsewhere the same split in jnp), ``"band"``, the Pallas band kernel over the
+    cache (with ``tiles``, default :func:`pallas_kernels.band_prefill.default_tiles`), or
+    ``"auto"``: the first of these that runs (on a CPU the band kernel's jnp reference). Why
+    this order: on an H200 at the Llama-3-8B shape the last 4K chunk of a 128K prompt takes
+    13.3 ms with the Hopper kernel, 14.6 with cuDNN and 19.1 with the band kernel, and the whole
+    prefill 10.6 s with the Hopper kernel against 11.0 with cuDNN (``pallas_kernels/README.md``).
     """
 
-    prefill_kernel: str = static("auto", help="the prefill attention kernel: 'auto' (cuDNN on a "
-                                 "GPU in bf16/f16, else the band kernel), 'band' (the Pallas "
-                                 "band kernel) or 'cudnn' (cuDNN flash attention)")
+    prefill_kernel: str = static("auto", help="the prefill attention kernel: 'auto' (the Hopper "
+                                 "kernel where it runs, else cuDNN on a GPU in bf16/f16, else "
+                                 "the band kernel), 'hopper' (Mosaic GPU), 'cudnn' (cuDNN flash "
+                                 "attention) or 'band' (the Pallas band kernel)")
     tiles: pk.Tiles | None = static(None, cli=False)
 
     def __post_init__(self):
@@ -48,10 +49,15 @@ class Full(AttentionPolicy):
     def prefill(self, layer, x, cache):
         cache = cache.write(x.k, x.v, x.positions)
         q, start = heads_first(x.q), chunk_start(x.positions)
-        kernel = self.prefill_kernel
+        kernel, hopper = self.prefill_kernel, pk.hopper_problem(q.shape, cache.k.shape, q.dtype)
         if kernel == "auto":
-            kernel = "band" if pk.cudnn_problem(q.dtype, q.shape[-1]) else "cudnn"
-        if kernel == "cudnn":
+            kernel = ("hopper" if hopper is None
+                      else "band" if pk.cudnn_problem(q.dtype, q.shape[-1]) else "cudnn")
+        if kernel == "hopper" and hopper:
+            raise LongctxError(f"full prefill_kernel='hopper' cannot run here: {hopper}")
+        if kernel == "hopper":
+            out, _ = pk.hopper_prefill_attention(q, cache.k, cache.v, q_start=start)
+        elif kernel == "cudnn":
             out, _ = pk.prefix_prefill_attention(q, heads_first(x.k), heads_first(x.v), cache.k,
                                                  cache.v, q_start=start)
         else:  # causal attention over the whole cache: a band with no sink, unbounded window
