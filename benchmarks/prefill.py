@@ -15,7 +15,8 @@ Sections, in the order they run:
   prompt, alone, at its first, second and last chunk (those of ``--sweep-at``): at the first and
   last with every band kernel tiling of ``--tiles``, at all three with the default tiling and
   with cuDNN (``prefix_prefill_attention``; the second chunk's short prefix in a long cache shows
-  whether cuDNN skips the keys past it), each checked against the default band kernel; plus
+  whether cuDNN skips the keys past it) and with the Hopper kernel (``hopper_prefill_attention``,
+  where it runs), each checked against the default band kernel; plus
   cuDNN's causal attention over the whole prompt in one call (its kernel where its mask fits).
   Time per call from the profiler (the kernels' summed time) and the wall clock (median of
   ``--sweep-repeats``).
@@ -24,9 +25,9 @@ Sections, in the order they run:
   ahead (compile seconds reported apart), median of ``--repeats`` runs; the last token's logits
   are compared with the first kernel's at the same context (``logits err``, relative L2, a
   check that a kernel computes the same prefill). A kernel is ``auto`` (``Full()``'s default:
-  cuDNN where it runs, else the band kernel), ``band`` (default tiles), ``band:TILES`` (e.g.
-  ``band:q32k64w8s3pack``), ``band:best`` (the sweep's fastest tiling at the end of the prompt)
-  or ``cudnn``. Chunks default to 4096 tokens, as HF's here (``--hf-chunk``): on an H100 a 32K
+  the Hopper kernel where it runs, else cuDNN, else the band kernel), ``hopper``, ``cudnn``,
+  ``band`` (default tiles), ``band:TILES`` (e.g. ``band:q32k64w8s3pack``) or ``band:best`` (the
+  sweep's fastest tiling at the end of the prompt). A warm-up run precedes the timed ones. Chunks default to 4096 tokens, as HF's here (``--hf-chunk``): on an H100 a 32K
   prefill took the same time at 2K, 4K, 8K and 16K (1.418-1.439 s,
   ``benchmarks/results/prefill_h100/prefill_a.json``), so a larger chunk would only hold larger
   activations. Rows that would start past ``--deadline-s`` seconds into the run are skipped
@@ -37,8 +38,11 @@ Sections, in the order they run:
 
 The floor is the prefill's FLOPs (matrix products plus causal attention, counted as 4 D FLOPs
 per visible query-key pair and head) over ``--peak-tflops`` (default: the card's dense bf16 peak,
-989 TFLOP/s for H100 SXM and H200). A table goes to stdout and everything, with the command, to
-``--json`` (rewritten after every row).
+989 TFLOP/s for H100 SXM and H200, reached at an SM clock of 1830 MHz). While the end-to-end
+runs are timed, ``nvidia-smi`` samples the SM clock and the board power: a card at its power
+limit holds a lower clock through a long prefill, and ``x held`` is the time over the floor at
+the median clock it held (where ``nvidia-smi`` is found). A table goes to stdout and everything,
+with the command, to ``--json`` (rewritten after every row).
 """
 
 from __future__ import annotations
@@ -103,14 +107,14 @@ def chunk_attention_flops(cfg: ModelConfig, q_start: int, tq: int) -> float:
 
 
 def parse_kernel(spec: str, best: Tiles | None) -> Full:
-    """``auto``, ``band``, ``band:TILES``, ``band:best`` or ``cudnn`` -> the full-attention
-    policy."""
+    """``auto``, ``hopper``, ``cudnn``, ``band``, ``band:TILES`` or ``band:best`` -> the
+    full-attention policy."""
     name, _, tiles = spec.partition(":")
-    if name in ("auto", "cudnn") and not tiles:
+    if name in ("auto", "cudnn", "hopper") and not tiles:
         return Full(prefill_kernel=name)
     if name != "band":
-        raise ValueError(f"unknown kernel {spec!r}: want auto, band, band:TILES, band:best or "
-                         "cudnn")
+        raise ValueError(f"unknown kernel {spec!r}: want auto, hopper, cudnn, band, band:TILES "
+                         "or band:best")
     if tiles == "best":
         if best is None:
             raise ValueError("band:best needs --sweep (it takes the sweep's fastest tiling)")
@@ -163,6 +167,7 @@ def sweep(cfg: ModelConfig, context: int, chunk: int, tiles: list[Tiles], repeat
     cudnn = jax.jit(lambda q, k, v, s: pk.prefix_prefill_attention(
         q, jax.lax.dynamic_slice_in_dim(k, s, chunk, 2),
         jax.lax.dynamic_slice_in_dim(v, s, chunk, 2), k, v, q_start=s))
+    hopper = jax.jit(lambda q, k, v, s: pk.hopper_prefill_attention(q, k, v, q_start=s))
     best = None
     # The second chunk: a short prefix in a long cache shows whether cuDNN's padding mask skips
     # the keys past the prefix (the band kernel never visits them).
@@ -194,6 +199,8 @@ def sweep(cfg: ModelConfig, context: int, chunk: int, tiles: list[Tiles], repeat
             best = min(done, key=lambda x: x[0])[1] if done else None
         add("cudnn (prefix + square, merged)" if cudnn_problem(q.dtype, d) is None
             else "prefix + square split, jnp", lambda: cudnn(q, k, v, s))
+        if pk.hopper_problem(q.shape, k.shape, q.dtype) is None:
+            add("hopper (Mosaic GPU)", lambda: hopper(q, k, v, s))
     full = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                 implementation="cudnn"))
     if jax.default_backend() == "gpu":
@@ -225,20 +232,64 @@ def end_to_end(cfg: ModelConfig, params, context: int, chunk: int, spec: str, po
     def run():
         return compiled(params, policy, tokens, lengths)
 
+    jax.block_until_ready(run())  # warm-up: the first call of a compiled prefill runs slower
     runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        logits, _ = jax.block_until_ready(run())
-        runs.append(time.perf_counter() - t0)
+    with ClockLog() as clocks:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            logits, _ = jax.block_until_ready(run())
+            runs.append(time.perf_counter() - t0)
     flops = prefill_flops(cfg, context)
     seconds = statistics.median(runs)
     row = dict(section="e2e", context=context, chunk=chunk, kernel=spec, seconds=seconds,
                runs=runs, compile_s=compile_s, flops=flops,
-               tflops=sum(flops.values()) / seconds / 1e12)
+               tflops=sum(flops.values()) / seconds / 1e12, **clocks.summary())
     if peak:
         row["floor_s"] = sum(flops.values()) / (peak * 1e12)
         row["x_floor"] = seconds / row["floor_s"]
+        rated = rated_clock_mhz(peak)
+        if rated and row.get("sm_clock_mhz"):  # against the floor at the clock the card held
+            row["x_floor_held"] = row["x_floor"] * row["sm_clock_mhz"] / rated
     return row, run, np.asarray(logits, np.float64)
+
+
+def rated_clock_mhz(peak: float) -> float | None:
+    """The SM clock at which a Hopper card reaches its rated dense bf16 ``peak`` (TFLOP/s):
+    4096 FLOPs per clock per SM (989 TFLOP/s on 132 SMs is 1830 MHz)."""
+    sms = getattr(jax.devices()[0], "core_count", None)
+    return peak * 1e12 / (4096 * sms) / 1e6 if sms else None
+
+
+class ClockLog:
+    """SM clock and board power sampled by ``nvidia-smi`` every 100 ms while the block runs:
+    a card at its power limit lowers its clock under a long prefill, and with it its peak."""
+
+    def __enter__(self):
+        device = getattr(jax.devices()[0], "local_hardware_id", 0) or 0
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", str(device), "--query-gpu=clocks.sm,power.draw",
+                 "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # no nvidia-smi: no clocks in the row
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc):
+        self.samples = []
+        if self.proc:
+            self.proc.terminate()
+            for line in self.proc.communicate()[0].splitlines():
+                try:
+                    self.samples.append(tuple(float(x) for x in line.split(",")))
+                except ValueError:
+                    continue
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        clock, power = (statistics.median(x) for x in zip(*self.samples))
+        return dict(sm_clock_mhz=clock, power_w=power, clock_samples=len(self.samples))
 
 
 def profile(run, n_chunks: int) -> dict:
@@ -330,15 +381,17 @@ def print_tables(record: dict) -> None:
     rows = [r for r in record["e2e"] if "seconds" in r]
     if rows or hf:
         print(f"\n{'context':>8} {'chunk':>6} {'kernel':28} {'seconds':>8} {'floor s':>8} "
-              f"{'x floor':>7} {'TFLOP/s':>8} {'HF s':>7} {'vs HF':>6} {'compile s':>9} "
-              f"{'logits err':>10}")
+              f"{'x floor':>7} {'TFLOP/s':>8} {'HF s':>7} {'vs HF':>6} {'MHz':>5} "
+              f"{'x held':>6} {'compile s':>9} {'logits err':>10}")
         for r in rows:
             floor = (f"{r['floor_s']:8.3f} {r['x_floor']:7.2f}" if "floor_s" in r
                      else f"{'-':>8} {'-':>7}")
             base = hf.get(r["context"])
             vs = (f"{base:7.2f} {base / r['seconds']:6.2f}" if base else f"{'-':>7} {'-':>6}")
+            held = (f"{r['sm_clock_mhz']:5.0f} {r['x_floor_held']:6.2f}" if "x_floor_held" in r
+                    else f"{'-':>5} {'-':>6}")
             print(f"{r['context']:8d} {r['chunk']:6d} {r['kernel']:28} {r['seconds']:8.3f} "
-                  f"{floor} {r['tflops']:8.1f} {vs} {r['compile_s']:9.1f} "
+                  f"{floor} {r['tflops']:8.1f} {vs} {held} {r['compile_s']:9.1f} "
                   f"{r['logits_rel_err']:10.1e}")
         for n, s in sorted(hf.items()):
             print(f"{n:8d} {record['hf_chunk']:6d} {'HF transformers (sdpa)':28} {s:8.3f}")
@@ -363,8 +416,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", default="4096",
                     help="prefill chunk sizes, comma separated (why 4096: see above)")
     ap.add_argument("--kernels", default="auto",
-                    help="comma list of auto (the default's choice), band, band:TILES (e.g. "
-                         "band:q32k64w8s3pack), band:best (needs --sweep), cudnn")
+                    help="comma list of auto (the default's choice), hopper, cudnn, band, "
+                         "band:TILES (e.g. band:q32k64w8s3pack), band:best (needs --sweep)")
     ap.add_argument("--repeats", type=int, default=3, help="timed end-to-end runs per row")
     ap.add_argument("--sweep", action="store_true", help="time the kernel alone (see above)")
     ap.add_argument("--sweep-context", type=int, default=131072)

@@ -37,7 +37,8 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> 
 
 KINDS = (
     ("attention", re.compile(r"attention|fmha|sdpa", re.I)),  # ours; cuDNN's fused attention
-    ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|dot|matmul|triton_softmax", re.I)),
+    ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|nvjet|dot|matmul|triton_softmax",
+                          re.I)),
     ("cache write", re.compile(r"scatter|dynamic.update.slice|dynamic_update_slice", re.I)),
 )
 
