@@ -163,7 +163,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=field.name, type=_option_type(field), default=None,
                        help=f"{', '.join(methods)}: {field.metadata.get('help') or field.name}"
                             f"{default}")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk size (default: 2048 on a GPU, 512 elsewhere)")
     p.add_argument("--dtype", default="float32", choices=_DTYPES,
                    help="weights, activations and cache (bfloat16 halves the cache on a GPU)")
     p.add_argument("--json", type=pathlib.Path, default=None, help="write results as JSON here")
@@ -225,7 +226,12 @@ def _policy(args):
 
 
 def _check_common(args) -> None:
-    """Checks shared by every command, before anything is loaded or computed."""
+    """Checks shared by every command, before anything is loaded or computed (and the
+    device's default chunk size where none is given)."""
+    from longctx_jax.generate import default_chunk_size
+
+    if args.chunk_size is None:
+        args.chunk_size = default_chunk_size()
     if args.chunk_size < 1:
         raise LongctxError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     _check_output(args.json, "--json")

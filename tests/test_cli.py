@@ -165,7 +165,7 @@ def test_help_shows_defaults_and_every_option_has_help():
                 assert action.help, f"{p.prog} {action.option_strings[0]} has no help"
     gen = next(p for p in parsers(_parser()) if p.prog.endswith("generate")).format_help()
     flat = " ".join(gen.split())
-    assert "prefill chunk size (default: 512)" in flat
+    assert "prefill chunk size (default: 2048 on a GPU, 512 elsewhere)" in flat
     assert "(default: 64)" in flat and "(default: float32)" in flat
     assert "(default: None)" not in flat
 

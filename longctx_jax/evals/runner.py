@@ -23,8 +23,8 @@ import numpy as np
 from longctx_jax.cache import human_bytes
 from longctx_jax.errors import LongctxError
 from longctx_jax.evals.tasks import Sample, answer_text, exact_match, make_samples
-from longctx_jax.generate import (activation_dtype, check_request, generate_tokens, pad_prompts,
-                                  prefill_chunks)
+from longctx_jax.generate import (activation_dtype, check_request, default_chunk_size,
+                                  generate_tokens, pad_prompts, prefill_chunks)
 from longctx_jax.model import Decoder
 from longctx_jax.policies.base import AttentionPolicy
 from longctx_jax.sharding import check_mesh, constrain_caches, shard_params
@@ -51,10 +51,12 @@ def answer_tokens(task: str, variant: str = "single") -> int:
 def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
              depths: Sequence[float], samples: int, *, mode: str = "generate",
              variant: str = "single", haystack: str | None = None, seed: int = 0,
-             batch_size: int = 8, chunk_size: int = 512, progress: bool = True,
+             batch_size: int = 8, chunk_size: int | None = None, progress: bool = True,
              mesh=None) -> dict:
     """Evaluate ``policy`` on ``task``; returns a JSON-ready record (see ``longctx eval``).
-    ``mesh``: run sharded (``generate.generate_tokens``); ``data`` must divide the batch."""
+    ``chunk_size``: the prefill chunk (default ``generate.default_chunk_size()``); each
+    length's cache is a whole number of chunks. ``mesh``: run sharded
+    (``generate.generate_tokens``); ``data`` must divide the batch."""
     from tqdm.auto import tqdm
 
     if mode not in MODES:
@@ -62,6 +64,7 @@ def run_eval(model, policy: AttentionPolicy, task: str, lengths: Sequence[int],
     if samples < 1 or batch_size < 1:
         raise LongctxError("samples and batch_size must be >= 1")
     batch_size = min(batch_size, samples)  # padding rows past the samples would be pure waste
+    chunk_size = default_chunk_size() if chunk_size is None else chunk_size
     check_mesh(model.config, mesh, batch_size)
     tok = model.tokenizer
     new_tokens = answer_tokens(task, variant)
