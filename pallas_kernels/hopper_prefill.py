@@ -5,8 +5,9 @@ an unbounded window. ``q [B, Hq, Tq, D]`` with query ``j`` at position ``q_start
 ``k``/``v`` ``[B, Hkv, S, D]``, a cache whose rows ``[0, q_start + Tq)`` hold positions
 ``0 ..`` (the chunk already written in; the rows after it, up to the next multiple of
 ``BLOCK_KV``, are read and masked, so they must be finite, as a zero-filled cache is).
-``q_start`` may be traced. Query ``j`` sees keys ``0 .. q_start + j``. Returns
-``(out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32)``.
+``q_start`` may be traced; a negative one (a chunk of padding only) counts as 0. Query ``j``
+sees keys ``0 .. min(q_start + j, S - 1)``. Returns ``(out [B, Hq, Tq, D] in q's dtype,
+lse [B, Hq, Tq] float32)``.
 
 Why a kernel of its own: nearly all of a long prefill's time is this attention, and it is
 compute-bound; cuDNN's causal mask is aligned top-left, so cuDNN needs two calls per chunk
@@ -50,7 +51,8 @@ def hopper_problem(q_shape, k_shape, dtype) -> str | None:
     capability = str(getattr(jax.devices()[0], "compute_capability", "?"))
     if not capability.startswith("9"):
         return f"the kernel is for Hopper (compute capability 9.x), not {capability}"
-    return shape_problem(q_shape, k_shape, dtype)
+    return (shape_problem(q_shape, k_shape, dtype)
+            or _build_problem(jnp.dtype(dtype).name, int(q_shape[3])))
 
 
 def shape_problem(q_shape, k_shape, dtype) -> str | None:
@@ -66,18 +68,39 @@ def shape_problem(q_shape, k_shape, dtype) -> str | None:
     return None
 
 
+@functools.cache
+def _build_problem(dtype: str, head_dim: int) -> str | None:
+    """Build the kernel once at its smallest shape: a CUDA whose ptxas miscompiles it, or a jax
+    whose Mosaic GPU API moved, gives a reason here (and ``auto`` another kernel) instead of a
+    failure inside a model."""
+    from jax._src.lib import cuda_versions  # private; absent without jax's CUDA plugin
+
+    runtime = cuda_versions.cuda_runtime_get_version() if cuda_versions else None
+    if runtime and 12080 <= runtime < 12091:  # as jax's own Mosaic GPU attention refuses
+        return f"CUDA runtime {runtime} (12.8 to 12.9.0) miscompiles its causal mask"
+    q = jax.ShapeDtypeStruct((1, 1, 2 * BLOCK_Q, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((1, 1, BLOCK_KV, head_dim), dtype)
+    try:
+        _call.trace(jax.ShapeDtypeStruct((1,), jnp.int32), q, kv, kv, scale=1.0).lower().compile()
+    except Exception as e:  # noqa: BLE001 - any failure to build is the reason it cannot run
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        return f"it does not build here: {type(e).__name__}: {first_line}"
+    return None
+
+
 @per_shard(heads=("q", "k", "v"))
 def hopper_prefill_attention(q, k, v, *, q_start, scale=None):
     """The chunk ``q`` against the cache ``k``/``v``, causally (see the module docstring)."""
-    b, hq, tq, d = q.shape
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != b \
-            or k.shape[3] != d or hq % k.shape[1]:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] \
+            or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(f"want q [B, Hq, Tq, D], k = v [B, Hkv, S, D] with Hkv | Hq; got "
                          f"{q.shape}, {k.shape}, {v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if problem := hopper_problem(q.shape, k.shape, q.dtype):
         raise ValueError(f"hopper_prefill_attention cannot run here: {problem}")
-    scale = d ** -0.5 if scale is None else float(scale)
-    q_start = jnp.reshape(jnp.asarray(q_start, jnp.int32), (1,))
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    q_start = jnp.maximum(jnp.reshape(jnp.asarray(q_start, jnp.int32), (1,)), 0)
     return _call(q_start, q, k, v, scale=scale)
 
 
@@ -88,6 +111,7 @@ def _call(q_start, q, k, v, *, scale):
     b, hq, tq, d = q.shape
     group, dtype = hq // k.shape[1], q.dtype
     n_tiles = tq // (2 * BLOCK_Q)
+    cache_steps = k.shape[2] // BLOCK_KV  # no key block past the cache's end
     c = scale * LOG2E
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
 
@@ -100,7 +124,8 @@ def _call(q_start, q, k, v, *, scale):
         q_start = start_ref[0]
         cta_base = (n_tiles - 1 - lax.axis_index("q_seq")) * (2 * BLOCK_Q)  # longest first
         # Key blocks the CTA's last query sees: the memory warpgroup streams these.
-        cta_steps = lax.div(q_start + cta_base + i32(2 * BLOCK_Q + BLOCK_KV - 1), i32(BLOCK_KV))
+        cta_steps = jnp.minimum(lax.div(q_start + cta_base + i32(2 * BLOCK_Q + BLOCK_KV - 1),
+                                        i32(BLOCK_KV)), cache_steps)
 
         def take_turn():  # the two compute warpgroups alternate on the tensor cores
             plgpu.barrier_arrive(turn)
@@ -112,8 +137,9 @@ def _call(q_start, q, k, v, *, scale):
             qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
             base = cta_base + wg * BLOCK_Q
             first = q_start + base  # position of this warpgroup's first query
-            steps = lax.div(first + i32(BLOCK_Q + BLOCK_KV - 1), i32(BLOCK_KV))
-            whole = lax.div(first + i32(1), i32(BLOCK_KV))  # blocks every row sees whole
+            steps = jnp.minimum(lax.div(first + i32(BLOCK_Q + BLOCK_KV - 1), i32(BLOCK_KV)),
+                                cache_steps)
+            whole = jnp.minimum(lax.div(first + i32(1), i32(BLOCK_KV)), steps)  # seen whole
             plgpu.copy_gmem_to_smem(q_ref.at[batch, head, pl.ds(base, BLOCK_Q)], qo_smem,
                                     q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
@@ -189,20 +215,23 @@ def _call(q_start, q, k, v, *, scale):
             plgpu.set_max_registers(40, action="decrease")
             kv_head = lax.div(head, i32(group))
 
-            def load(j, slot):
+            def load(j, slot, ref, smem, ready):
                 at = (batch, kv_head, pl.ds(j * BLOCK_KV, BLOCK_KV))
-                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
+                plgpu.copy_gmem_to_smem(ref.at[at], smem.at[slot], ready.at[slot])
 
             for j in range(STAGES):  # every CTA has at least one step
-                pl.when(j < cta_steps)(functools.partial(load, j, j))
+                @pl.when(j < cta_steps)
+                def _():
+                    load(j, j, k_ref, k_smem, k_ready)
+                    load(j, j, v_ref, v_smem, v_ready)
 
             @pl.loop(i32(0), jnp.maximum(cta_steps - STAGES, 0))
-            def _(j):
+            def _(j):  # each tile as soon as its slot is free: K's before V's is freed
                 slot = lax.rem(j, i32(STAGES))
                 plgpu.barrier_wait(k_free.at[slot])
+                load(j + STAGES, slot, k_ref, k_smem, k_ready)
                 plgpu.barrier_wait(v_free.at[slot])
-                load(j + STAGES, slot)
+                load(j + STAGES, slot, v_ref, v_smem, v_ready)
 
     tiles = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
              plgpu.SwizzleTransform(128))

@@ -7,6 +7,7 @@ it), and where it declines to run.
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import pallas_kernels as pk
@@ -16,7 +17,7 @@ from pallas_kernels.band_prefill import band_prefill_reference
 ON_HOPPER = pk.hopper_problem((1, 1, 128, 64), (1, 1, 128, 64), jnp.bfloat16) is None
 bf16, f16 = jnp.bfloat16, jnp.float16
 
-# (B, Hq, Hkv, Tq, S, D, q_start, dtype): GQA groups of 1, 3, 4 and 8; D 64 and 128; a chunk of
+# (B, Hq, Hkv, Tq, S, D, q_start, dtype): GQA groups of 1 to 8; D 64 and 128; a chunk of
 # one CTA and of several; starts at 0, at a block edge and between edges (so the diagonal cuts
 # key blocks anywhere); the chunk at the cache's end.
 CASES = [
@@ -82,7 +83,47 @@ def test_hopper_kernel_says_where_it_cannot_run():
             pk.hopper_prefill_attention(q, k, v, q_start=0)
 
 
-def test_hopper_kernel_checks_shapes():
+def test_hopper_kernel_checks_its_inputs():
+    """Shapes that do not fit the contract, and mixed dtypes, are refused by name."""
     q, k, v = inputs(1, 6, 4, 128, 256, 64, bf16, seed=1)
     with pytest.raises(ValueError, match=r"Hkv \| Hq"):
         pk.hopper_prefill_attention(q, k, v, q_start=0)
+    with pytest.raises(ValueError, match=r"Hkv \| Hq"):
+        pk.hopper_prefill_attention(q[0], k, v, q_start=0)
+    q, k, v = inputs(1, 4, 2, 128, 256, 64, bf16, seed=2)
+    with pytest.raises(ValueError, match="share a dtype"):
+        pk.hopper_prefill_attention(q, k.astype(f16), v, q_start=0)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
+def test_full_prefill_with_the_hopper_kernel_matches_the_band_kernel():
+    """Through the model, a ragged bf16 batch: in chunks of 128 whose last is padding only (its
+    start is -1), and in chunks of 256 over a cache of 384 (the second chunk ends past the
+    cache). The Hopper kernel's hidden states and logits are the band kernel's."""
+    from conftest import forward_hidden, tiny_config
+    from longctx_jax.generate import pad_prompts, prefill_tokens
+    from longctx_jax.model import random_params
+    from longctx_jax.policies import Full
+
+    cfg = tiny_config(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=512)
+    params = random_params(cfg, jax.random.key(3), bf16)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (300, 130)]
+    tokens, lengths = pad_prompts(prompts, 128, min_width=512)
+
+    def run(kernel, chunk, max_len):
+        policy = Full(prefill_kernel=kernel)
+        hidden, _ = forward_hidden(cfg, params, policy, tokens, lengths=lengths,
+                                   chunk_size=chunk, max_len=max_len)
+        logits, _ = prefill_tokens(params, policy, jnp.asarray(tokens), jnp.asarray(lengths),
+                                   cfg=cfg, max_len=max_len, chunk_size=chunk)
+        return hidden, logits
+
+    for chunk, max_len in ((128, 512), (256, 384)):
+        want_hidden, want_logits = run("band", chunk, max_len)
+        hidden, logits = run("hopper", chunk, max_len)
+        for row, n in enumerate(lengths):
+            chex.assert_trees_all_close(hidden[row, :n].astype(jnp.float32),
+                                        want_hidden[row, :n].astype(jnp.float32),
+                                        atol=5e-2, rtol=5e-2)
+        chex.assert_trees_all_close(logits, want_logits, atol=5e-2, rtol=5e-2)

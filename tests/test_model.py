@@ -133,7 +133,7 @@ def test_full_auto_prefill_kernel_is_the_fastest_that_runs(monkeypatch):
     got, _ = forward_hidden(cfg, params, Full(), tokens, chunk_size=4)
     assert set(calls) == {"prefix_prefill_attention"}
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(LongctxError, match="'hopper' cannot run here: the backend is cpu"):
+    with pytest.raises(LongctxError, match="'hopper' cannot run here: "):
         forward_hidden(cfg, params, Full(prefill_kernel="hopper"), tokens, chunk_size=4)
     calls.clear()
 

@@ -22,7 +22,8 @@ class Full(AttentionPolicy):
     cuDNN's flash attention over the cached prefix and the chunk, merged by lse (on a GPU in
     bf16/f16; elsewhere the same split in jnp), ``"band"``, the Pallas band kernel over the
     cache (with ``tiles``, default :func:`pallas_kernels.band_prefill.default_tiles`), or
-    ``"auto"``: the first of these that runs (on a CPU the band kernel's jnp reference). Why
+    ``"auto"``: the Hopper kernel where it runs, else cuDNN on a GPU in bf16/f16, else the band
+    kernel (on a CPU its jnp reference). Why
     this order: on an H200 at the Llama-3-8B shape the last 4K chunk of a 128K prompt takes
     13.3 ms with the Hopper kernel, 14.6 with cuDNN and 19.1 with the band kernel, and the whole
     prefill 10.6 s with the Hopper kernel against 11.0 with cuDNN (``pallas_kernels/README.md``).
@@ -49,13 +50,15 @@ class Full(AttentionPolicy):
     def prefill(self, layer, x, cache):
         cache = cache.write(x.k, x.v, x.positions)
         q, start = heads_first(x.q), chunk_start(x.positions)
-        kernel, hopper = self.prefill_kernel, pk.hopper_problem(q.shape, cache.k.shape, q.dtype)
-        if kernel == "auto":
-            kernel = ("hopper" if hopper is None
-                      else "band" if pk.cudnn_problem(q.dtype, q.shape[-1]) else "cudnn")
-        if kernel == "hopper" and hopper:
-            raise LongctxError(f"full prefill_kernel='hopper' cannot run here: {hopper}")
-        if kernel == "hopper":
+        kernel = self.prefill_kernel
+        if kernel in ("auto", "hopper"):
+            why_not = pk.hopper_problem(q.shape, cache.k.shape, q.dtype)
+            if kernel == "hopper" and why_not:
+                raise LongctxError(f"full prefill_kernel='hopper' cannot run here: {why_not}")
+            if kernel == "auto":
+                kernel = ("hopper" if why_not is None
+                          else "band" if pk.cudnn_problem(q.dtype, q.shape[-1]) else "cudnn")
+        if kernel == "hopper":  # a chunk of padding only (start -1) counts from 0: rows dropped
             out, _ = pk.hopper_prefill_attention(q, cache.k, cache.v, q_start=start)
         elif kernel == "cudnn":
             out, _ = pk.prefix_prefill_attention(q, heads_first(x.k), heads_first(x.v), cache.k,
