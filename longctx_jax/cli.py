@@ -225,18 +225,18 @@ def _policy(args):
         raise LongctxError(message) from None
 
 
-def _check_common(args) -> None:
-    """Checks shared by every command, before anything is loaded or computed (and the
-    device's default chunk size where none is given)."""
-    from longctx_jax.generate import default_chunk_size
-
-    if args.chunk_size is None:
-        args.chunk_size = default_chunk_size()
-    if args.chunk_size < 1:
+def _common_args(args) -> None:
+    """Check the options every command shares, before anything is loaded or computed; then
+    fill in ``--chunk-size``'s default, the device's (which starts the backend)."""
+    if args.chunk_size is not None and args.chunk_size < 1:
         raise LongctxError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     _check_output(args.json, "--json")
     if args.mesh is not None:
         parse_mesh(args.mesh)
+    if args.chunk_size is None:
+        from longctx_jax.generate import default_chunk_size
+
+        args.chunk_size = default_chunk_size()
 
 
 def _mesh(args, cfg, batch: int | None = None):
@@ -321,7 +321,7 @@ def _generate(args) -> int:
     if not text.strip():
         raise LongctxError("empty prompt")
     sampling = _sampling(args)
-    _check_common(args)
+    _common_args(args)
     if args.max_new_tokens < 1:
         raise LongctxError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     policy = _policy(args)
@@ -387,7 +387,7 @@ def _score(args) -> int:
     if args.decode_from is not None and not 1 <= args.decode_from <= args.max_tokens - 2:
         raise LongctxError(f"--decode-from must be in [1, --max-tokens - 2 = "
                            f"{args.max_tokens - 2}], got {args.decode_from}")
-    _check_common(args)
+    _common_args(args)
     policy = _policy(args)
     source = _open(args)
     check_positions(source.config, policy, args.max_tokens, f"--max-tokens {args.max_tokens}")
@@ -446,7 +446,7 @@ def _eval(args) -> int:
     for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise LongctxError(f"{flag} must be >= 1, got {value}")
-    _check_common(args)
+    _common_args(args)
     if args.plot is not None:
         _check_output(args.plot, "--plot", _plot_types())
     haystack = read_text(args.haystack_file, "--haystack-file") if args.haystack_file else None
@@ -485,7 +485,7 @@ def _plot_types() -> tuple[str, ...]:
 
 
 def _write_json(path: pathlib.Path | None, record: dict) -> None:
-    if path is not None:  # checked writable by _check_common
+    if path is not None:  # checked writable by _common_args
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
 

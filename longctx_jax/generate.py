@@ -119,15 +119,19 @@ def _check_positions_and_warn(cfg: ModelConfig, policies: Sequence[AttentionPoli
             print(warning, file=sys.stderr)
 
 
+CHUNK_SIZE_GPU, CHUNK_SIZE_ELSEWHERE = 2048, 512
+
+
 def default_chunk_size() -> int:
-    """The prefill chunk when none is given: 2048 tokens on a GPU, 512 elsewhere.
+    """The prefill chunk when none is given: ``CHUNK_SIZE_GPU`` tokens on a GPU, else
+    ``CHUNK_SIZE_ELSEWHERE``.
 
     Measured on an H200 (``benchmarks/results/prefill_h200``): at the Llama-3-8B shape a 32K
-    and a 128K prefill take the same time, within 1%, at chunks of 1K to 16K (512: 3% and 1.5%
-    slower), and SmolLM2 prefills 8K tokens in 22 ms at 2048 against 44 ms at 512. Not longer:
-    a prompt is padded to a whole number of chunks, so a longer chunk wastes more on a prompt
-    just past one."""
-    return 2048 if jax.default_backend() == "gpu" else 512
+    prefill takes 1.216-1.240 s and a 128K one 10.55-10.67 s at chunks of 1K to 16K, against
+    1.280 and 10.71 s at 512; SmolLM2 prefills 8K tokens in 22 ms at 2048 against 44 ms at 512.
+    Not longer: a prompt is padded to a whole number of chunks, so a longer chunk wastes more
+    on a prompt just past one."""
+    return CHUNK_SIZE_GPU if jax.default_backend() == "gpu" else CHUNK_SIZE_ELSEWHERE
 
 
 def bucket(n: int, quantum: int) -> int:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from longctx_jax.cli import main
+from longctx_jax.generate import CHUNK_SIZE_ELSEWHERE, CHUNK_SIZE_GPU
 
 
 def _run(capsys, *argv):
@@ -165,7 +166,8 @@ def test_help_shows_defaults_and_every_option_has_help():
                 assert action.help, f"{p.prog} {action.option_strings[0]} has no help"
     gen = next(p for p in parsers(_parser()) if p.prog.endswith("generate")).format_help()
     flat = " ".join(gen.split())
-    assert "prefill chunk size (default: 2048 on a GPU, 512 elsewhere)" in flat
+    assert (f"prefill chunk size (default: {CHUNK_SIZE_GPU} on a GPU, {CHUNK_SIZE_ELSEWHERE} "
+            "elsewhere)") in flat
     assert "(default: 64)" in flat and "(default: float32)" in flat
     assert "(default: None)" not in flat
 
