@@ -27,11 +27,11 @@ Sections, in the order they run:
   check that a kernel computes the same prefill). A kernel is ``auto`` (``Full()``'s default:
   the Hopper kernel where it runs, else cuDNN, else the band kernel), ``hopper``, ``cudnn``,
   ``band`` (default tiles), ``band:TILES`` (e.g. ``band:q32k64w8s3pack``) or ``band:best`` (the
-  sweep's fastest tiling at the end of the prompt). A warm-up run precedes the timed ones. Chunks default to 4096 tokens, as HF's here (``--hf-chunk``): on an H100 a 32K
-  prefill took the same time at 2K, 4K, 8K and 16K (1.418-1.439 s,
-  ``benchmarks/results/prefill_h100/prefill_a.json``), so a larger chunk would only hold larger
-  activations. Rows that would start past ``--deadline-s`` seconds into the run are skipped
-  (and listed), so a time-limited run keeps what it measured.
+  sweep's fastest tiling at the end of the prompt). A warm-up run precedes the timed ones.
+  Chunks default to 4096 tokens, as HF's here (``--hf-chunk``): on an H200 a 32K and a 128K
+  prefill took the same time, within 2%, at chunks of 1K to 16K
+  (``benchmarks/results/prefill_h200``). Rows that would start past ``--deadline-s`` seconds
+  into the run are skipped (and listed), so a time-limited run keeps what it measured.
 - ``--profile CONTEXT``: one end-to-end run at that context (first chunk size, first kernel or
   ``--profile-kernel``) under the profiler: device time per kind of kernel and the attention
   time of each chunk.
@@ -255,9 +255,12 @@ def end_to_end(cfg: ModelConfig, params, context: int, chunk: int, spec: str, po
 
 def rated_clock_mhz(peak: float) -> float | None:
     """The SM clock at which a Hopper card reaches its rated dense bf16 ``peak`` (TFLOP/s):
-    4096 FLOPs per clock per SM (989 TFLOP/s on 132 SMs is 1830 MHz)."""
-    sms = getattr(jax.devices()[0], "core_count", None)
-    return peak * 1e12 / (4096 * sms) / 1e6 if sms else None
+    4096 FLOPs per clock per SM (989 TFLOP/s on 132 SMs is 1830 MHz); ``None`` on other
+    cards, whose FLOPs per clock differ."""
+    device = jax.devices()[0]
+    sms = getattr(device, "core_count", None)
+    hopper = str(getattr(device, "compute_capability", "")).startswith("9")
+    return peak * 1e12 / (4096 * sms) / 1e6 if sms and hopper else None
 
 
 class ClockLog:
@@ -266,6 +269,9 @@ class ClockLog:
 
     def __enter__(self):
         device = getattr(jax.devices()[0], "local_hardware_id", 0) or 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        if device < len(visible) and visible[device].strip():  # nvidia-smi ignores the mask
+            device = visible[device].strip()
         try:
             self.proc = subprocess.Popen(
                 ["nvidia-smi", "-i", str(device), "--query-gpu=clocks.sm,power.draw",
