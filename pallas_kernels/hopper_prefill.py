@@ -215,23 +215,20 @@ def _call(q_start, q, k, v, *, scale):
             plgpu.set_max_registers(40, action="decrease")
             kv_head = lax.div(head, i32(group))
 
-            def load(j, slot, ref, smem, ready):
+            def load(j, slot):
                 at = (batch, kv_head, pl.ds(j * BLOCK_KV, BLOCK_KV))
-                plgpu.copy_gmem_to_smem(ref.at[at], smem.at[slot], ready.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
 
             for j in range(STAGES):  # every CTA has at least one step
-                @pl.when(j < cta_steps)
-                def _():
-                    load(j, j, k_ref, k_smem, k_ready)
-                    load(j, j, v_ref, v_smem, v_ready)
+                pl.when(j < cta_steps)(functools.partial(load, j, j))
 
             @pl.loop(i32(0), jnp.maximum(cta_steps - STAGES, 0))
-            def _(j):  # each tile as soon as its slot is free: K's before V's is freed
+            def _(j):  # a slot refills once both its tiles are consumed: the order measured
                 slot = lax.rem(j, i32(STAGES))
                 plgpu.barrier_wait(k_free.at[slot])
-                load(j + STAGES, slot, k_ref, k_smem, k_ready)
                 plgpu.barrier_wait(v_free.at[slot])
-                load(j + STAGES, slot, v_ref, v_smem, v_ready)
+                load(j + STAGES, slot)
 
     tiles = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
              plgpu.SwizzleTransform(128))
