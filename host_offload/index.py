@@ -346,7 +346,10 @@ class IVFIndex:
 
     A group's top ``k`` by group logit among the keys it scanned is exact: its queries scan the
     same lists, and a key in the group's top ``k`` is in the top ``k`` of the query that scores
-    it highest, so the union of the queries' own top ``k`` holds it at its group logit.
+    it highest, so the union of the queries' own top ``k`` holds it at its group logit. (On a
+    CPU with AVX512-BF16, faiss scores bfloat16 codes against the query rounded to bfloat16:
+    the logits of listed keys then move by that rounding, 2**-9 of each query element at most,
+    and near ties may swap.)
 
     Keys added after the build wait in a float32 *buffer* of up to ``buffer`` rows, which every
     search scans exactly, and go into their lists together once it fills (one faiss call):
