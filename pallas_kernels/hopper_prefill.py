@@ -28,19 +28,18 @@ the band kernel, whose reference (:func:`band_prefill_reference`) this matches.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._common import LN2, LOG2E
 from pallas_kernels._spmd import per_shard
 
 BLOCK_Q = 64  # queries per compute warpgroup (a CTA holds two)
 BLOCK_KV = 128  # keys per pipeline step
 STAGES = 2  # K/V tiles in flight (three do not fit in shared memory at D = 128)
-LOG2E, LN2 = math.log2(math.e), math.log(2.0)
 
 
 def hopper_problem(q_shape, k_shape, dtype) -> str | None:
