@@ -237,3 +237,28 @@ def test_decode_from_scores_the_decode_steps_like_teacher_forcing(tiny, method, 
     assert got.kl == pytest.approx(0.0, abs=1e-6) and got.top1_agreement == 1.0
     with pytest.raises(ValueError, match="decode_from"):
         score(cfg, params, policy, ids.tolist(), decode_from=39, progress=False)
+
+
+def test_default_chunk_size_is_the_devices(tiny, monkeypatch):
+    """Without ``chunk_size`` generation prefills in the device's default chunk: 512 on a CPU,
+    2048 on a GPU (a prompt shorter than it in one chunk of its bucketed width)."""
+    gen = importlib.import_module("longctx_jax.generate")  # the package exports a generate()
+    cfg, params = tiny
+    assert gen.default_chunk_size() == gen.CHUNK_SIZE_ELSEWHERE == 512
+    with monkeypatch.context() as patch:
+        patch.setattr(gen.jax, "default_backend", lambda: "gpu")
+        assert gen.default_chunk_size() == gen.CHUNK_SIZE_GPU == 2048
+    monkeypatch.setattr(gen, "default_chunk_size", lambda: 16)
+    seen = []
+    real = gen.generate_tokens
+
+    def spy(*args, chunk_size, **kwargs):
+        seen.append(chunk_size)
+        return real(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_tokens", spy)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 40).tolist()
+    want = generate(cfg, params, make_policy("full"), [prompt], max_new_tokens=3, chunk_size=16)
+    got = generate(cfg, params, make_policy("full"), [prompt], max_new_tokens=3)
+    assert seen == [16, 16]
+    np.testing.assert_array_equal(got.tokens, want.tokens)
