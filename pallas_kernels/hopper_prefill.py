@@ -219,7 +219,7 @@ def _call(q_start, q, k, v, *, scale):
                 plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
 
-            for j in range(STAGES):  # every CTA has at least one step
+            for j in range(min(STAGES, cache_steps)):  # every CTA has at least one step
                 pl.when(j < cta_steps)(functools.partial(load, j, j))
 
             @pl.loop(i32(0), jnp.maximum(cta_steps - STAGES, 0))
