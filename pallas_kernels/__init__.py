@@ -11,7 +11,8 @@ them too, from logits stored while streaming the cache (no second read of K).
 Full prefill's chunk-over-cache attention has two more: ``hopper_prefill_attention`` (a Mosaic
 GPU kernel for Hopper, one pass; ``hopper_problem`` says why it cannot run, ``None`` when it can)
 and ``prefix_prefill_attention`` (cuDNN, two masked calls merged by lse; ``cudnn_problem``);
-``Tiles`` tunes the band kernel.
+``Tiles`` tunes the band kernel. ``pallas_kernels.allreduce`` is not attention: a one-shot NVLink
+sum for the row-parallel products of a model split over a mesh (``sharding.row_parallel``).
 ``default_impl(impl)`` is a context under which ``"auto"`` means ``impl``. See README.md beside
 this file for the contracts and timings.
 """

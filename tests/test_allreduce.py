@@ -1,0 +1,153 @@
+"""The one-shot NVLink all-reduce (pallas_kernels.allreduce) and the row-parallel products that
+use it (sharding.row_parallel): against lax.psum and the unsharded product."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from longctx_jax import sharding
+from pallas_kernels.allreduce import (MAX_BYTES, one_shot_problem, one_shot_psum,
+                                      psum_reference)
+
+HOPPERS = [d for d in jax.devices() if d.platform == "gpu"
+           and str(getattr(d, "compute_capability", "")).startswith("9")]
+DEVICE_COUNTS = [pytest.param(n, marks=pytest.mark.skipif(len(HOPPERS) < n,
+                                                          reason=f"needs {n} Hopper GPUs"))
+                 for n in (2, 4)]
+
+
+def _mesh(n):
+    return jax.make_mesh((n,), ("model",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
+
+
+def _summed(reduce, mesh, x, out_dtype):
+    f = jax.shard_map(lambda a: reduce(a, "model", out_dtype), mesh=mesh, in_specs=P("model"),
+                      out_specs=P(), check_vma=False)
+    return jax.jit(f)(jax.device_put(x, NamedSharding(mesh, P("model"))))
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+@pytest.mark.parametrize("rows,cols", [(1, 4096), (8, 4096), (3, 128), (2, 8192)])
+@pytest.mark.parametrize("dtypes", [("float32", "bfloat16"), ("bfloat16", "bfloat16"),
+                                    ("float32", "float32"), ("float16", "float16")])
+def test_one_shot_psum_equals_psum(n, rows, cols, dtypes):
+    """Every device gets the float32 sum of the parts in rank order, rounded once (within a
+    rounding of lax.psum, which may add in another order; bitwise on two devices), and every
+    device the same bits."""
+    in_dtype, out_dtype = map(jnp.dtype, dtypes)
+    x = jax.random.normal(jax.random.key(rows * cols), (n * rows, cols), jnp.float32)
+    x = x.astype(in_dtype)
+    mesh = _mesh(n)
+    assert one_shot_problem((rows, cols), in_dtype, mesh) is None
+    ours = _summed(one_shot_psum, mesh, x, out_dtype)
+    want = _summed(psum_reference, mesh, x, out_dtype)
+    assert ours.dtype == out_dtype
+    if n == 2:
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(want, np.float32))
+    else:
+        exact = np.asarray(x, np.float64).reshape(n, rows, cols).sum(0)
+        step = {"float32": 2e-6, "bfloat16": 1e-2, "float16": 1e-3}[out_dtype.name]
+        np.testing.assert_allclose(np.asarray(ours, np.float64), exact, rtol=step,
+                                   atol=step * np.abs(exact).max())
+    shards = [np.asarray(s.data, np.float32) for s in ours.addressable_shards]
+    assert all(np.array_equal(shards[0], s) for s in shards[1:])
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+def test_one_shot_psum_in_a_chain(n):
+    """Many dependent sums in a loop (what a decode step is): each reuses the buffers of the one
+    before, which the barrier and the arrival semaphore keep from being overwritten early."""
+    mesh = _mesh(n)
+
+    def chain(a):
+        def body(_, v):
+            return one_shot_psum(v / n, "model", jnp.float32) + 1.0
+        return jax.lax.fori_loop(0, 200, body, a)
+
+    def chain_ref(a):
+        return jax.lax.fori_loop(0, 200, lambda _, v: jax.lax.psum(v / n, "model") + 1.0, a)
+
+    x = jax.random.normal(jax.random.key(3), (n, 4096), jnp.float32)
+    run = {f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("model"), out_specs=P("model"),
+                                    check_vma=False)) for f in (chain, chain_ref)}
+    xs = jax.device_put(x, NamedSharding(mesh, P("model")))
+    np.testing.assert_allclose(np.asarray(run[chain](xs)), np.asarray(run[chain_ref](xs)),
+                               rtol=1e-6)
+
+
+def test_one_shot_psum_lowers_for_cuda():
+    """The kernel traces and lowers to a CUDA module addressing its peer: what a change of jax's
+    Mosaic GPU API would break first (checked on any host)."""
+    mesh = _mesh(min(2, len(jax.devices())))
+    if mesh.size < 2:
+        pytest.skip("needs two devices (XLA_FLAGS=--xla_force_host_platform_device_count=2)")
+    f = jax.shard_map(lambda a: one_shot_psum(a, "model", jnp.bfloat16), mesh=mesh,
+                      in_specs=P("model"), out_specs=P(), check_vma=False)
+    x = jax.ShapeDtypeStruct((2, 4096), jnp.float32)
+    text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_one_shot_problem_says_why():
+    """Each case the kernel does not take has its reason (and row_parallel then takes psum)."""
+    mesh = _mesh(1)
+    if not HOPPERS:
+        assert one_shot_problem((1, 4096), jnp.float32, mesh)
+    assert "no mesh" in one_shot_problem((1, 4096), jnp.float32, None) or HOPPERS
+    if HOPPERS:
+        assert "multiple of 128" in one_shot_problem((1, 100), jnp.float32, mesh)
+        assert "larger than" in one_shot_problem((MAX_BYTES // 4 + 128,), jnp.float32, mesh)
+        assert "int32" in one_shot_problem((1, 128), jnp.int32, mesh)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 256), (3, 1, 256), (2, 5, 256)])
+def test_row_parallel_equals_the_product(shape):
+    """Under a model=2 mesh row_parallel is x @ kernel: on two Hoppers by the one-shot kernel,
+    elsewhere by XLA; and summed_per_shard with lax.psum (the kernel's reference), batch 1 padded
+    to two rows included, on any devices."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs two devices")
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (shape[-1], 128), jnp.float32) / 16
+    want = np.asarray(jnp.tensordot(x, w, axes=1, precision="highest"))
+    mesh = sharding.make_mesh(1, 2)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(None, None, "model")))
+        ws = jax.device_put(w, NamedSharding(mesh, P("model", None)))
+        got = {"auto": jax.jit(sharding.row_parallel)(xs, ws),
+               "psum": jax.jit(lambda a, b: sharding.summed_per_shard(a, b, psum_reference))(
+                   xs, ws)}
+        with sharding.allreduce("xla"):
+            got["xla"] = jax.jit(sharding.row_parallel)(xs, ws)
+    for name, value in got.items():
+        np.testing.assert_allclose(np.asarray(value), want, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_allreduce_names_its_choices():
+    with pytest.raises(Exception, match="--allreduce takes auto or xla"):
+        with sharding.allreduce("nccl"):
+            pass
+
+
+def test_on_two_simulated_devices():
+    """The tests above that need two devices, rerun in a subprocess with two simulated CPU
+    devices (the device count is fixed when jax starts its backend) where this process has one."""
+    if len(jax.devices()) >= 2:
+        pytest.skip("this process has two devices: the tests above ran here")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           __file__, "-k", "row_parallel or lowers_for_cuda"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
