@@ -66,8 +66,9 @@ from longctx_jax.model import Decoder, random_params
 from longctx_jax.policies import make_policy
 from longctx_jax.policies.duo import Duo
 from longctx_jax.profiling import format_summary, kernel_summary, median_time
-from longctx_jax.sharding import (batch_sharding, cache_axes, check_mesh, constrain_caches,
-                                  make_mesh, mesh_sizes, param_axes, parse_mesh, shardings)
+from longctx_jax.sharding import (ALLREDUCES, allreduce, batch_sharding, cache_axes, check_mesh,
+                                  constrain_caches, make_mesh, mesh_sizes, param_axes, parse_mesh,
+                                  shardings)
 
 SHAPES = {
     "llama3-8b-random": preset("llama3-8b"),
@@ -208,6 +209,9 @@ def main(argv=None) -> int:
     ap.add_argument("--duo-shards", type=int, default=None,
                     help="balance duo's retrieval heads over this many model shards (default: "
                          "the mesh's model size, 1 without a mesh)")
+    ap.add_argument("--allreduce", default="auto", choices=ALLREDUCES,
+                    help="how a mesh sums partial products over model: auto (the one-shot "
+                         "NVLink kernel where it runs) or xla (XLA's all-reduce, NCCL)")
     ap.add_argument("--floor", action="store_true",
                     help="measure the per-device read bandwidth and give each row its decode "
                          "floor (bytes a device reads per step / bandwidth)")
@@ -235,6 +239,7 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         if mesh is not None:  # the kernels read the mesh at trace time (pallas_kernels._spmd)
             stack.enter_context(jax.set_mesh(mesh))
+        stack.enter_context(allreduce(args.allreduce))
         return _run(args, cfg, mesh, duo, duo_shards)
 
 
@@ -253,6 +258,7 @@ def _run(args, cfg, mesh, duo, duo_shards) -> int:
                   backend=jax.default_backend(), jax=jax.__version__,
                   machine=platform.machine(), dtype=args.dtype, batch=args.batch,
                   mesh=None if mesh is None else dict(data=data, model=model),
+                  allreduce=args.allreduce,
                   devices=data * model,
                   retrieval_heads=retrieval, kv_heads_total=cfg.num_layers * cfg.num_kv_heads,
                   duo_shards=duo_shards, ratio=args.ratio, sink=args.sink, window=args.window,

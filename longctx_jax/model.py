@@ -20,6 +20,7 @@ import numpy as np
 
 from longctx_jax.attention import AttnInputs
 from longctx_jax.config import ModelConfig
+from longctx_jax.sharding import row_parallel
 
 
 # ------------------------------------------------------------------------------------ RoPE
@@ -103,10 +104,11 @@ class Block(nn.Module):
             out, cache = policy.decode(self.layer, inputs, cache, step=step, phase=phase)
         else:
             out, cache = policy.prefill(self.layer, inputs, cache)
-        x = x + _dense(cfg.hidden_size, "o")(out.astype(x.dtype).reshape(b, t, -1))
+        x = x + _RowParallel(cfg.hidden_size, name="o")(out.astype(x.dtype).reshape(b, t, -1))
         h = RMSNorm(cfg.rms_eps, name="post_attn_norm")(x)
         gate_up = _DenseHeads((2, cfg.intermediate_size), False, name="gate_up")(h)
-        x = x + _dense(cfg.hidden_size, "down")(nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+        x = x + _RowParallel(cfg.hidden_size, name="down")(
+            nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
         return x, cache
 
 
@@ -126,6 +128,18 @@ class _DenseHeads(nn.Module):
         if self.bias:
             y = y + self.param("bias", nn.initializers.zeros, self.shape).astype(x.dtype)
         return y
+
+
+class _RowParallel(nn.Module):
+    """``x [..., n] -> [..., features]`` whose ``n`` a mesh splits over ``model``: the partial
+    products are summed over the devices (``sharding.row_parallel``)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+        return row_parallel(x, kernel.astype(x.dtype))
 
 
 class Decoder(nn.Module):

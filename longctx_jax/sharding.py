@@ -23,10 +23,14 @@ must sit beside it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import math
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -215,3 +219,85 @@ def batch_sharding(mesh: Mesh, batch: int, ndim: int = 1) -> NamedSharding:
     spec = fit_spec(PartitionSpec("data", *(None,) * (ndim - 1)), (batch,) + (1,) * (ndim - 1),
                     mesh)
     return NamedSharding(mesh, spec)
+
+
+# ------------------------------------------------------------------- row-parallel products
+
+ALLREDUCES = ("auto", "xla")
+_allreduce = contextvars.ContextVar("longctx_allreduce", default="auto")
+# Meshes on which the one-shot kernel beat XLA's all-reduce in decode: two H200s, Llama-3-8B at
+# 128K, 5.55 ms a token against 6.36; on four, Llama-3-70B at 32K, 14.20 ms against 13.68
+# (benchmarks/results/sharded_h200x2/, sharded_h200x4/).
+ONE_SHOT_MESH_SIZES = (2,)
+
+
+@contextlib.contextmanager
+def allreduce(kind: str):
+    """Pick how :func:`row_parallel` sums over ``model`` in what is traced inside: ``"auto"``
+    (the default: a decode step's sums by the one-shot NVLink kernel where it runs and pays) or
+    ``"xla"`` (every sum XLA's all-reduce, NCCL's on GPUs). Read at trace time, like the mesh."""
+    if kind not in ALLREDUCES:
+        raise LongctxError(f"--allreduce takes {' or '.join(ALLREDUCES)}, got {kind!r}")
+    token = _allreduce.set(kind)
+    try:
+        yield
+    finally:
+        _allreduce.reset(token)
+
+
+def row_parallel(x, kernel):
+    """``x [..., n] @ kernel [n, d]`` in ``x``'s dtype, for the products whose contracted
+    dimension a mesh splits over ``model`` (attention's output projection by heads, the MLP's
+    down projection by its intermediate dimension): each device's partial product is summed
+    over ``model``, Megatron-style.
+
+    A decode step's sums are a hidden vector per row, pure latency. On a mesh of
+    ``ONE_SHOT_MESH_SIZES`` devices where the one-shot NVLink kernel runs
+    (``pallas_kernels.allreduce``: Hopper GPUs of one process), they are
+    :func:`summed_per_shard` by it. Otherwise (no mesh, a CPU, a prefill chunk's sums, other
+    meshes, ``allreduce("xla")``) XLA partitions the product from the shardings and inserts its
+    own all-reduce."""
+    from pallas_kernels.allreduce import MAX_BYTES, one_shot_problem, one_shot_psum
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh.empty or mesh.manual_axes or _allreduce.get() == "xla"
+            or mesh.size not in ONE_SHOT_MESH_SIZES):
+        return jnp.tensordot(x, kernel, axes=1)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    data = sizes.get("data", 1)
+    rows = x.shape[0] // data if x.shape[0] % data == 0 else x.shape[0]
+    local_out = (rows, *x.shape[1:-1], kernel.shape[1])
+    if (sizes.get("model", 1) == 1 or kernel.shape[0] % sizes["model"]
+            or math.prod(local_out) * 4 > MAX_BYTES or one_shot_problem(local_out, jnp.float32)):
+        return jnp.tensordot(x, kernel, axes=1)
+    return summed_per_shard(x, kernel, one_shot_psum)
+
+
+def summed_per_shard(x, kernel, reduce):
+    """``x [B, ..., n] @ kernel [n, d]`` under a mesh that splits ``n`` over ``model``: in a
+    ``jax.shard_map``, each device's partial product in float32, summed over ``model`` by
+    ``reduce(part, axis_name, out_dtype)`` (``one_shot_psum``, or ``psum_reference``), rows over
+    ``data`` where it divides ``B``.
+
+    One row (batch 1) is multiplied as two, the second zero. XLA's GPU compiler rewrites a
+    vector times a matrix of under 10M elements (a shard of Llama-3-8B's output projection,
+    2048 x 4096, on two devices) into a multiply and a reduction, 5x slower than the GEMM (an
+    H200: 27 us a layer); two rows keep it a GEMM. The shard of the down projection (7168 x
+    4096) is a GEMM either way, but padded too the whole step was faster: 5.55 ms a token at
+    128K on two H200s against 5.93."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    data = "data" if x.shape[0] % sizes.get("data", 1) == 0 and "data" in sizes else None
+
+    def local(xs, ws):
+        rows = xs.reshape(-1, xs.shape[-1])
+        if rows.shape[0] == 1:  # see above
+            rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+        part = jnp.dot(rows, ws, preferred_element_type=jnp.float32)[: math.prod(xs.shape[:-1])]
+        return reduce(part, "model", x.dtype).reshape(*xs.shape[:-1], ws.shape[1])
+
+    middle = (None,) * (x.ndim - 2)
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(PartitionSpec(data, *middle, "model"),
+                                   PartitionSpec("model", None)),
+                         out_specs=PartitionSpec(data, *middle, None), check_vma=False)(x, kernel)
