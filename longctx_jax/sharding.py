@@ -16,15 +16,15 @@ all-reduce.
 A run on a mesh (``make_mesh``, ``--mesh data=D,model=M``) places the parameters and caches by
 these rules (``shard_params``, ``shard_caches``; inside ``jax.jit``, ``constrain_caches``) and
 lets XLA partition the dense layers; the attention kernels, which XLA cannot partition, run per
-shard (``pallas_kernels._spmd``). ``check_mesh`` refuses a ``model`` axis that does not divide
-the KV heads before any device work: a KV head is the unit of attention, and its query heads
-must sit beside it.
+shard (``pallas_kernels._spmd``), and the small sums of a decode step's row-parallel products
+(``row_parallel``) may run as a kernel of ours. ``check_mesh`` refuses a ``model`` axis that
+does not divide the KV heads before any device work: a KV head is the unit of attention, and
+its query heads must sit beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Mapping
@@ -36,6 +36,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
+from pallas_kernels.allreduce import one_shot_problem, one_shot_psum, psum_reference
 
 RULES: Mapping[str, str | None] = {
     "batch": "data", "kv_heads": "model", "heads": "model", "mlp": "model", "logits": "model",
@@ -224,25 +225,25 @@ def batch_sharding(mesh: Mesh, batch: int, ndim: int = 1) -> NamedSharding:
 # ------------------------------------------------------------------- row-parallel products
 
 ALLREDUCES = ("auto", "xla")
-_allreduce = contextvars.ContextVar("longctx_allreduce", default="auto")
-# Meshes on which the one-shot kernel beat XLA's all-reduce in decode: two H200s, Llama-3-8B at
-# 128K, 5.55 ms a token against 6.36; on four, Llama-3-70B at 32K, 14.20 ms against 13.68
-# (benchmarks/results/sharded_h200x2/, sharded_h200x4/).
+_allreduce = jax.make_user_context("auto")  # part of jit's cache key: a change retraces
+# Meshes on which the one-shot kernel measured faster than XLA's all-reduce in decode: two H200s
+# (Llama-3-8B at 128K, neither padding the output projection's row: 6.18 ms a token against
+# 6.41). On four (Llama-3-70B at 32K) it was slower: 14.20 ms against 13.68.
 ONE_SHOT_MESH_SIZES = (2,)
+# XLA's GPU compiler rewrites a vector times a matrix of fewer elements than this into a multiply
+# and a reduction (gpu_algebraic_simplifier, jaxlib 0.11).
+XLA_VECTOR_REWRITE = 10_000_000
 
 
 @contextlib.contextmanager
 def allreduce(kind: str):
     """Pick how :func:`row_parallel` sums over ``model`` in what is traced inside: ``"auto"``
-    (the default: a decode step's sums by the one-shot NVLink kernel where it runs and pays) or
-    ``"xla"`` (every sum XLA's all-reduce, NCCL's on GPUs). Read at trace time, like the mesh."""
+    (the default; see there) or ``"xla"`` (every product partitioned by XLA, which inserts its
+    own all-reduce: the plain path, for comparison). Part of ``jax.jit``'s cache key."""
     if kind not in ALLREDUCES:
-        raise LongctxError(f"--allreduce takes {' or '.join(ALLREDUCES)}, got {kind!r}")
-    token = _allreduce.set(kind)
-    try:
+        raise LongctxError(f"allreduce takes {' or '.join(ALLREDUCES)}, got {kind!r}")
+    with _allreduce(kind):
         yield
-    finally:
-        _allreduce.reset(token)
 
 
 def row_parallel(x, kernel):
@@ -251,43 +252,45 @@ def row_parallel(x, kernel):
     down projection by its intermediate dimension): each device's partial product is summed
     over ``model``, Megatron-style.
 
-    A decode step's sums are a hidden vector per row, pure latency. On a mesh of
+    Small sums (a decode step's: one hidden vector per row) are latency. On a mesh of
     ``ONE_SHOT_MESH_SIZES`` devices where the one-shot NVLink kernel runs
-    (``pallas_kernels.allreduce``: Hopper GPUs of one process), they are
-    :func:`summed_per_shard` by it. Otherwise (no mesh, a CPU, a prefill chunk's sums, other
-    meshes, ``allreduce("xla")``) XLA partitions the product from the shardings and inserts its
-    own all-reduce."""
-    from pallas_kernels.allreduce import MAX_BYTES, one_shot_problem, one_shot_psum
-
+    (``pallas_kernels.allreduce``: Hopper GPUs of one process) they are :func:`summed_per_shard`
+    by it. A single row whose shard of ``kernel`` XLA would rewrite as a vector product (under
+    ``XLA_VECTOR_REWRITE`` elements) is :func:`summed_per_shard` by ``lax.psum``, which pads it
+    to a GEMM. Everything else (no mesh, a prefill chunk's sums, ``allreduce("xla")``) XLA
+    partitions from the shardings, inserting its own all-reduce."""
     mesh = jax.sharding.get_abstract_mesh()
-    if (mesh.empty or mesh.manual_axes or _allreduce.get() == "xla"
-            or mesh.size not in ONE_SHOT_MESH_SIZES):
+    kernel = kernel.astype(x.dtype)
+    if mesh.empty or mesh.manual_axes or _allreduce.value == "xla":
         return jnp.tensordot(x, kernel, axes=1)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    data = sizes.get("data", 1)
-    rows = x.shape[0] // data if x.shape[0] % data == 0 else x.shape[0]
-    local_out = (rows, *x.shape[1:-1], kernel.shape[1])
-    if (sizes.get("model", 1) == 1 or kernel.shape[0] % sizes["model"]
-            or math.prod(local_out) * 4 > MAX_BYTES or one_shot_problem(local_out, jnp.float32)):
+    model = sizes.get("model", 1)
+    if model == 1 or kernel.shape[0] % model:
         return jnp.tensordot(x, kernel, axes=1)
-    return summed_per_shard(x, kernel, one_shot_psum)
+    rows = math.prod(x.shape[:-1]) // _data_split(x, sizes)
+    if (mesh.size in ONE_SHOT_MESH_SIZES
+            and one_shot_problem((rows, kernel.shape[1]), jnp.float32) is None):
+        return summed_per_shard(x, kernel, one_shot_psum)
+    if rows == 1 and kernel.size // model < XLA_VECTOR_REWRITE:
+        return summed_per_shard(x, kernel, psum_reference)
+    return jnp.tensordot(x, kernel, axes=1)
 
 
 def summed_per_shard(x, kernel, reduce):
     """``x [B, ..., n] @ kernel [n, d]`` under a mesh that splits ``n`` over ``model``: in a
     ``jax.shard_map``, each device's partial product in float32, summed over ``model`` by
     ``reduce(part, axis_name, out_dtype)`` (``one_shot_psum``, or ``psum_reference``), rows over
-    ``data`` where it divides ``B``.
+    ``data`` where it divides ``B``; in ``x``'s dtype.
 
-    One row (batch 1) is multiplied as two, the second zero. XLA's GPU compiler rewrites a
-    vector times a matrix of under 10M elements (a shard of Llama-3-8B's output projection,
-    2048 x 4096, on two devices) into a multiply and a reduction, 5x slower than the GEMM (an
-    H200: 27 us a layer); two rows keep it a GEMM. The shard of the down projection (7168 x
-    4096) is a GEMM either way, but padded too the whole step was faster: 5.55 ms a token at
-    128K on two H200s against 5.93."""
+    A single row is multiplied as two, the second zero. XLA's GPU compiler rewrites a vector
+    times a matrix of under ``XLA_VECTOR_REWRITE`` elements (the 2048 x 4096 shard of Llama-3-8B's
+    output projection on two devices) into a multiply and a reduction, 5x slower than the GEMM
+    (an H200: 27 us a layer); two rows keep it a GEMM. The down projection's shard (7168 x 4096)
+    is a GEMM either way, but padded too the step measured faster (5.55 ms a token at 128K on
+    two H200s against 5.93, in two sessions)."""
     mesh = jax.sharding.get_abstract_mesh()
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    data = "data" if x.shape[0] % sizes.get("data", 1) == 0 and "data" in sizes else None
+    data = "data" if _data_split(x, sizes) > 1 else None
 
     def local(xs, ws):
         rows = xs.reshape(-1, xs.shape[-1])
@@ -300,4 +303,11 @@ def summed_per_shard(x, kernel, reduce):
     return jax.shard_map(local, mesh=mesh,
                          in_specs=(PartitionSpec(data, *middle, "model"),
                                    PartitionSpec("model", None)),
-                         out_specs=PartitionSpec(data, *middle, None), check_vma=False)(x, kernel)
+                         out_specs=PartitionSpec(data, *middle, None),
+                         check_vma=False)(x, kernel.astype(x.dtype))
+
+
+def _data_split(x, sizes) -> int:
+    """How many ways the ``data`` axis splits ``x``'s rows (1 where it does not divide them)."""
+    data = sizes.get("data", 1)
+    return data if x.ndim >= 2 and x.shape[0] % data == 0 else 1

@@ -5,10 +5,11 @@ all-reduce of one hidden vector per token, 64 of them a token at Llama-3-8B's de
 not bandwidth. Here every device writes its part straight into each peer's memory (a peer
 pointer that XLA hands the kernel), signals the peer's semaphore and sums the parts once its own
 have arrived: one crossing of the link, in one kernel. On two H200s, in the decode step of
-Llama-3-8B at 128K, a sum took about 9.8 us (XLA's barrier before the launch 4.1, zeroing the
-semaphore 1.2, the kernel 4.5) against 12.3 us for XLA's own all-reduce kernel (profiles in
-``benchmarks/results/sharded_h200x2/``). ``sharding.row_parallel`` uses it where it measured
-faster.
+Llama-3-8B at 128K, a sum takes 9.8 us of each device's time (XLA's barrier before the launch
+4.1, zeroing the semaphore 1.2, the kernel 4.5). XLA's own all-reduce kernel takes 6.1 us, but
+its step idled 0.4 ms a token longer between kernels, and the whole step was slower: 6.41 ms
+against 6.18 in one session (profiles in ``benchmarks/results/sharded_h200x2/``). On four H200s
+it was slower than XLA's; ``sharding.row_parallel`` uses it on two.
 
 Contract: inside a ``jax.shard_map`` over ``axis_name`` (manual), ``x`` of any shape whose size
 is a multiple of 128; returns the sum over the axis of every device's ``x`` in ``out_dtype``,
@@ -24,6 +25,7 @@ No multicast (NVLink SHARP) is used.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 LANES = 128
-MAX_BYTES = 256 << 10  # one CTA writes the parts: larger sums are NCCL's
+MAX_BYTES = 128 << 10  # one warpgroup holds a part in registers: the largest tested
 
 
 def psum_reference(x, axis_name, out_dtype=None):
@@ -42,12 +44,22 @@ def psum_reference(x, axis_name, out_dtype=None):
 def one_shot_problem(shape, dtype, mesh=None) -> str | None:
     """Why :func:`one_shot_psum` cannot run for ``x`` of ``shape``/``dtype`` on ``mesh``
     (default: the mesh in force, ``jax.set_mesh``); None when it can."""
-    mesh = _concrete_mesh() if mesh is None else mesh
+    size = math.prod(shape)
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"it takes float32, bf16 or f16, not {jnp.dtype(dtype).name}"
+    if size % LANES:
+        return f"its size ({size}) is not a multiple of {LANES}"
+    if size * jnp.dtype(dtype).itemsize > MAX_BYTES:
+        return f"it is larger than {MAX_BYTES} bytes"
+    if jax.default_backend() != "gpu":
+        return f"the backend is {jax.default_backend()}, not a GPU"
+    if mesh is None:
+        mesh = _concrete_mesh()
+        if isinstance(mesh, str):
+            return mesh
     if mesh is None or mesh.empty:
         return "no mesh of devices is set (jax.set_mesh)"
     devices = list(mesh.devices.flat)
-    if devices[0].platform != "gpu":
-        return f"the devices are {devices[0].platform}, not GPUs"
     capability = str(getattr(devices[0], "compute_capability", "?"))
     if not capability.startswith("9"):
         return f"the kernel is for Hopper (compute capability 9.x), not {capability}"
@@ -55,23 +67,37 @@ def one_shot_problem(shape, dtype, mesh=None) -> str | None:
         return "the mesh spans processes (peer pointers are exchanged within one process)"
     if [d.id for d in devices] != list(range(len(devices))):
         return "the mesh's devices are not in id order"
-    size = math.prod(shape)
-    if size % LANES:
-        return f"its size ({size}) is not a multiple of {LANES}"
-    if size * jnp.dtype(dtype).itemsize > MAX_BYTES:
-        return f"it is larger than {MAX_BYTES} bytes"
-    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return f"it takes float32, bf16 or f16, not {jnp.dtype(dtype).name}"
-    return None
+    return _build_problem(len(devices))
 
 
 def _concrete_mesh():
     """The mesh set by ``jax.set_mesh``, also while tracing (``jax.sharding.get_mesh`` refuses
-    inside ``jax.jit``; the devices are needed to know whether they are Hopper GPUs)."""
-    from jax._src import mesh as mesh_lib  # private; None where it moved
+    inside ``jax.jit``; the devices tell whether they are Hopper GPUs); a reason where jax's
+    private module moved."""
+    try:
+        from jax._src.mesh import get_concrete_mesh  # private
+    except ImportError:
+        return "jax's concrete mesh is out of reach (jax._src.mesh.get_concrete_mesh moved)"
+    return get_concrete_mesh()
 
-    getter = getattr(mesh_lib, "get_concrete_mesh", None)
-    return getter() if getter else None
+
+@functools.cache
+def _build_problem(n_devices: int) -> str | None:
+    """Compile the kernel once over the first ``n_devices`` devices: a jax whose Mosaic GPU
+    API moved gives a reason here (and ``row_parallel`` XLA's all-reduce) instead of a failure
+    inside a model."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((n_devices,), ("model",), devices=jax.devices()[:n_devices],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    f = jax.shard_map(lambda a: one_shot_psum(a, "model", jnp.bfloat16), mesh=mesh,
+                      in_specs=P("model"), out_specs=P(), check_vma=False)
+    try:
+        jax.jit(f).trace(jax.ShapeDtypeStruct((n_devices, LANES), jnp.float32)).lower().compile()
+    except Exception as e:  # noqa: BLE001 - any failure to build is the reason it cannot run
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        return f"it does not build here: {type(e).__name__}: {first_line}"
+    return None
 
 
 def one_shot_psum(x, axis_name: str, out_dtype=None):

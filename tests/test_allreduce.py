@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longctx_jax import sharding
+from longctx_jax import LongctxError, sharding
 from pallas_kernels.allreduce import (MAX_BYTES, one_shot_problem, one_shot_psum,
                                       psum_reference)
 
@@ -98,22 +98,38 @@ def test_one_shot_psum_lowers_for_cuda():
 
 
 def test_one_shot_problem_says_why():
-    """Each case the kernel does not take has its reason (and row_parallel then takes psum)."""
+    """Each case the kernel does not take has its reason (row_parallel then takes XLA's sum)."""
     mesh = _mesh(1)
+    assert "multiple of 128" in one_shot_problem((1, 100), jnp.float32, mesh)
+    assert "larger than" in one_shot_problem((MAX_BYTES // 4 + 128,), jnp.float32, mesh)
+    assert "int32" in one_shot_problem((1, 128), jnp.int32, mesh)
     if not HOPPERS:
         assert one_shot_problem((1, 4096), jnp.float32, mesh)
-    assert "no mesh" in one_shot_problem((1, 4096), jnp.float32, None) or HOPPERS
-    if HOPPERS:
-        assert "multiple of 128" in one_shot_problem((1, 100), jnp.float32, mesh)
-        assert "larger than" in one_shot_problem((MAX_BYTES // 4 + 128,), jnp.float32, mesh)
-        assert "int32" in one_shot_problem((1, 128), jnp.int32, mesh)
+    else:
+        assert "no mesh" in one_shot_problem((1, 4096), jnp.float32)
+        assert one_shot_problem((8, 4096), jnp.float32, _mesh(len(HOPPERS))) is None
+
+
+def test_row_parallel_lowers_to_the_kernel_for_cuda():
+    """On a model=2 mesh of (simulated) devices, the kernel's whole path (the data axis, a single
+    row padded to two, the reshapes) traces and lowers for CUDA."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs two devices")
+    mesh = sharding.make_mesh(1, 2)
+    with jax.set_mesh(mesh):
+        for shape in [(1, 1, 4096), (8, 1, 4096)]:
+            f = jax.jit(lambda a, b: sharding.summed_per_shard(a, b, one_shot_psum))
+            text = f.trace(jax.ShapeDtypeStruct(shape, jnp.bfloat16),
+                           jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)).lower(
+                lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 256), (3, 1, 256), (2, 5, 256)])
 def test_row_parallel_equals_the_product(shape):
-    """Under a model=2 mesh row_parallel is x @ kernel: on two Hoppers by the one-shot kernel,
-    elsewhere by XLA; and summed_per_shard with lax.psum (the kernel's reference), batch 1 padded
-    to two rows included, on any devices."""
+    """Under a model=2 mesh row_parallel is x @ kernel (on two Hoppers by the one-shot kernel,
+    elsewhere by lax.psum for one row, else XLA), as under allreduce("xla") and as
+    summed_per_shard with lax.psum (the kernel's reference), on any devices."""
     if len(jax.devices()) < 2:
         pytest.skip("needs two devices")
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
@@ -123,17 +139,22 @@ def test_row_parallel_equals_the_product(shape):
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, NamedSharding(mesh, P(None, None, "model")))
         ws = jax.device_put(w, NamedSharding(mesh, P("model", None)))
-        got = {"auto": jax.jit(sharding.row_parallel)(xs, ws),
+        auto = jax.jit(sharding.row_parallel)
+        got = {"auto": auto(xs, ws),
                "psum": jax.jit(lambda a, b: sharding.summed_per_shard(a, b, psum_reference))(
                    xs, ws)}
         with sharding.allreduce("xla"):
-            got["xla"] = jax.jit(sharding.row_parallel)(xs, ws)
+            got["xla"] = auto(xs, ws)  # the same jitted function: the choice is in its key
+            assert "mosaic_gpu" not in auto.trace(xs, ws).lower().as_text()
+        if len(HOPPERS) >= 2:
+            assert "mosaic_gpu" in auto.trace(xs, ws).lower().as_text()
     for name, value in got.items():
         np.testing.assert_allclose(np.asarray(value), want, rtol=2e-5, atol=2e-5, err_msg=name)
 
 
 def test_allreduce_names_its_choices():
-    with pytest.raises(Exception, match="--allreduce takes auto or xla"):
+    """An unknown choice is refused by name, before anything is traced."""
+    with pytest.raises(LongctxError, match="allreduce takes auto or xla"):
         with sharding.allreduce("nccl"):
             pass
 
@@ -144,10 +165,10 @@ def test_on_two_simulated_devices():
     if len(jax.devices()) >= 2:
         pytest.skip("this process has two devices: the tests above ran here")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           __file__, "-k", "row_parallel or lowers_for_cuda"], cwd=root, env=env,
+                           __file__, "-k", "row_parallel or lowers"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    assert "5 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
