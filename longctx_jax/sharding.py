@@ -36,7 +36,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from longctx_jax.config import ModelConfig
 from longctx_jax.errors import LongctxError
-from pallas_kernels.allreduce import one_shot_problem, one_shot_psum, psum_reference
+from pallas_kernels.allreduce import MAX_BYTES, one_shot_problem, one_shot_psum, psum_reference
 
 RULES: Mapping[str, str | None] = {
     "batch": "data", "kv_heads": "model", "heads": "model", "mlp": "model", "logits": "model",
@@ -224,7 +224,7 @@ def batch_sharding(mesh: Mesh, batch: int, ndim: int = 1) -> NamedSharding:
 
 # ------------------------------------------------------------------- row-parallel products
 
-ALLREDUCES = ("auto", "xla")
+ALLREDUCES = ("auto", "psum", "xla")
 _allreduce = jax.make_user_context("auto")  # part of jit's cache key: a change retraces
 # Meshes on which the one-shot kernel measured faster than XLA's all-reduce in decode: two H200s
 # (Llama-3-8B at 128K, neither padding the output projection's row: 6.18 ms a token against
@@ -238,10 +238,13 @@ XLA_VECTOR_REWRITE = 10_000_000
 @contextlib.contextmanager
 def allreduce(kind: str):
     """Pick how :func:`row_parallel` sums over ``model`` in what is traced inside: ``"auto"``
-    (the default; see there) or ``"xla"`` (every product partitioned by XLA, which inserts its
-    own all-reduce: the plain path, for comparison). Part of ``jax.jit``'s cache key."""
+    (the default; see there), ``"psum"`` (every small sum as :func:`summed_per_shard` by
+    ``lax.psum``: the kernel's path with XLA's all-reduce, to measure the kernel alone) or
+    ``"xla"`` (every product partitioned by XLA, which inserts its own all-reduce: the plain
+    path). Part of ``jax.jit``'s cache key."""
     if kind not in ALLREDUCES:
-        raise LongctxError(f"allreduce takes {' or '.join(ALLREDUCES)}, got {kind!r}")
+        raise LongctxError(f"allreduce takes {', '.join(ALLREDUCES[:-1])} or {ALLREDUCES[-1]}, "
+                           f"got {kind!r}")
     with _allreduce(kind):
         yield
 
@@ -258,7 +261,8 @@ def row_parallel(x, kernel):
     by it. A single row whose shard of ``kernel`` XLA would rewrite as a vector product (under
     ``XLA_VECTOR_REWRITE`` elements) is :func:`summed_per_shard` by ``lax.psum``, which pads it
     to a GEMM. Everything else (no mesh, a prefill chunk's sums, ``allreduce("xla")``) XLA
-    partitions from the shardings, inserting its own all-reduce."""
+    partitions from the shardings, inserting its own all-reduce. See :func:`allreduce` for the
+    other choices."""
     mesh = jax.sharding.get_abstract_mesh()
     kernel = kernel.astype(x.dtype)
     if mesh.empty or mesh.manual_axes or _allreduce.value == "xla":
@@ -268,7 +272,10 @@ def row_parallel(x, kernel):
     if model == 1 or kernel.shape[0] % model:
         return jnp.tensordot(x, kernel, axes=1)
     rows = math.prod(x.shape[:-1]) // _data_split(x, sizes)
-    if (mesh.size in ONE_SHOT_MESH_SIZES
+    if _allreduce.value == "psum":
+        if rows * kernel.shape[1] * 4 <= MAX_BYTES:
+            return summed_per_shard(x, kernel, psum_reference)
+    elif (mesh.size in ONE_SHOT_MESH_SIZES
             and one_shot_problem((rows, kernel.shape[1]), jnp.float32) is None):
         return summed_per_shard(x, kernel, one_shot_psum)
     if rows == 1 and kernel.size // model < XLA_VECTOR_REWRITE:

@@ -146,6 +146,10 @@ def test_row_parallel_equals_the_product(shape):
         with sharding.allreduce("xla"):
             got["xla"] = auto(xs, ws)  # the same jitted function: the choice is in its key
             assert "mosaic_gpu" not in auto.trace(xs, ws).lower().as_text()
+        with sharding.allreduce("psum"):
+            got["psum mode"] = auto(xs, ws)
+            text = auto.trace(xs, ws).lower().as_text()
+            assert "mosaic_gpu" not in text and "all_reduce" in text
         if len(HOPPERS) >= 2:
             assert "mosaic_gpu" in auto.trace(xs, ws).lower().as_text()
     for name, value in got.items():
@@ -154,7 +158,7 @@ def test_row_parallel_equals_the_product(shape):
 
 def test_allreduce_names_its_choices():
     """An unknown choice is refused by name, before anything is traced."""
-    with pytest.raises(LongctxError, match="allreduce takes auto or xla"):
+    with pytest.raises(LongctxError, match="allreduce takes auto, psum or xla"):
         with sharding.allreduce("nccl"):
             pass
 
