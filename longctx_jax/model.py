@@ -139,7 +139,7 @@ class _RowParallel(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        return row_parallel(x, kernel.astype(x.dtype))
+        return row_parallel(x, kernel)
 
 
 class Decoder(nn.Module):

@@ -178,7 +178,7 @@ def fit_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
     is then whole on every device of the axis): a batch of one, DuoAttention's per-layer subsets
     of heads, an MLP width the axis does not divide."""
     sizes = dict(mesh.shape)
-    return PartitionSpec(*(a if a is not None and shape[i] % sizes.get(a, 1) == 0 else None
+    return PartitionSpec(*(a if a in sizes and shape[i] % sizes[a] == 0 else None
                            for i, a in enumerate(spec)))
 
 
@@ -263,24 +263,32 @@ def row_parallel(x, kernel):
     to a GEMM. Everything else (no mesh, a prefill chunk's sums, ``allreduce("xla")``) XLA
     partitions from the shardings, inserting its own all-reduce. See :func:`allreduce` for the
     other choices."""
-    mesh = jax.sharding.get_abstract_mesh()
     kernel = kernel.astype(x.dtype)
+    reduce = _small_sum(x, kernel)
+    if reduce is None:
+        return jnp.tensordot(x, kernel, axes=1)
+    return summed_per_shard(x, kernel, reduce)
+
+
+def _small_sum(x, kernel):
+    """The ``reduce`` that :func:`row_parallel` hands :func:`summed_per_shard`, or ``None`` for
+    XLA's partitioned product."""
+    mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.manual_axes or _allreduce.value == "xla":
-        return jnp.tensordot(x, kernel, axes=1)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    model = sizes.get("model", 1)
+        return None
+    model = dict(mesh.shape).get("model", 1)
     if model == 1 or kernel.shape[0] % model:
-        return jnp.tensordot(x, kernel, axes=1)
-    rows = math.prod(x.shape[:-1]) // _data_split(x, sizes)
-    if _allreduce.value == "psum":
-        if rows * kernel.shape[1] * 4 <= MAX_BYTES:
-            return summed_per_shard(x, kernel, psum_reference)
-    elif (mesh.size in ONE_SHOT_MESH_SIZES
+        return None
+    x_spec = _shard_spec(x, mesh)
+    rows = math.prod(x.shape[:-1]) // (dict(mesh.shape)["data"] if x_spec[0] else 1)
+    if _allreduce.value == "psum" and rows * kernel.shape[1] * 4 <= MAX_BYTES:
+        return psum_reference
+    if (_allreduce.value == "auto" and mesh.size in ONE_SHOT_MESH_SIZES
             and one_shot_problem((rows, kernel.shape[1]), jnp.float32) is None):
-        return summed_per_shard(x, kernel, one_shot_psum)
+        return one_shot_psum
     if rows == 1 and kernel.size // model < XLA_VECTOR_REWRITE:
-        return summed_per_shard(x, kernel, psum_reference)
-    return jnp.tensordot(x, kernel, axes=1)
+        return psum_reference
+    return None
 
 
 def summed_per_shard(x, kernel, reduce):
@@ -296,8 +304,7 @@ def summed_per_shard(x, kernel, reduce):
     is a GEMM either way, but padded too the step measured faster (5.55 ms a token at 128K on
     two H200s against 5.93, in two sessions)."""
     mesh = jax.sharding.get_abstract_mesh()
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    data = "data" if _data_split(x, sizes) > 1 else None
+    x_spec = _shard_spec(x, mesh)
 
     def local(xs, ws):
         rows = xs.reshape(-1, xs.shape[-1])
@@ -306,15 +313,12 @@ def summed_per_shard(x, kernel, reduce):
         part = jnp.dot(rows, ws, preferred_element_type=jnp.float32)[: math.prod(xs.shape[:-1])]
         return reduce(part, "model", x.dtype).reshape(*xs.shape[:-1], ws.shape[1])
 
-    middle = (None,) * (x.ndim - 2)
-    return jax.shard_map(local, mesh=mesh,
-                         in_specs=(PartitionSpec(data, *middle, "model"),
-                                   PartitionSpec("model", None)),
-                         out_specs=PartitionSpec(data, *middle, None),
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, PartitionSpec("model", None)),
+                         out_specs=PartitionSpec(*x_spec[:-1], None),
                          check_vma=False)(x, kernel.astype(x.dtype))
 
 
-def _data_split(x, sizes) -> int:
-    """How many ways the ``data`` axis splits ``x``'s rows (1 where it does not divide them)."""
-    data = sizes.get("data", 1)
-    return data if x.ndim >= 2 and x.shape[0] % data == 0 else 1
+def _shard_spec(x, mesh) -> PartitionSpec:
+    """``x [B, ..., n]``'s layout in :func:`summed_per_shard`: rows over ``data`` where it
+    divides ``B``, ``n`` over ``model``."""
+    return fit_spec(PartitionSpec("data", *(None,) * (x.ndim - 2), "model"), x.shape, mesh)
