@@ -41,9 +41,9 @@ def psum_reference(x, axis_name, out_dtype=None):
     return lax.psum(x.astype(jnp.float32), axis_name).astype(out_dtype or x.dtype)
 
 
-def one_shot_problem(shape, dtype, mesh=None) -> str | None:
-    """Why :func:`one_shot_psum` cannot run for ``x`` of ``shape``/``dtype`` on ``mesh``
-    (default: the mesh in force, ``jax.set_mesh``); None when it can."""
+def one_shot_problem(shape, dtype, mesh=None, axis_name: str = "model") -> str | None:
+    """Why :func:`one_shot_psum` cannot sum ``x`` of ``shape``/``dtype`` over ``axis_name`` of
+    ``mesh`` (default: the mesh in force, ``jax.set_mesh``); None when it can."""
     size = math.prod(shape)
     if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return f"it takes float32, bf16 or f16, not {jnp.dtype(dtype).name}"
@@ -59,6 +59,8 @@ def one_shot_problem(shape, dtype, mesh=None) -> str | None:
             return mesh
     if mesh is None or mesh.empty:
         return "no mesh of devices is set (jax.set_mesh)"
+    if axis_name not in mesh.axis_names:
+        return f"the mesh has no axis {axis_name!r}"
     devices = list(mesh.devices.flat)
     capability = str(getattr(devices[0], "compute_capability", "?"))
     if not capability.startswith("9"):
@@ -67,7 +69,7 @@ def one_shot_problem(shape, dtype, mesh=None) -> str | None:
         return "the mesh spans processes (peer pointers are exchanged within one process)"
     if [d.id for d in devices] != list(range(len(devices))):
         return "the mesh's devices are not in id order"
-    return _build_problem(len(devices))
+    return _build_problem(mesh, axis_name)
 
 
 def _concrete_mesh():
@@ -82,18 +84,18 @@ def _concrete_mesh():
 
 
 @functools.cache
-def _build_problem(n_devices: int) -> str | None:
-    """Compile the kernel once over the first ``n_devices`` devices: a jax whose Mosaic GPU
-    API moved gives a reason here (and ``row_parallel`` XLA's all-reduce) instead of a failure
-    inside a model."""
+def _build_problem(mesh, axis_name: str) -> str | None:
+    """Compile the kernel once on ``mesh``: a jax whose Mosaic GPU API moved gives a reason here
+    (and ``row_parallel`` another sum) instead of a failure inside a model. On ``mesh`` itself,
+    as this runs while a model is traced under it: a ``shard_map`` over another mesh would fail
+    there."""
     from jax.sharding import PartitionSpec as P
 
-    mesh = jax.make_mesh((n_devices,), ("model",), devices=jax.devices()[:n_devices],
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    f = jax.shard_map(lambda a: one_shot_psum(a, "model", jnp.bfloat16), mesh=mesh,
-                      in_specs=P("model"), out_specs=P(), check_vma=False)
+    f = jax.shard_map(lambda a: one_shot_psum(a, axis_name, jnp.bfloat16), mesh=mesh,
+                      in_specs=P(axis_name), out_specs=P(), check_vma=False)
+    n = mesh.shape[axis_name]
     try:
-        jax.jit(f).trace(jax.ShapeDtypeStruct((n_devices, LANES), jnp.float32)).lower().compile()
+        jax.jit(f).trace(jax.ShapeDtypeStruct((n, LANES), jnp.float32)).lower().compile()
     except Exception as e:  # noqa: BLE001 - any failure to build is the reason it cannot run
         first_line = (str(e).splitlines() or [""])[0][:200]
         return f"it does not build here: {type(e).__name__}: {first_line}"

@@ -1,6 +1,7 @@
 """The one-shot NVLink all-reduce (pallas_kernels.allreduce) and the row-parallel products that
 use it (sharding.row_parallel): against lax.psum and the unsharded product."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.mesh import get_concrete_mesh  # private: the mesh the probe runs on
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -125,6 +127,36 @@ def test_row_parallel_lowers_to_the_kernel_for_cuda():
             assert "mosaic_gpu" in text
 
 
+def test_row_parallel_probe_builds_while_a_model_is_traced(monkeypatch):
+    """The kernel's build probe runs while a model is traced under a (data, model) mesh: there,
+    on that mesh, it must succeed (probing on a mesh of its own failed inside the trace, and
+    every decode step silently took lax.psum). On CPU the kernel is swapped for its reference
+    (Mosaic GPU does not compile there); on Hoppers it is the kernel, and row_parallel lowers
+    to it when that first probe ran inside the trace."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs two devices")
+    from pallas_kernels import allreduce
+
+    if len(HOPPERS) < 2:
+        monkeypatch.setattr(allreduce, "one_shot_psum", psum_reference)
+    monkeypatch.setattr(allreduce, "_build_problem",
+                        functools.cache(allreduce._build_problem.__wrapped__))  # not yet probed
+    mesh = sharding.make_mesh(1, 2)
+    seen = []
+
+    def step(x, w):
+        seen.append(allreduce._build_problem(get_concrete_mesh(), "model"))
+        return sharding.row_parallel(x, w)
+
+    with jax.set_mesh(mesh):
+        text = jax.jit(step).trace(jax.ShapeDtypeStruct((1, 1, 4096), jnp.bfloat16),
+                                   jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
+                                   ).lower().as_text()
+    assert seen == [None]
+    if len(HOPPERS) >= 2:
+        assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 256), (3, 1, 256), (2, 5, 256)])
 def test_row_parallel_equals_the_product(shape):
     """Under a model=2 mesh row_parallel is x @ kernel (on two Hoppers by the one-shot kernel,
@@ -175,4 +207,4 @@ def test_on_two_simulated_devices():
                            __file__, "-k", "row_parallel or lowers"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "5 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    assert "6 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
