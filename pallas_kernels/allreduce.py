@@ -5,11 +5,12 @@ all-reduce of one hidden vector per token, 64 of them a token at Llama-3-8B's de
 not bandwidth. Here every device writes its part straight into each peer's memory (a peer
 pointer that XLA hands the kernel), signals the peer's semaphore and sums the parts once its own
 have arrived: one crossing of the link, in one kernel. On two H200s, in the decode step of
-Llama-3-8B at 128K, a sum takes 9.8 us of each device's time (XLA's barrier before the launch
-4.1, zeroing the semaphore 1.2, the kernel 4.5). XLA's own all-reduce kernel takes 6.1 us, but
-its step idled 0.4 ms a token longer between kernels, and the whole step was slower: 6.41 ms
-against 6.18 in one session (profiles in ``benchmarks/results/sharded_h200x2/``). On four H200s
-it was slower than XLA's; ``sharding.row_parallel`` uses it on two.
+Llama-3-8B at 128K, a sum takes 10 us of each device's time (XLA's barrier before the launch
+4.5, zeroing the semaphore 1.1, the kernel 4.5). XLA's own all-reduce kernel takes 6.1 us, but
+its step idles longer between kernels: with both on the same padded products the step took
+5.56 ms with this kernel and 5.90 with ``lax.psum`` (16 steps a call, two sessions; results in
+``benchmarks/results/sharded_h200x2/``). On four H200s it was slower than XLA's;
+``sharding.row_parallel`` uses it on two.
 
 Contract: inside a ``jax.shard_map`` over ``axis_name`` (manual), ``x`` of any shape whose size
 is a multiple of 128; returns the sum over the axis of every device's ``x`` in ``out_dtype``,
