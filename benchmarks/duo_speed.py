@@ -211,8 +211,9 @@ def main(argv=None) -> int:
                          "the mesh's model size, 1 without a mesh)")
     ap.add_argument("--allreduce", default="auto", choices=ALLREDUCES,
                     help="how a mesh sums partial products over model: auto (see "
-                         "sharding.row_parallel), psum (the kernel's path with lax.psum) or "
-                         "xla (XLA partitions every product)")
+                         "sharding.row_parallel), chain (a decode step's one-shot sums as one "
+                         "chain: sharding.chained_sums), psum (the kernel's path with lax.psum) "
+                         "or xla (XLA partitions every product)")
     ap.add_argument("--floor", action="store_true",
                     help="measure the per-device read bandwidth and give each row its decode "
                          "floor (bytes a device reads per step / bandwidth)")

@@ -9,6 +9,7 @@ Layers are a Python loop (not ``nn.scan``) because caches may differ in shape fr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from longctx_jax.attention import AttnInputs
 from longctx_jax.config import ModelConfig
-from longctx_jax.sharding import row_parallel
+from longctx_jax.sharding import chained_sums, row_parallel
 
 
 # ------------------------------------------------------------------------------------ RoPE
@@ -165,9 +166,10 @@ class Decoder(nn.Module):
                  phase: int = 0):
         x = self.embed.embedding[tokens]
         new_caches = []
-        for layer, cache in zip(self.layers, caches):
-            x, cache = layer(x, positions, cache, policy, decode, step, phase)
-            new_caches.append(cache)
+        with chained_sums() if decode else contextlib.nullcontext():  # a step's small sums
+            for layer, cache in zip(self.layers, caches):
+                x, cache = layer(x, positions, cache, policy, decode, step, phase)
+                new_caches.append(cache)
         new_caches = tuple(new_caches)
         if decode:
             new_caches = policy.finish_step(new_caches, positions, phase=phase)

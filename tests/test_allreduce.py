@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longctx_jax import LongctxError, sharding
-from pallas_kernels.allreduce import (MAX_BYTES, one_shot_problem, one_shot_psum,
-                                      psum_reference)
+from pallas_kernels.allreduce import (MAX_BYTES, chained_psum, new_link, one_shot_problem,
+                                      one_shot_psum, psum_reference)
 
 HOPPERS = [d for d in jax.devices() if d.platform == "gpu"
            and str(getattr(d, "compute_capability", "")).startswith("9")]
@@ -84,6 +84,101 @@ def test_one_shot_psum_in_a_chain(n):
     xs = jax.device_put(x, NamedSharding(mesh, P("model")))
     np.testing.assert_allclose(np.asarray(run[chain](xs)), np.asarray(run[chain_ref](xs)),
                                rtol=1e-6)
+
+
+def _chained_steps(n, steps, sums):
+    """``steps`` loop iterations, each a new link and ``sums`` chained sums (what a decode step
+    does); against the same with lax.psum."""
+    def run(a, reduce):
+        def body(_, v):
+            link = new_link(n, v.size // 128)
+            for call in range(sums):
+                if reduce == "chained":
+                    v, link = chained_psum(v / n, link, "model", call, jnp.float32)
+                else:
+                    v = jax.lax.psum(v / n, "model")
+                v = v + 1.0
+            return v
+        return jax.lax.fori_loop(0, steps, body, a)
+    return run
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+def test_chained_psum_equals_psum(n):
+    """A chain's sums (one barrier each step, the link kept from sum to sum) equal lax.psum over
+    many steps, and XLA keeps the link in place: no copy of it between the kernels."""
+    mesh = _mesh(n)
+    run = _chained_steps(n, steps=100, sums=5)
+    fs = {k: jax.jit(jax.shard_map(functools.partial(run, reduce=k), mesh=mesh,
+                                   in_specs=P("model"), out_specs=P("model"), check_vma=False))
+          for k in ("chained", "psum")}
+    x = jax.random.normal(jax.random.key(5), (n, 4096), jnp.float32)
+    xs = jax.device_put(x, NamedSharding(mesh, P("model")))
+    compiled = fs["chained"].trace(xs).lower().compile().as_text()
+    assert compiled.count('custom_call_target="mosaic_gpu_v2"') >= 5
+    copies = [line for line in compiled.splitlines()
+              if " copy(" in line and ("s16[2,128]" in line or f"f32[2,{n},32,128]" in line)]
+    assert not copies, copies
+    np.testing.assert_allclose(np.asarray(fs["chained"](xs)), np.asarray(fs["psum"](xs)),
+                               rtol=1e-6)
+
+
+def test_decode_step_lowers_to_one_chain_for_cuda(monkeypatch):
+    """Under allreduce("chain") a decode step of a small model on a model=2 mesh lowers for CUDA
+    with its 2L sums as one chain, all but the first without XLA's barrier (on any host: where
+    the kernel cannot run, its check is told it can); by default each sum has its barrier."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs two devices")
+    from conftest import tiny_config
+    from longctx_jax.model import Decoder, random_params
+    from longctx_jax.policies import make_policy
+
+    if len(HOPPERS) < 2:
+        monkeypatch.setattr(sharding, "one_shot_problem", lambda *a, **k: None)
+    cfg = tiny_config(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                      intermediate_size=512, vocab_size=128, num_layers=3)
+    params = random_params(cfg, jax.random.key(0))
+    policy = make_policy("full")
+    with jax.set_mesh(sharding.make_mesh(1, 2)), sharding.allreduce("chain"):
+        caches = policy.init_cache(cfg, 1, 64, jnp.float32)
+
+        def step(params, caches, tok):
+            return Decoder(cfg).apply({"params": params}, tok[:, None],
+                                      jnp.full((1, 1), 5, jnp.int32), caches, policy,
+                                      decode=True)
+
+        text = jax.jit(step).trace(params, caches, jnp.zeros((1,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("@mosaic_gpu_v2") == 2 * cfg.num_layers
+    assert text.count("skip_device_barrier = true") == 2 * cfg.num_layers - 1
+    with jax.set_mesh(sharding.make_mesh(1, 2)):
+        text = jax.jit(step).trace(params, caches, jnp.zeros((1,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("@mosaic_gpu_v2") == 2 * cfg.num_layers
+    assert "skip_device_barrier = true" not in text
+
+
+def test_decode_with_chained_sums_equals_one_device():
+    """Greedy decoding of a small random model (hidden 256: its sums take the kernel) on a
+    model=2 mesh of Hoppers equals one device."""
+    if len(HOPPERS) < 2:
+        pytest.skip("needs 2 Hopper GPUs")
+    from conftest import tiny_config
+    from longctx_jax.generate import generate
+    from longctx_jax.model import random_params
+    from longctx_jax.policies import make_policy
+
+    cfg = tiny_config(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                      intermediate_size=512, vocab_size=128, num_layers=3)
+    params = random_params(cfg, jax.random.key(0))
+    policy = make_policy("full")
+    prompts = [list(range(1, 40)), list(range(7, 30))]
+    with jax.default_matmul_precision("highest"):
+        want = generate(cfg, params, policy, prompts, max_new_tokens=12)
+        with sharding.allreduce("chain"):
+            got = generate(cfg, params, policy, prompts, max_new_tokens=12,
+                           mesh=sharding.make_mesh(1, 2))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
 def test_one_shot_psum_lowers_for_cuda():
@@ -190,7 +285,7 @@ def test_row_parallel_equals_the_product(shape):
 
 def test_allreduce_names_its_choices():
     """An unknown choice is refused by name, before anything is traced."""
-    with pytest.raises(LongctxError, match="allreduce takes auto, psum or xla"):
+    with pytest.raises(LongctxError, match="allreduce takes auto, chain, psum or xla"):
         with sharding.allreduce("nccl"):
             pass
 
@@ -207,4 +302,4 @@ def test_on_two_simulated_devices():
                            __file__, "-k", "row_parallel or lowers"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "6 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    assert "7 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
