@@ -18,7 +18,9 @@ part (no device ever holds the whole model or cache), tokens are split by batch 
 run traces under ``jax.set_mesh``. DuoAttention's retrieval heads are then balanced over the
 model shards (``--duo-shards``, default M; ``policies.duo.select_heads``), or its caches would
 sit whole on every device; pass the same ``--duo-shards`` to a one-device run to time the same
-heads. Every row records the bytes resident on one device for the weights and the caches.
+heads. Every row records the bytes resident on one device for the weights and the caches; the
+header's ``one_shot_problem`` says why a decode step's sums are not the one-shot kernel (None:
+they are, see ``sharding.row_parallel`` and ``--allreduce``).
 
 ``--floor`` first measures one device's HBM read bandwidth (a jitted sum over ``--floor-gib``
 GiB of bf16 per device, each device reading its own part, median of at least 7 warm runs: fewer
@@ -69,6 +71,7 @@ from longctx_jax.profiling import format_summary, kernel_summary, median_time
 from longctx_jax.sharding import (ALLREDUCES, allreduce, batch_sharding, cache_axes, check_mesh,
                                   constrain_caches, make_mesh, mesh_sizes, param_axes, parse_mesh,
                                   shardings)
+from pallas_kernels.allreduce import one_shot_problem
 
 SHAPES = {
     "llama3-8b-random": preset("llama3-8b"),
@@ -260,7 +263,7 @@ def _run(args, cfg, mesh, duo, duo_shards) -> int:
                   backend=jax.default_backend(), jax=jax.__version__,
                   machine=platform.machine(), dtype=args.dtype, batch=args.batch,
                   mesh=None if mesh is None else dict(data=data, model=model),
-                  allreduce=args.allreduce,
+                  allreduce=args.allreduce, one_shot_problem=_one_shot_problem(args, cfg, mesh),
                   devices=data * model,
                   retrieval_heads=retrieval, kv_heads_total=cfg.num_layers * cfg.num_kv_heads,
                   duo_shards=duo_shards, ratio=args.ratio, sink=args.sink, window=args.window,
@@ -331,6 +334,19 @@ def _run(args, cfg, mesh, duo, duo_shards) -> int:
             _write(args, header, rows)
     print(table(rows))
     return 0
+
+
+def _one_shot_problem(args, cfg, mesh) -> str | None:
+    """Why a decode step's sums do not run as the one-shot kernel (``row_parallel``'s choice
+    under ``auto`` and ``chain``); None when they do: a row says which sums it timed."""
+    if mesh is None:
+        return "no mesh"
+    if args.allreduce not in ("auto", "chain"):
+        return f"--allreduce {args.allreduce}"
+    data = mesh_sizes(mesh)[0]
+    rows = args.batch // data if args.batch % data == 0 else args.batch
+    return one_shot_problem((rows, cfg.hidden_size), jnp.float32, mesh,
+                            chained=args.allreduce == "chain")
 
 
 def _time(args, row, params, policy, caches, token, tokens, cfg, chunk) -> None:

@@ -254,11 +254,12 @@ def allreduce(kind: str):
 
 
 class _Chain:
-    """The sums of one traced step that share receive slots and a semaphore
-    (``allreduce.chained_psum``): the link as it leaves the last sum, its calls so far."""
+    """The one-shot sums of one traced step that share a link (``allreduce.chained_psum``):
+    the link as the last sum left it, the size (``rows``) and trace it belongs to, and the
+    number of calls so far."""
 
     def __init__(self):
-        self.link, self.key, self.calls = None, None, 0
+        self.link, self.rows, self.trace, self.calls = None, None, None, 0
 
 
 _chain: contextvars.ContextVar[_Chain | None] = contextvars.ContextVar("chain", default=None)
@@ -266,13 +267,13 @@ _chain: contextvars.ContextVar[_Chain | None] = contextvars.ContextVar("chain", 
 
 @contextlib.contextmanager
 def chained_sums():
-    """Within (while tracing one step of a model, e.g. ``Decoder`` in decode), under
-    ``allreduce("chain")``: the one-shot sums of :func:`row_parallel` form one chain that keeps
-    its receive slots and semaphore from sum to sum (``allreduce.chained_psum``), so a step pays
-    XLA's barrier and the zeroing once instead of at every sum (0.36 ms a token of Llama-3-8B
-    on two H200s, from profiles). The chain's arrays are values of this trace: open it around
-    code traced at one level (no ``jax.jit``, ``scan`` or ``checkpoint`` between it and the
-    sums)."""
+    """Make the one-shot sums that :func:`row_parallel` traces inside one chain, under
+    ``allreduce("chain")``: ``Decoder`` opens it around a decode step's layers. The chain keeps
+    its receive slots and semaphore from sum to sum (``allreduce.chained_psum``), so the step
+    pays XLA's barrier and the zeroing once instead of at every sum: up to 0.36 ms a token of
+    Llama-3-8B on two H200s, by the profiles. A sum traced at another level than the one
+    before (inside a ``scan``, ``cond`` or ``checkpoint``), or of another size, starts a new
+    chain, zeroed and behind the barrier: a chain's link is a value of one trace."""
     token = _chain.set(_Chain())
     try:
         yield
@@ -298,27 +299,33 @@ def row_parallel(x, kernel):
     reduce = _small_sum(x, kernel)
     if reduce is None:
         return jnp.tensordot(x, kernel, axes=1)
-    if reduce is one_shot_psum and _allreduce.value == "chain" and _chain.get() is not None:
-        return _chained(x, kernel, _chain.get())
+    if reduce is chained_psum:
+        if _chain.get() is not None:
+            return _chained(x, kernel, _chain.get())
+        reduce = one_shot_psum  # no chain open: a lone sum
     return summed_per_shard(x, kernel, reduce)
 
 
 def _small_sum(x, kernel):
-    """The ``reduce`` that :func:`row_parallel` hands :func:`summed_per_shard`, or ``None`` for
-    XLA's partitioned product."""
+    """The ``reduce`` that :func:`row_parallel` hands :func:`summed_per_shard` (for
+    ``chained_psum``: the next sum of the open chain, if any), or ``None`` for XLA's
+    partitioned product."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.manual_axes or _allreduce.value == "xla":
         return None
     model = dict(mesh.shape).get("model", 1)
     if model == 1 or kernel.shape[0] % model:
         return None
-    x_spec = _shard_spec(x, mesh)
-    rows = math.prod(x.shape[:-1]) // (dict(mesh.shape)["data"] if x_spec[0] else 1)
+    rows = _local_rows(x, mesh)
     if _allreduce.value == "psum" and rows * kernel.shape[1] * 4 <= MAX_BYTES:
         return psum_reference
-    if (_allreduce.value in ("auto", "chain") and mesh.size in ONE_SHOT_MESH_SIZES
-            and one_shot_problem((rows, kernel.shape[1]), jnp.float32) is None):
-        return one_shot_psum
+    if _allreduce.value in ("auto", "chain") and mesh.size in ONE_SHOT_MESH_SIZES:
+        shape = (rows, kernel.shape[1])
+        if _allreduce.value == "chain" and one_shot_problem(shape, jnp.float32,
+                                                            chained=True) is None:
+            return chained_psum
+        if one_shot_problem(shape, jnp.float32) is None:
+            return one_shot_psum
     if rows == 1 and kernel.size // model < XLA_VECTOR_REWRITE:
         return psum_reference
     return None
@@ -359,20 +366,24 @@ def _partial_product(xs, ws):
 
 def _chained(x, kernel, chain: _Chain):
     """:func:`summed_per_shard` by the one-shot kernel as the next sum of ``chain``: its link
-    goes in and comes out of the ``shard_map``, split over ``model`` (each device's own). A sum
-    of another size than the chain's so far starts a new chain (zeroed, after the barrier)."""
+    goes in and comes out of the ``shard_map``, each device's own. A sum of another size, or
+    traced at another level, than the chain's last starts a new chain (see
+    :func:`chained_sums`)."""
+    from jax.extend.core import get_opaque_trace_state
+
     mesh = jax.sharding.get_abstract_mesh()
     x_spec = _shard_spec(x, mesh)
     model = dict(mesh.shape)["model"]
-    local_rows = math.prod(x.shape[:-1]) // (dict(mesh.shape)["data"] if x_spec[0] else 1)
-    rows = local_rows * kernel.shape[1] // LANES  # of the kernel's [rows, 128] view
-    if chain.key != rows:
-        chain.link, chain.key, chain.calls = None, rows, 0
-    call, link_spec = chain.calls, PartitionSpec("model")
+    rows = _local_rows(x, mesh) * kernel.shape[1] // LANES  # of the kernel's [rows, 128] view
+    trace = get_opaque_trace_state()
+    if (chain.rows, chain.trace) != (rows, trace):
+        chain.link, chain.rows, chain.trace, chain.calls = None, rows, trace, 0
+    call, link_spec = chain.calls, PartitionSpec(tuple(mesh.axis_names))
 
     def local(xs, ws, *link):
         part = _partial_product(xs, ws)
-        y, link = chained_psum(part, link or new_link(model, rows), "model", call, x.dtype)
+        y, link = chained_psum(part, link if call else new_link(model, rows), "model", call,
+                               x.dtype)
         return (y.reshape(*xs.shape[:-1], ws.shape[1]), *link)
 
     y, *link = jax.shard_map(
@@ -382,6 +393,12 @@ def _chained(x, kernel, chain: _Chain):
         check_vma=False)(x, kernel, *(chain.link or ()))
     chain.link, chain.calls = tuple(link), call + 1
     return y
+
+
+def _local_rows(x, mesh) -> int:
+    """Rows of ``x [B, ..., n]`` on one device in :func:`summed_per_shard`."""
+    return math.prod(x.shape[:-1]) // (dict(mesh.shape)["data"] if _shard_spec(x, mesh)[0]
+                                       else 1)
 
 
 def _shard_spec(x, mesh) -> PartitionSpec:

@@ -21,7 +21,8 @@ Safety of the buffers: XLA runs a barrier across the mesh before each launch of 
 addresses peers, so a peer's receive buffer is in use by this kernel (not by something else)
 when it is written; a device leaves the kernel only after every peer's part has arrived, and a
 peer writes again only after the next barrier, so a part is never overwritten before it is read.
-No multicast (NVLink SHARP) is used.
+:func:`chained_psum` waits for that barrier at the first sum of a chain only; its docstring says
+why the others are safe. No multicast (NVLink SHARP) is used.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def psum_reference(x, axis_name, out_dtype=None):
     return lax.psum(x.astype(jnp.float32), axis_name).astype(out_dtype or x.dtype)
 
 
-def one_shot_problem(shape, dtype, mesh=None, axis_name: str = "model") -> str | None:
-    """Why :func:`one_shot_psum` cannot sum ``x`` of ``shape``/``dtype`` over ``axis_name`` of
-    ``mesh`` (default: the mesh in force, ``jax.set_mesh``); None when it can."""
+def one_shot_problem(shape, dtype, mesh=None, axis_name: str = "model",
+                     chained: bool = False) -> str | None:
+    """Why :func:`one_shot_psum` (``chained``: :func:`chained_psum`) cannot sum ``x`` of
+    ``shape``/``dtype`` over ``axis_name`` of ``mesh`` (default: the mesh in force,
+    ``jax.set_mesh``); None when it can."""
     size = math.prod(shape)
     if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return f"it takes float32, bf16 or f16, not {jnp.dtype(dtype).name}"
@@ -70,7 +73,7 @@ def one_shot_problem(shape, dtype, mesh=None, axis_name: str = "model") -> str |
         return "the mesh spans processes (peer pointers are exchanged within one process)"
     if [d.id for d in devices] != list(range(len(devices))):
         return "the mesh's devices are not in id order"
-    return _build_problem(mesh, axis_name)
+    return _build_problem(mesh, axis_name, chained)
 
 
 def _concrete_mesh():
@@ -85,15 +88,20 @@ def _concrete_mesh():
 
 
 @functools.cache
-def _build_problem(mesh, axis_name: str) -> str | None:
-    """Compile the kernel once on ``mesh``: a jax whose Mosaic GPU API moved gives a reason here
-    (and ``row_parallel`` another sum) instead of a failure inside a model. On ``mesh`` itself,
-    as this runs while a model is traced under it: a ``shard_map`` over another mesh would fail
-    there."""
+def _build_problem(mesh, axis_name: str, chained: bool) -> str | None:
+    """Compile the kernel once on ``mesh`` (``chained``: a chain of two sums): a jax whose
+    Mosaic GPU API moved gives a reason here (and ``row_parallel`` another sum) instead of a
+    failure inside a model. On ``mesh`` itself, as this runs while a model is traced under it:
+    a ``shard_map`` over another mesh would fail there."""
     from jax.sharding import PartitionSpec as P
 
-    f = jax.shard_map(lambda a: one_shot_psum(a, axis_name, jnp.bfloat16), mesh=mesh,
-                      in_specs=P(axis_name), out_specs=P(), check_vma=False)
+    def sums(a):
+        if not chained:
+            return one_shot_psum(a, axis_name, jnp.bfloat16)
+        y, link = chained_psum(a, new_link(mesh.shape[axis_name], 1), axis_name, 0)
+        return chained_psum(y, link, axis_name, 1, jnp.bfloat16)[0]
+
+    f = jax.shard_map(sums, mesh=mesh, in_specs=P(axis_name), out_specs=P(), check_vma=False)
     n = mesh.shape[axis_name]
     try:
         jax.jit(f).trace(jax.ShapeDtypeStruct((n, LANES), jnp.float32)).lower().compile()
@@ -166,20 +174,28 @@ def chained_psum(x, link, axis_name: str, call: int, out_dtype=None):
         takes back) as many, so a peer's signal for the next call may arrive early and is kept;
       * calls alternate between two receive slots, and a peer can write slot ``call % 2`` again
         (call ``call + 2``) only after this device has signalled it in call ``call + 1``, which it
-        does after call ``call`` (the reads of that slot) has finished;
+        does after call ``call`` (the reads of that slot) has finished; with more than two
+        devices a wait may be met early by a fast peer's next signal, but that peer signalled
+        only after every part of this call had been written (each device writes all its parts
+        before its first signal), and release and acquire carry those writes along;
       * the link is one buffer for the whole chain (each call aliases it in place), which no
         other value of the program shares while the chain runs.
     The link must not be copied between calls (a peer's early write would land in the old
     copy): it is an in-place operand of each call and the next call's input alone.
 
-    The semaphore is an ``int16`` pair (``sems[0, :2]``, one 32-bit word, the only type Pallas
-    takes for a semaphore held in an array); ``sems[1]`` is rewritten with zeros on each call
-    so that the link is an output of the kernel."""
+    The semaphore is an ``int16`` pair, ``sems[0, :2]``: Pallas takes a semaphore from an array
+    only of its interpret-mode semaphore type, int16, and the kernel's atomics work on the
+    32-bit word at the element's address (4-byte aligned, the array's start), which holds the
+    count while ``sems[0, 1]`` stays 0. ``sems[1]`` is rewritten with zeros on each call: the
+    semaphore's atomics are not seen as writes, and a write makes ``sems`` an (aliased)
+    output of the kernel, as the slots are."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     n = lax.axis_size(axis_name)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if n == 1:
+        return x.astype(out_dtype), link
     slot = call % SLOTS
     rows = x.size // LANES
     flat = x.reshape(rows, LANES)
@@ -188,7 +204,7 @@ def chained_psum(x, link, axis_name: str, call: int, out_dtype=None):
     def kernel(x_ref, slots_ref, sems_ref, y_ref):
         me = lax.axis_index(axis_name)
         part = x_ref[...]
-        sems_ref[1] = jnp.zeros((LANES,), jnp.int16)  # a write: the link is aliased out
+        sems_ref[1] = jnp.zeros((LANES,), jnp.int16)  # a write: sems is aliased out
         semaphore = sems_ref.at[0, 0]
         slots_ref[slot, me] = part  # slots_ref[slot, r] holds rank r's part, on every device
         for offset in range(1, n):
