@@ -214,9 +214,9 @@ def main(argv=None) -> int:
                          "the mesh's model size, 1 without a mesh)")
     ap.add_argument("--allreduce", default="auto", choices=ALLREDUCES,
                     help="how a mesh sums partial products over model: auto (see "
-                         "sharding.row_parallel), chain (a decode step's one-shot sums as one "
-                         "chain: sharding.chained_sums), psum (the kernel's path with lax.psum) "
-                         "or xla (XLA partitions every product)")
+                         "sharding.row_parallel: a decode step's one-shot sums as one chain), "
+                         "lone (each one-shot sum on its own), psum (the kernel's path with "
+                         "lax.psum) or xla (XLA partitions every product)")
     ap.add_argument("--floor", action="store_true",
                     help="measure the per-device read bandwidth and give each row its decode "
                          "floor (bytes a device reads per step / bandwidth)")
@@ -338,15 +338,15 @@ def _run(args, cfg, mesh, duo, duo_shards) -> int:
 
 def _one_shot_problem(args, cfg, mesh) -> str | None:
     """Why a decode step's sums do not run as the one-shot kernel (``row_parallel``'s choice
-    under ``auto`` and ``chain``); None when they do: a row says which sums it timed."""
+    under ``auto`` and ``lone``); None when they do: a row says which sums it timed."""
     if mesh is None:
         return "no mesh"
-    if args.allreduce not in ("auto", "chain"):
+    if args.allreduce not in ("auto", "lone"):
         return f"--allreduce {args.allreduce}"
     data = mesh_sizes(mesh)[0]
     rows = args.batch // data if args.batch % data == 0 else args.batch
     return one_shot_problem((rows, cfg.hidden_size), jnp.float32, mesh,
-                            chained=args.allreduce == "chain")
+                            chained=args.allreduce == "auto")
 
 
 def _time(args, row, params, policy, caches, token, tokens, cfg, chunk) -> None:

@@ -226,11 +226,12 @@ def batch_sharding(mesh: Mesh, batch: int, ndim: int = 1) -> NamedSharding:
 
 # ------------------------------------------------------------------- row-parallel products
 
-ALLREDUCES = ("auto", "chain", "psum", "xla")
+ALLREDUCES = ("auto", "lone", "psum", "xla")
 _allreduce = jax.make_user_context("auto")  # part of jit's cache key: a change retraces
 # Meshes on which the one-shot kernel measured faster than XLA's all-reduce in decode: two H200s
-# (Llama-3-8B at 128K, the same padded products: 5.56 ms a token against 5.90 with lax.psum).
-# On four (Llama-3-70B at 32K) it was slower: 14.20 ms against 13.68.
+# (Llama-3-8B at 128K, the same padded products: lone sums 5.56 ms a token against 5.90 with
+# lax.psum; chained, 4.93 against 5.25 lone, 128 steps). On four (Llama-3-70B at 32K, lone sums)
+# it was slower: 14.20 ms against 13.68.
 ONE_SHOT_MESH_SIZES = (2,)
 # XLA's GPU compiler rewrites a vector times a matrix of fewer elements than this into a multiply
 # and a reduction (gpu_algebraic_simplifier, jaxlib 0.11).
@@ -240,12 +241,12 @@ XLA_VECTOR_REWRITE = 10_000_000
 @contextlib.contextmanager
 def allreduce(kind: str):
     """Pick how :func:`row_parallel` sums over ``model`` in what is traced inside: ``"auto"``
-    (the default; see there), ``"chain"`` (as ``auto``, but a decode step's one-shot sums form
-    one chain, :func:`chained_sums`: one barrier a step instead of one a sum; built for the
-    decode step's 64 sums, not yet run on GPUs, so not the default), ``"psum"`` (every small
-    sum as :func:`summed_per_shard` by ``lax.psum``: the kernel's path with XLA's all-reduce,
-    to measure the kernel alone) or ``"xla"`` (every product partitioned by XLA, which inserts
-    its own all-reduce: the plain path). Part of ``jax.jit``'s cache key."""
+    (the default; see there: a decode step's one-shot sums form one chain, :func:`chained_sums`),
+    ``"lone"`` (as ``auto``, but every one-shot sum on its own, behind XLA's barrier: the
+    previous default, to measure the chain), ``"psum"`` (every small sum as
+    :func:`summed_per_shard` by ``lax.psum``: the kernel's path with XLA's all-reduce, to
+    measure the kernel alone) or ``"xla"`` (every product partitioned by XLA, which inserts its
+    own all-reduce: the plain path). Part of ``jax.jit``'s cache key."""
     if kind not in ALLREDUCES:
         raise LongctxError(f"allreduce takes {', '.join(ALLREDUCES[:-1])} or {ALLREDUCES[-1]}, "
                            f"got {kind!r}")
@@ -267,11 +268,11 @@ _chain: contextvars.ContextVar[_Chain | None] = contextvars.ContextVar("chain", 
 
 @contextlib.contextmanager
 def chained_sums():
-    """Make the one-shot sums that :func:`row_parallel` traces inside one chain, under
-    ``allreduce("chain")``: ``Decoder`` opens it around a decode step's layers. The chain keeps
-    its receive slots and semaphore from sum to sum (``allreduce.chained_psum``), so the step
-    pays XLA's barrier and the zeroing once instead of at every sum: up to 0.36 ms a token of
-    Llama-3-8B on two H200s, by the profiles. A sum traced at another level than the one
+    """Make the one-shot sums that :func:`row_parallel` traces inside one chain (by default;
+    not under ``allreduce("lone")``): ``Decoder`` opens it around a decode step's layers. The
+    chain keeps its receive slots and semaphore from sum to sum (``allreduce.chained_psum``), so
+    the step pays XLA's barrier and the zeroing once instead of at every sum: on two H200s,
+    Llama-3-8B at 128K decodes in 4.93 ms a token against 5.25 with lone sums. A sum traced at another level than the one
     before (inside a ``scan``, ``cond`` or ``checkpoint``), or of another size, starts a new
     chain, zeroed and behind the barrier: a chain's link is a value of one trace."""
     token = _chain.set(_Chain())
@@ -290,7 +291,7 @@ def row_parallel(x, kernel):
     Small sums (a decode step's: one hidden vector per row) are latency. On a mesh of
     ``ONE_SHOT_MESH_SIZES`` devices where the one-shot NVLink kernel runs
     (``pallas_kernels.allreduce``: Hopper GPUs of one process) they are :func:`summed_per_shard`
-    by it. A single row whose shard of ``kernel`` XLA would rewrite as a vector product (under
+    by it, those of a decode step as one chain (:func:`chained_sums`). A single row whose shard of ``kernel`` XLA would rewrite as a vector product (under
     ``XLA_VECTOR_REWRITE`` elements) is :func:`summed_per_shard` by ``lax.psum``, which pads it
     to a GEMM. Everything else (no mesh, a prefill chunk's sums, ``allreduce("xla")``) XLA
     partitions from the shardings, inserting its own all-reduce. See :func:`allreduce` for the
@@ -319,10 +320,10 @@ def _small_sum(x, kernel):
     rows = _local_rows(x, mesh)
     if _allreduce.value == "psum" and rows * kernel.shape[1] * 4 <= MAX_BYTES:
         return psum_reference
-    if _allreduce.value in ("auto", "chain") and mesh.size in ONE_SHOT_MESH_SIZES:
+    if _allreduce.value in ("auto", "lone") and mesh.size in ONE_SHOT_MESH_SIZES:
         shape = (rows, kernel.shape[1])
-        if _allreduce.value == "chain" and one_shot_problem(shape, jnp.float32,
-                                                            chained=True) is None:
+        if _allreduce.value == "auto" and one_shot_problem(shape, jnp.float32,
+                                                           chained=True) is None:
             return chained_psum
         if one_shot_problem(shape, jnp.float32) is None:
             return one_shot_psum

@@ -128,9 +128,9 @@ def test_chained_psum_equals_psum(n):
 
 
 def test_decode_step_lowers_to_one_chain_for_cuda(monkeypatch):
-    """Under allreduce("chain") a decode step of a small model on a model=2 mesh lowers for CUDA
-    with its 2L sums as one chain, all but the first without XLA's barrier (on any host: where
-    the kernel cannot run, its check is told it can); by default each sum has its barrier."""
+    """A decode step of a small model on a model=2 mesh lowers for CUDA with its 2L sums as one
+    chain, all but the first without XLA's barrier (on any host: where the kernel cannot run,
+    its check is told it can); under allreduce("lone") each sum has its barrier."""
     if len(jax.devices()) < 2:
         pytest.skip("needs two devices")
     from conftest import tiny_config
@@ -143,7 +143,7 @@ def test_decode_step_lowers_to_one_chain_for_cuda(monkeypatch):
                       intermediate_size=512, vocab_size=128, num_layers=3)
     params = random_params(cfg, jax.random.key(0))
     policy = make_policy("full")
-    with jax.set_mesh(sharding.make_mesh(1, 2)), sharding.allreduce("chain"):
+    with jax.set_mesh(sharding.make_mesh(1, 2)):
         caches = policy.init_cache(cfg, 1, 64, jnp.float32)
 
         def step(params, caches, tok):
@@ -159,11 +159,11 @@ def test_decode_step_lowers_to_one_chain_for_cuda(monkeypatch):
         def steps(params, caches, tok):
             return jax.lax.fori_loop(0, 4, lambda i, c: step(params, c, tok)[1], caches)
 
-        with jax.set_mesh(sharding.make_mesh(1, 2)), sharding.allreduce("chain"):
+        with jax.set_mesh(sharding.make_mesh(1, 2)):
             compiled = jax.jit(steps).trace(params, caches, jnp.zeros((1,), jnp.int32)
                                             ).lower().compile().as_text()
         assert not _link_copies(compiled, 2, cfg.hidden_size // 128)
-    with jax.set_mesh(sharding.make_mesh(1, 2)):
+    with jax.set_mesh(sharding.make_mesh(1, 2)), sharding.allreduce("lone"):
         text = jax.jit(step).trace(params, caches, jnp.zeros((1,), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("@mosaic_gpu_v2") == 2 * cfg.num_layers
@@ -193,7 +193,7 @@ def test_row_parallel_chains_restart_on_size_and_trace_level(monkeypatch):
 
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((3, 1, 256), (256, 256),
                                                             (256, 128), (128, 256))]
-    with jax.set_mesh(sharding.make_mesh(1, 2)), sharding.allreduce("chain"):
+    with jax.set_mesh(sharding.make_mesh(1, 2)):
         flags = {f.__name__: re.findall(r"skip_device_barrier = (\w+)", jax.jit(f).trace(
             *args).lower(lowering_platforms=("cuda",)).as_text()) for f in (sizes, scanned)}
     assert flags["sizes"] == ["false", "true", "false", "false"]
@@ -217,9 +217,8 @@ def test_decode_with_chained_sums_equals_one_device():
     prompts = [list(range(1, 40)), list(range(7, 30))]
     with jax.default_matmul_precision("highest"):
         want = generate(cfg, params, policy, prompts, max_new_tokens=12)
-        with sharding.allreduce("chain"):
-            got = generate(cfg, params, policy, prompts, max_new_tokens=12,
-                           mesh=sharding.make_mesh(1, 2))
+        got = generate(cfg, params, policy, prompts, max_new_tokens=12,
+                       mesh=sharding.make_mesh(1, 2))
     np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
@@ -330,7 +329,7 @@ def test_row_parallel_equals_the_product(shape):
 
 def test_allreduce_names_its_choices():
     """An unknown choice is refused by name, before anything is traced."""
-    with pytest.raises(LongctxError, match="allreduce takes auto, chain, psum or xla"):
+    with pytest.raises(LongctxError, match="allreduce takes auto, lone, psum or xla"):
         with sharding.allreduce("nccl"):
             pass
 
