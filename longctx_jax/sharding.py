@@ -272,9 +272,10 @@ def chained_sums():
     not under ``allreduce("lone")``): ``Decoder`` opens it around a decode step's layers. The
     chain keeps its receive slots and semaphore from sum to sum (``allreduce.chained_psum``), so
     the step pays XLA's barrier and the zeroing once instead of at every sum: on two H200s,
-    Llama-3-8B at 128K decodes in 4.93 ms a token against 5.25 with lone sums. A sum traced at another level than the one
-    before (inside a ``scan``, ``cond`` or ``checkpoint``), or of another size, starts a new
-    chain, zeroed and behind the barrier: a chain's link is a value of one trace."""
+    Llama-3-8B at 128K decodes in 4.93 ms a token against 5.25 with lone sums. A sum traced at
+    another level than the one before (inside a ``scan``, ``cond`` or ``checkpoint``), or of
+    another size, starts a new chain, zeroed and behind the barrier: a chain's link is a value
+    of one trace."""
     token = _chain.set(_Chain())
     try:
         yield
@@ -291,11 +292,11 @@ def row_parallel(x, kernel):
     Small sums (a decode step's: one hidden vector per row) are latency. On a mesh of
     ``ONE_SHOT_MESH_SIZES`` devices where the one-shot NVLink kernel runs
     (``pallas_kernels.allreduce``: Hopper GPUs of one process) they are :func:`summed_per_shard`
-    by it, those of a decode step as one chain (:func:`chained_sums`). A single row whose shard of ``kernel`` XLA would rewrite as a vector product (under
-    ``XLA_VECTOR_REWRITE`` elements) is :func:`summed_per_shard` by ``lax.psum``, which pads it
-    to a GEMM. Everything else (no mesh, a prefill chunk's sums, ``allreduce("xla")``) XLA
-    partitions from the shardings, inserting its own all-reduce. See :func:`allreduce` for the
-    other choices."""
+    by it, those of a decode step as one chain (:func:`chained_sums`). A single row whose shard
+    of ``kernel`` XLA would rewrite as a vector product (under ``XLA_VECTOR_REWRITE`` elements)
+    is :func:`summed_per_shard` by ``lax.psum``, which pads it to a GEMM. Everything else (no
+    mesh, a prefill chunk's sums, ``allreduce("xla")``) XLA partitions from the shardings,
+    inserting its own all-reduce. See :func:`allreduce` for the other choices."""
     kernel = kernel.astype(x.dtype)
     reduce = _small_sum(x, kernel)
     if reduce is None:
