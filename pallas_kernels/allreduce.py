@@ -111,6 +111,29 @@ def _build_problem(mesh, axis_name: str, chained: bool) -> str | None:
     return None
 
 
+def _exchange_and_sum(x_ref, y_ref, parts_ref, where, semaphore, axis_name: str, n: int):
+    """The body both kernels share: this device's part goes to ``parts_ref[*where, me]`` on
+    every device (``parts_ref[*where, r]`` holds rank r's part), each peer's ``semaphore`` is
+    signalled, and once this device's own has counted ``n - 1`` arrivals the parts are added in
+    float32 in rank order into ``y_ref``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    me = lax.axis_index(axis_name)
+    part = x_ref[...]
+    parts_ref[(*where, me)] = part
+    for offset in range(1, n):
+        peer = lax.rem(me + offset, n)
+        plgpu.remote_ref(parts_ref, {axis_name: peer})[(*where, me)] = part
+    for offset in range(1, n):
+        pl.semaphore_signal(semaphore, device_id={axis_name: lax.rem(me + offset, n)})
+    pl.semaphore_wait(semaphore, n - 1)
+    total = parts_ref[(*where, 0)].astype(jnp.float32)
+    for rank in range(1, n):
+        total = total + parts_ref[(*where, rank)].astype(jnp.float32)
+    y_ref[...] = total.astype(y_ref.dtype)
+
+
 def one_shot_psum(x, axis_name: str, out_dtype=None):
     """Sum of ``x`` over ``axis_name`` (see the module docstring), in ``out_dtype``."""
     from jax.experimental import pallas as pl
@@ -124,19 +147,7 @@ def one_shot_psum(x, axis_name: str, out_dtype=None):
     flat = x.reshape(rows, LANES)
 
     def kernel(x_ref, y_ref, parts_ref, arrived):
-        me = lax.axis_index(axis_name)
-        part = x_ref[...]
-        parts_ref[me] = part  # parts_ref[r] holds rank r's part, on every device
-        for offset in range(1, n):
-            peer = lax.rem(me + offset, n)
-            plgpu.remote_ref(parts_ref, {axis_name: peer})[me] = part
-        for offset in range(1, n):
-            pl.semaphore_signal(arrived, device_id={axis_name: lax.rem(me + offset, n)})
-        pl.semaphore_wait(arrived, n - 1)
-        total = parts_ref[0].astype(jnp.float32)
-        for rank in range(1, n):
-            total = total + parts_ref[rank].astype(jnp.float32)
-        y_ref[...] = total.astype(out_dtype)
+        _exchange_and_sum(x_ref, y_ref, parts_ref, (), arrived, axis_name, n)
 
     y, _ = plgpu.kernel(
         kernel,
@@ -202,21 +213,8 @@ def chained_psum(x, link, axis_name: str, call: int, out_dtype=None):
     slots, sems = link
 
     def kernel(x_ref, slots_ref, sems_ref, y_ref):
-        me = lax.axis_index(axis_name)
-        part = x_ref[...]
         sems_ref[1] = jnp.zeros((LANES,), jnp.int16)  # a write: sems is aliased out
-        semaphore = sems_ref.at[0, 0]
-        slots_ref[slot, me] = part  # slots_ref[slot, r] holds rank r's part, on every device
-        for offset in range(1, n):
-            peer = lax.rem(me + offset, n)
-            plgpu.remote_ref(slots_ref, {axis_name: peer})[slot, me] = part
-        for offset in range(1, n):
-            pl.semaphore_signal(semaphore, device_id={axis_name: lax.rem(me + offset, n)})
-        pl.semaphore_wait(semaphore, n - 1)
-        total = slots_ref[slot, 0].astype(jnp.float32)
-        for rank in range(1, n):
-            total = total + slots_ref[slot, rank].astype(jnp.float32)
-        y_ref[...] = total.astype(out_dtype)
+        _exchange_and_sum(x_ref, y_ref, slots_ref, (slot,), sems_ref.at[0, 0], axis_name, n)
 
     slots_ref, sems_ref = jax.new_ref(slots), jax.new_ref(sems)
     y = plgpu.kernel(
